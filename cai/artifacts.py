@@ -27,7 +27,7 @@ Guarantees:
   skip finished work. ``state/`` is not part of the published artifact.
 * Provenance. ``stage.json`` records config, input keys, constitution hash, seed, package
   versions, wall time per phase, token and dollar cost, metrics and resume counts, with
-  secrets scrubbed (see :func:`scrub_secrets`).
+  secrets scrubbed (:func:`cai.secrets.scrub_secrets`, re-exported here).
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ import filelock
 from cai.errors import CaiError, ConfigError, DataError
 from cai.hashing import canonical_json, stable_hash
 from cai.journal import BuildContext, Journal, fsync_dir, fsync_tree
+from cai.secrets import SCRUBBED, is_secret_name, scrub_secrets  # re-exported (see __all__)
 
-__all__ = ["ArtifactError", "ArtifactStore", "BuildContext", "BuildResult", "Journal",
+__all__ = ["SCRUBBED", "ArtifactError", "ArtifactStore", "BuildContext", "BuildResult", "Journal",
            "STAGE_FILE", "is_secret_name", "package_versions", "scrub_secrets"]
 
 log = logging.getLogger(__name__)
@@ -79,82 +80,6 @@ VERSIONED_PACKAGES = ("cai", "torch", "transformers", "tokenizers", "datasets", 
 
 class ArtifactError(CaiError):
     """An artifact is missing or unreadable, or the store cannot lock a key."""
-
-
-# --------------------------------------------------------------------------- secrets
-_SECRET_WORDS = frozenset({"apikey", "secret", "password", "passwd", "passphrase", "auth",
-                           "oauth", "authorization", "credential", "credentials", "cookie",
-                           "bearer", "privatekey", "accesskey"})
-_SECRET_PAIRS = frozenset({("api", "key"), ("private", "key"), ("access", "key")})
-# "<word>_token" names a tokenizer's special token, not a credential, after these words.
-_TOKENIZER_WORDS = frozenset({"pad", "eos", "bos", "unk", "sep", "cls", "mask", "stop",
-                              "special", "start", "end", "image", "chat", "additional"})
-_ENV_SECRET_SUFFIXES = ("_API_KEY", "_TOKEN", "_SECRET")
-SCRUBBED = "***"
-
-
-def _name_words(name: str) -> list[str]:
-    split_camel = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
-    return [w for w in re.split(r"[^A-Za-z0-9]+", split_camel.lower()) if w]
-
-
-def is_secret_name(name: str) -> bool:
-    """Whether a config key names a credential (``api_key``, ``apiKey``, ``hf_token``, ...).
-
-    Counts such as ``max_tokens`` / ``tokens_in`` and tokenizer fields such as ``pad_token``
-    are not secrets.
-    """
-    words = _name_words(name)
-    if any(w in _SECRET_WORDS for w in words):
-        return True
-    if any(pair in _SECRET_PAIRS for pair in zip(words, words[1:])):
-        return True
-    return any(w == "token" and (i == 0 or words[i - 1] not in _TOKENIZER_WORDS)
-               for i, w in enumerate(words))
-
-
-def _env_secrets() -> list[str]:
-    names = [n for n in os.environ
-             if n.upper().endswith(_ENV_SECRET_SUFFIXES) or n.upper() in ("API_KEY", "TOKEN")]
-    return sorted({os.environ[n] for n in names if os.environ[n]}, key=len, reverse=True)
-
-
-def _blank_strings(value: Any) -> Any:
-    """Every non-empty string inside ``value`` -> "***"; numbers, bools and None are kept."""
-    if isinstance(value, str):
-        return SCRUBBED if value else value
-    if isinstance(value, Mapping):
-        return {k: _blank_strings(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_blank_strings(v) for v in value]
-    return value
-
-
-def scrub_secrets(obj: Any, *, env: bool = True) -> Any:
-    """A copy of ``obj`` with secrets replaced by ``"***"``.
-
-    Strings under a key that :func:`is_secret_name` flags are blanked, at any depth. With
-    ``env``, any string equal to the value of an environment variable named ``*_API_KEY``,
-    ``*_TOKEN`` or ``*_SECRET`` is blanked too, and such a value of 8+ characters is cut out
-    of longer strings (``"Bearer <key>"``).
-    """
-    secrets = _env_secrets() if env else []
-
-    def walk(value: Any) -> Any:
-        if isinstance(value, Mapping):
-            return {k: (_blank_strings(v) if isinstance(k, str) and is_secret_name(k) else walk(v))
-                    for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [walk(v) for v in value]
-        if isinstance(value, str) and secrets:
-            if value in secrets:
-                return SCRUBBED
-            for s in secrets:
-                if len(s) >= 8 and s in value:
-                    value = value.replace(s, SCRUBBED)
-        return value
-
-    return walk(obj)
 
 
 # --------------------------------------------------------------------------- provenance

@@ -393,9 +393,9 @@ def cli_import(source: str | Sequence[str], fmt: str, out: str) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python3 -m cai.constitution validate FILE... | import SRC... --format F -o OUT``."""
-    parser = argparse.ArgumentParser(prog="python3 -m cai.constitution")
+def main(argv: list[str] | None = None, prog: str = "python3 -m cai.constitution") -> int:
+    """``cai constitution validate FILE... | import SRC... --format F -o OUT``."""
+    parser = argparse.ArgumentParser(prog=prog)
     sub = parser.add_subparsers(dest="cmd", required=True)
     v = sub.add_parser("validate", help="check constitution YAML files")
     v.add_argument("files", nargs="+")

@@ -7,7 +7,8 @@ and checks the values, raising :class:`~cai.errors.ConfigError` with the field a
 expected.
 
 API keys never live in config: ``api_key_env`` names the environment variable that holds it.
-:func:`redact` scrubs a key out of any text before it reaches a result, a log line or an error.
+:func:`redact` scrubs a key out of any text before it reaches a result, a log line or an error
+(what a secret is and how it is redacted is :mod:`cai.secrets`'s to say, for the whole package).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from cai.errors import ConfigError
+from cai.secrets import redact as secrets_redact
 
 BACKENDS = ("openai", "anthropic", "hf")
 DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
@@ -204,19 +206,12 @@ def resolve_api_key(cfg: JudgeConfig, where: str = "judge") -> str:
 
 
 def redact(text: str, *secrets: str) -> str:
-    """``text`` with every secret (and any 8+ character fragment of one) replaced by ``***``."""
-    for secret in secrets:
-        if not secret or secret == PLACEHOLDER_KEY:
-            continue
-        text = text.replace(secret, "***")
-        # servers echo keys abbreviated ("sk-abc...wxyz"): drop long fragments too
-        for size in (16, 8):
-            if len(secret) > size:
-                for i in range(0, len(secret) - size + 1):
-                    frag = secret[i : i + size]
-                    if frag in text:
-                        text = text.replace(frag, "***")
-    return text
+    """``text`` with every secret (and any 8+ character fragment of one) replaced by ``***``.
+
+    :func:`cai.secrets.redact` with the judge's rule added: :data:`PLACEHOLDER_KEY`, sent when
+    no key is needed, is not a secret and is left in the text.
+    """
+    return secrets_redact(text, *(s for s in secrets if s != PLACEHOLDER_KEY))
 
 
 def default_cache_path() -> Path:
