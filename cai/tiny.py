@@ -1,0 +1,207 @@
+"""Tiny, locally built models for tests, benchmarks and the offline default.
+
+Nothing here downloads anything. :func:`build_tiny_causal_lm` trains a byte-level BPE
+tokenizer on a small corpus with the ``tokenizers`` library (a fraction of a second), wraps it
+as a ``PreTrainedTokenizerFast`` with end-of-text, padding and beginning-of-text tokens, builds
+a GPT-2-shaped model with a seeded random initialisation and saves both with
+``save_pretrained`` into one directory. That directory then loads by path exactly like a hub
+model (``load_causal_lm(ModelSpec(out_dir))``), so every code path that serves real models is
+exercised by the tests.
+
+The same seed and corpus give byte-identical tokenizer and weight files. The weights are
+random: the model's text is gibberish, but its shapes, padding, caching and log-probabilities
+behave like any other causal LM's, which is what the sampling, training and scoring code needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cai.errors import ConfigError
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+BOS_TOKEN = "<|bos|>"
+
+_SUBJECTS = (
+    "the assistant", "a careful model", "the researcher", "my neighbour", "the judge",
+    "a curious student", "the reviewer", "our team", "the teacher", "a helpful friend",
+)
+_VERBS = (
+    "explains", "refuses", "describes", "compares", "summarises", "questions", "answers",
+    "revises", "critiques", "recommends",
+)
+_OBJECTS = (
+    "the safety policy", "a harmful request", "the weather forecast", "a simple recipe",
+    "the history of rivers", "an honest answer", "the training data", "a kind reply",
+    "the reward signal", "a polite refusal", "the main argument", "two possible responses",
+)
+_ENDINGS = (
+    "with care.", "in plain words.", "before lunch.", "without any harm.", "step by step.",
+    "for the second time.", "as clearly as possible.", "and then stops.", "politely.",
+)
+_QUESTIONS = (
+    "How do I bake bread at home?", "What is the capital of France?",
+    "Can you help me write a letter to my landlord?", "Why is the sky blue?",
+    "How can I pick a lock?", "What should I do if my friend is sad?",
+    "Tell me a joke about computers.", "Is it safe to mix bleach and ammonia?",
+    "How many legs does a spider have?", "Which response is more helpful and honest?",
+)
+_ANSWERS = (
+    "Sure, here is a short and clear answer.", "I would rather not help with that, but I can "
+    "suggest a safer alternative.", "That is a good question; let me explain.",
+    "Paris is the capital of France.", "Sunlight scatters off the air, and blue light "
+    "scatters the most.", "Spiders have eight legs.", "No, mixing them releases a toxic gas.",
+    "Listen to them, stay with them and suggest they talk to someone they trust.",
+)
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape and seed of a tiny GPT-2-style model.
+
+    vocab_size: target BPE vocabulary (<= 8192); a small corpus may yield fewer merges, in
+        which case the model's embedding matrix matches the tokenizer's real size.
+    n_layer, n_head, n_embd, n_positions: GPT-2 shape parameters.
+    dropout: residual, embedding and attention dropout (0 keeps tiny training runs stable).
+    seed: seeds the weight initialisation (the tokenizer's training is deterministic).
+    """
+
+    vocab_size: int = 2048
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 128
+    n_positions: int = 512
+    dropout: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 259 <= self.vocab_size <= 8192:
+            raise ConfigError(
+                f"TinyModelConfig.vocab_size={self.vocab_size}: expected 259..8192 "
+                "(the 256 byte symbols and 3 special tokens at least, at most 8192)"
+            )
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"TinyModelConfig: n_embd={self.n_embd} must be divisible by n_head={self.n_head}"
+            )
+        for name in ("n_layer", "n_head", "n_embd", "n_positions"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"TinyModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def default_tiny_corpus(n_sentences: int = 400, seed: int = 0) -> list[str]:
+    """A few KB of English-like text (plain sentences and HH-style dialogues), seeded.
+
+    Used to train the tiny tokenizer when no corpus is given; the pipeline passes its prompt
+    set too so that the tokenizer has merges for the words it will see.
+    """
+    rng = random.Random(seed)
+    lines: list[str] = []
+    for i in range(n_sentences):
+        if i % 4 == 3:
+            q, a = rng.choice(_QUESTIONS), rng.choice(_ANSWERS)
+            lines.append(f"\n\nHuman: {q}\n\nAssistant: {a}")
+        else:
+            words = (rng.choice(_SUBJECTS), rng.choice(_VERBS), rng.choice(_OBJECTS))
+            lines.append(" ".join(words).capitalize() + " " + rng.choice(_ENDINGS))
+    return lines
+
+
+def train_tiny_tokenizer(corpus: Iterable[str], vocab_size: int = 2048):
+    """Train a byte-level BPE tokenizer on ``corpus`` and wrap it for transformers.
+
+    The result has ``eos_token`` (also the end-of-text marker the model learns to emit),
+    a distinct ``pad_token`` and a ``bos_token``, and no chat template (so chat formatting
+    falls back to the HH format). The tokenizer adds no special tokens on its own.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [t for t in corpus if t]
+    if not texts:
+        raise ConfigError("tiny tokenizer corpus is empty: pass at least one non-empty text")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN, BOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, bos_token=BOS_TOKEN
+    )
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block with the CPU torch RNG seeded, restoring the caller's RNG state after."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _gpt2_config(cfg: TinyModelConfig, tokenizer, **extra):
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=cfg.n_positions,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
+def _build(model_cls, out_dir, corpus, cfg: TinyModelConfig | None, **config_extra) -> Path:
+    cfg = cfg or TinyModelConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = list(corpus) if corpus is not None else default_tiny_corpus()
+    tokenizer = train_tiny_tokenizer(texts, cfg.vocab_size)
+    config = _gpt2_config(cfg, tokenizer, **config_extra)
+    with seeded(cfg.seed):
+        model = model_cls(config)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_tiny_causal_lm(
+    out_dir: str | Path, corpus: Iterable[str] | None = None, cfg: TinyModelConfig | None = None
+) -> Path:
+    """Build and save a tiny ``GPT2LMHeadModel`` and its tokenizer into ``out_dir``.
+
+    ``corpus`` trains the tokenizer (``default_tiny_corpus()`` when ``None``). Returns
+    ``out_dir`` as a Path; load it with ``load_causal_lm(ModelSpec(str(out_dir)))``.
+    """
+    from transformers import GPT2LMHeadModel
+
+    return _build(GPT2LMHeadModel, out_dir, corpus, cfg)
+
+
+def build_tiny_sequence_classifier(
+    out_dir: str | Path, corpus: Iterable[str] | None = None, cfg: TinyModelConfig | None = None
+) -> Path:
+    """Build and save a tiny ``GPT2ForSequenceClassification`` (one scalar output: a reward)."""
+    from transformers import GPT2ForSequenceClassification
+
+    return _build(GPT2ForSequenceClassification, out_dir, corpus, cfg, num_labels=1)
