@@ -1,0 +1,275 @@
+"""The labelling methods: their settings, and the arithmetic from a judge's answers to ``p_a``.
+
+:class:`LabelConfig` (Hydra group ``labels``) says how pairs are labelled and
+:func:`coerce_labels` validates it. Everything else here is a pure function -- no model, no I/O --
+so every rule is testable with hand-made probabilities.
+
+Pairwise labels. A *judgement* is one (principle, order) answer: ``p_first`` = P(the reply in
+slot 1 wins). In order ``"ab"`` slot 1 shows ``response_a``, so ``p_a = p_first``; in order
+``"ba"`` slot 1 shows ``response_b``, so ``p_a = 1 - p_first``.
+
+- **Self-consistency** (:func:`average_samples`): the k chain-of-thought samples of one judgement
+  are averaged; the judgement stands if more than half of them produced an answer (the failed
+  ones are counted, never replaced by a guess).
+- **Combining** (:func:`combine_pairwise`): ``per_principle[pid][order] = p_a``;
+  ``p_a_by_order[order]`` and ``p_first[order]`` average over principles; ``p_a`` averages the
+  orders. An order is usable when every principle was judged in it. If an order is not usable
+  the label fails (its reason names the order and principle) unless ``allow_single_order``, in
+  which case the usable order alone gives the label (``order`` = that order).
+- **Finishing** (:func:`finish`): clamp into ``[lo, hi]`` (the CAI paper clamps chain-of-thought
+  labels to [0.4, 0.6] because sampled reasoning makes over-confident answers), then, for hard
+  labels, round to 1.0 / 0.0. An exact tie stays 0.5: a hard label never flips a coin.
+
+Direct scores. The judge rates each reply 1..10 alone: ``score = sum(k * P(k))`` and
+``p_a = P(S_a > S_b) + P(S_a = S_b) / 2`` for independent draws from the two rating
+distributions (:func:`p_a_from_scores`), averaged over principles.
+
+Position metrics (:func:`position_metrics`), over ok pairwise labels:
+``position_consistency`` = share of two-order pairs whose *response* wins in both orders;
+``same_slot_rate`` = share whose *slot* wins in both orders (the position bias);
+``first_slot_rate`` = share of all single-order judgements where slot 1 won.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, List, Optional
+
+from cai.errors import ConfigError
+
+ORDERS = ("ab", "ba")
+PRINCIPLE_MODES = ("sample", "ensemble", "all")
+METHODS = ("pairwise", "direct_score")
+
+
+@dataclass
+class LabelConfig:
+    """How pairs are labelled (Hydra group ``labels``)."""
+
+    # judge each pair in both orders (a then b, b then a) and average: cancels slot bias
+    both_orders: bool = True
+    # chain of thought: a reasoning request, then the letter scored with the reasoning quoted
+    cot: bool = False
+    # show the constitution's few_shot.preference examples as prior turns
+    few_shot: bool = False
+    # False: hard labels (p_a rounded to 0/1 after clamping; exact ties stay 0.5)
+    soft: bool = True
+    # [lo, hi]: clamp p_a into it (the CAI paper uses [0.4, 0.6] with chain of thought)
+    clamp: Optional[List[float]] = None
+    # sample: one principle per pair (weighted, seeded) | ensemble: average k_principles | all
+    principles: str = "sample"
+    k_principles: int = 1
+    # chain-of-thought samples per judgement, averaged (needs cot: true)
+    self_consistency: int = 1
+    # pairwise | direct_score (each reply rated 1-10 alone; p_a = P(score_a > score_b) + ties/2)
+    method: str = "pairwise"
+    # label only the first N pairs (None: all)
+    max_pairs: Optional[int] = None
+    # the stage whose pairs.jsonl is labelled
+    source: str = "human_pairs"
+    # when one order failed and the other did not: label from the one order (else: failed)
+    allow_single_order: bool = False
+    # reasoning length, and its temperature (None: 0 for one sample, 1.0 for self-consistency)
+    cot_max_tokens: int = 256
+    cot_temperature: Optional[float] = None
+    # run-time only (not in the artifact key): pairs per judge call / journal flush, and the
+    # rows per forward pass of a local hf judge
+    batch_pairs: int = 64
+    hf_batch_size: int = 16
+
+
+def _int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"labels.{name}: expected an integer >= {minimum}, got {value!r}")
+
+
+def coerce_labels(obj: Any) -> LabelConfig:
+    """A validated :class:`LabelConfig` from the dataclass, a ``DictConfig`` or a mapping."""
+    if isinstance(obj, LabelConfig):
+        obj = asdict(obj)
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(obj, DictConfig):
+            obj = OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    if not isinstance(obj, Mapping):
+        raise ConfigError(f"labels: expected a mapping of label settings, got {type(obj).__name__}")
+    known = {f.name for f in fields(LabelConfig)}
+    unknown = sorted(set(obj) - known)
+    if unknown:
+        raise ConfigError(f"labels: unknown field(s) {unknown}; expected some of {sorted(known)}")
+    c = LabelConfig(**obj)
+    for name in ("both_orders", "cot", "few_shot", "soft", "allow_single_order"):
+        if not isinstance(getattr(c, name), bool):
+            raise ConfigError(f"labels.{name}: expected true or false, got {getattr(c, name)!r}")
+    if c.principles not in PRINCIPLE_MODES:
+        raise ConfigError(f"labels.principles: expected one of {PRINCIPLE_MODES}, got {c.principles!r}")
+    if c.method not in METHODS:
+        raise ConfigError(f"labels.method: expected one of {METHODS}, got {c.method!r}")
+    for name, minimum in (("k_principles", 1), ("self_consistency", 1), ("cot_max_tokens", 1),
+                          ("batch_pairs", 1), ("hf_batch_size", 1)):
+        _int(name, getattr(c, name), minimum)
+    if c.max_pairs is not None:
+        _int("max_pairs", c.max_pairs, 1)
+    if c.principles == "sample" and c.k_principles != 1:
+        raise ConfigError("labels.k_principles: 'sample' asks one principle per pair; use principles: ensemble "
+                          f"to average {c.k_principles}")
+    if c.self_consistency > 1 and not c.cot:
+        raise ConfigError("labels.self_consistency > 1 averages chain-of-thought samples and needs cot: true "
+                          "(for sampled direct answers set judge.n_samples)")
+    if c.clamp is not None:
+        clamp = list(c.clamp)
+        if len(clamp) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in clamp) \
+                or not 0.0 <= clamp[0] <= 0.5 <= clamp[1] <= 1.0:
+            raise ConfigError(f"labels.clamp: expected [lo, hi] with 0 <= lo <= 0.5 <= hi <= 1, got {c.clamp!r}")
+        c.clamp = [float(v) for v in clamp]
+    if c.cot_temperature is not None and (not isinstance(c.cot_temperature, (int, float)) or c.cot_temperature < 0):
+        raise ConfigError(f"labels.cot_temperature: expected a number >= 0 or null, got {c.cot_temperature!r}")
+    if c.method == "direct_score" and (c.cot or c.few_shot):
+        raise ConfigError("labels.method 'direct_score' rates one reply at a time: it takes neither cot nor few_shot "
+                          "(the constitution's examples are pairwise)")
+    if not isinstance(c.source, str) or not c.source:
+        raise ConfigError(f"labels.source: expected the name of the stage whose pairs to label, got {c.source!r}")
+    return c
+
+
+
+@dataclass
+class Judgement:
+    """One (principle, order) answer after self-consistency; ``p_first`` None when it failed."""
+
+    principle_id: str
+    order: str  # "ab" | "ba"
+    p_first: float | None
+    failure: str | None = None
+
+    @property
+    def p_a(self) -> float | None:
+        if self.p_first is None:
+            return None
+        return self.p_first if self.order == "ab" else 1.0 - self.p_first
+
+
+@dataclass
+class Combined:
+    """A pair's combined preference, or why there is none."""
+
+    p_a: float | None
+    order: str  # "both" | "ab" | "ba"
+    p_first: dict[str, float] = field(default_factory=dict)
+    p_a_by_order: dict[str, float] = field(default_factory=dict)
+    per_principle: dict[str, dict[str, float]] = field(default_factory=dict)
+    failure: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+
+def mean(values: Iterable[float]) -> float:
+    vals = list(values)
+    return sum(vals) / len(vals)
+
+
+def failure_kind(reason: str) -> str:
+    """A short slug of a failure reason for metric names: ``"http 500 after 6 attempts"`` ->
+    ``"http"``, ``"unparseable: ..."`` -> ``"unparseable"``, ``"malformed response (...)"`` ->
+    ``"malformed"``."""
+    word = re.split(r"[\s:(;,]+", reason.strip().lower(), maxsplit=1)[0]
+    return re.sub(r"[^a-z0-9_]+", "_", word).strip("_") or "unknown"
+
+
+def average_samples(samples: Sequence[float | None], failures: Sequence[str | None]) -> tuple[float | None, str | None]:
+    """Mean of the samples that answered, if more than half did; else the commonest reason."""
+    got = [s for s in samples if s is not None]
+    if 2 * len(got) > len(samples):
+        return mean(got), None
+    reasons = [f for f in failures if f]
+    top = Counter(failure_kind(r) for r in reasons).most_common(1)
+    first = next((r for r in reasons if failure_kind(r) == top[0][0]), "no answer") if top else "no answer"
+    if len(samples) == 1:
+        return None, first
+    return None, f"{first} ({len(samples) - len(got)} of {len(samples)} samples failed)"
+
+
+def combine_pairwise(judgements: Sequence[Judgement], orders: Sequence[str], allow_single_order: bool) -> Combined:
+    """Combine the judgements of one pair (see the module docstring)."""
+    principles = list(dict.fromkeys(j.principle_id for j in judgements))
+    by_order = {o: [j for j in judgements if j.order == o] for o in orders}
+    failed = {o: next((j for j in js if j.p_first is None), None) for o, js in by_order.items()}
+    usable = [o for o in orders if failed[o] is None and by_order[o]]
+    per_principle: dict[str, dict[str, float]] = {pid: {} for pid in principles}
+    for j in judgements:
+        if j.p_a is not None:
+            per_principle[j.principle_id][j.order] = j.p_a
+    p_first = {o: mean(j.p_first for j in by_order[o]) for o in usable}  # type: ignore[misc]
+    p_a_by_order = {o: mean(j.p_a for j in by_order[o]) for o in usable}  # type: ignore[misc]
+    bad = [o for o in orders if o not in usable]
+    if bad and not (usable and allow_single_order):
+        parts = []
+        for o in bad:
+            j = failed[o]
+            parts.append(f"order {o} failed (principle {j.principle_id}): {j.failure}" if j else f"order {o}: no judgement")
+        if usable:
+            parts.append(f"order {usable[0]} succeeded but labels.allow_single_order is false")
+        return Combined(None, "both" if len(orders) > 1 else orders[0], p_first, p_a_by_order, per_principle,
+                        "; ".join(parts))
+    order = "both" if len(usable) > 1 else usable[0]
+    return Combined(mean(p_a_by_order.values()), order, p_first, p_a_by_order, per_principle)
+
+
+def first_failure(judgements: Sequence[Judgement]) -> str | None:
+    """The reason of the first failed judgement (what a failed label's kind is counted by)."""
+    return next((j.failure for j in judgements if j.p_first is None), None)
+
+
+def finish(p_a: float, clamp: Sequence[float] | None, soft: bool) -> float:
+    """Clamp into ``clamp = [lo, hi]`` (if given), then round to 0/1 unless ``soft`` (ties stay 0.5)."""
+    if clamp is not None:
+        lo, hi = clamp
+        p_a = min(max(p_a, lo), hi)
+    if not soft and p_a != 0.5:
+        p_a = 1.0 if p_a > 0.5 else 0.0
+    return p_a
+
+
+def expected_score(probs: Mapping[str, float]) -> float:
+    """``sum(int(k) * P(k))`` over a rating distribution with numeric labels."""
+    return sum(int(k) * p for k, p in probs.items())
+
+
+def p_a_from_scores(probs_a: Mapping[str, float], probs_b: Mapping[str, float]) -> float:
+    """``P(S_a > S_b) + P(S_a = S_b) / 2`` for independent ratings ``S_a``, ``S_b``."""
+    total = 0.0
+    for ka, pa in probs_a.items():
+        for kb, pb in probs_b.items():
+            sa, sb = int(ka), int(kb)
+            total += pa * pb * (1.0 if sa > sb else 0.5 if sa == sb else 0.0)
+    return total
+
+
+def position_metrics(metas: Iterable[Mapping[str, Any]]) -> dict[str, float | None]:
+    """``position_consistency``, ``same_slot_rate``, ``first_slot_rate`` over the ``meta`` of ok
+    pairwise labels (None where no label qualifies)."""
+    consistent = same_slot = two_order = first_wins = judged = 0
+    for meta in metas:
+        p_first = meta.get("p_first") or {}
+        p_a = meta.get("p_a_by_order") or {}
+        for o in ORDERS:
+            if o in p_first:
+                judged += 1
+                first_wins += p_first[o] > 0.5
+        if all(o in p_a for o in ORDERS):
+            two_order += 1
+            consistent += (p_a["ab"] > 0.5 and p_a["ba"] > 0.5) or (p_a["ab"] < 0.5 and p_a["ba"] < 0.5)
+            same_slot += (p_first["ab"] > 0.5 and p_first["ba"] > 0.5) or (p_first["ab"] < 0.5 and p_first["ba"] < 0.5)
+    return {
+        "position_consistency": consistent / two_order if two_order else None,
+        "same_slot_rate": same_slot / two_order if two_order else None,
+        "first_slot_rate": first_wins / judged if judged else None,
+    }
