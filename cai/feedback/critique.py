@@ -1,0 +1,409 @@
+"""SL-CAI (Bai et al. 2022, section 3): rounds of critique -> revision of each response.
+
+Stage ``revisions``. For every prompt and its initial response (from the ``responses``
+artifact joined with the ``prompts`` artifact for the whole conversation, or from a JSONL
+dataset given as ``critique.initial_responses``), run ``rounds`` rounds; in each, a principle is
+drawn by weight from the constitution (seeded by seed, prompt id and round), the feedback model
+critiques the current response by it and then rewrites the response (prompt wording and layout,
+few-shot examples included, in :mod:`cai.feedback.critique_text`). ``direct_revision`` skips
+the critique (the paper's ablation).
+
+The feedback model is the policy itself through :class:`cai.sampling.SamplingEngine`
+(``generator: policy``) or any judge backend through ``generate_many`` (``generator: judge``:
+openai/anthropic over HTTP, concurrent and cached, or the local ``hf`` judge).
+
+Batching and determinism. Items are cut into fixed blocks of ``batch_size`` in input order.
+Round ``r`` runs over all blocks before round ``r + 1``; each block makes one batched call for
+its critiques and one for its revisions. A block's policy sampling is seeded with
+``hash(seed, round, block, step)``; a judge request carries ``hash(seed, prompt, round, step)``.
+Every finished block-round is journaled (one record per prompt and round) with one write, so a
+killed build resumes at the first unfinished block-round and writes the same bytes as a build
+never killed.
+
+Outputs (``revisions.jsonl``, one trace per prompt, input order)::
+
+    {prompt_id, messages, initial_response, rounds: [{round, principle_id, principle_ids,
+     critique_request, critique, critique_raw, critique_cleaned, critique_usable,
+     revision_request, revision_requested, revision, revision_raw, cleaned, usable, unchanged,
+     unusable_reason, revision_tokens, tokens_in, tokens_out, cost_usd, cache_hits, failures}],
+     final_revision, n_usable_rounds, few_shot_examples, model, generator, generation,
+     constitution}
+
+A round whose critique or revision is unusable after cleaning, or whose request failed, keeps
+the previous response (its ``revision`` is that response, ``usable`` is false, the raw output
+and ``unusable_reason`` say what happened); every such round is counted in the metrics
+(``critique/unusable_critiques`` and ``critique/unusable_revisions`` count outputs that came
+back unusable; ``critique/failed_requests`` counts requests the backend could not answer). :func:`revision_at` gives
+the response after round ``r``, so SL-CAI-1..n can all be trained from one run.
+
+Metrics (``critique/...``): ``prompts``, ``rounds``, ``principle/<id>`` and
+``round_<r>/principle/<id>`` (draw counts), ``unusable_critiques``, ``unusable_revisions``,
+``unusable_rounds``, ``cleaned_*``, ``failed_requests``, ``unchanged_revisions``,
+``unrevised_prompts`` (no usable round), ``mean_revision_tokens``, ``prompts_per_s``,
+``contexts_truncated`` (contexts cut from the left to fit the policy model: few-shot examples go
+first), ``resumed_records``, the skipped-input counts, and for a judge ``judge_tokens_in/out``,
+``judge_cost_usd``, ``judge_cache_hits`` (also written to stage.json's cost).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, List, Optional
+
+from cai.constitution import Constitution, CritiquePrinciple, load_constitution, resolve_constitution
+from cai.data import Prompt, read_jsonl, write_jsonl
+from cai.errors import ConfigError, DataError
+from cai.feedback.critique_text import PROMPT_VERSION
+from cai.feedback.critique_runner import Generator, Item, make_generator, run_block_round
+from cai.records import iter_jsonl_numbered
+
+log = logging.getLogger(__name__)
+
+GENERATORS = ("policy", "judge")
+TRACE_FILE = "revisions.jsonl"
+JOURNAL = "rounds.jsonl"
+# judge settings that change how requests are sent, not what comes back: kept out of the key
+JUDGE_RUNTIME_FIELDS = ("api_key_env", "max_concurrency", "rpm", "tpm", "burst_s", "max_retries",
+                        "malformed_retries", "timeout_s", "backoff_base_s", "backoff_max_s", "cache",
+                        "cache_path", "max_dollars", "prices", "seed")
+
+
+@dataclass
+class CritiqueConfig:
+    """SL-CAI critique -> revision settings (Hydra group ``critique``)."""
+
+    # critique -> revision rounds per prompt (the paper goes up to 4)
+    rounds: int = 2
+    # ablation: ask for the revision without a critique first
+    direct_revision: bool = False
+    # few-shot examples (from the constitution's few_shot.critique_revision) shown per prompt
+    few_shot: int = 2
+    # policy: the policy model through the sampling engine | judge: the configured judge backend
+    generator: str = "policy"
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 1.0
+    # policy generator only (API judges have no top-k)
+    top_k: int = 0
+    # strings that end a critique or revision (a new human turn in the HH format)
+    stop: List[str] = field(default_factory=lambda: ["\n\nHuman:"])
+    # prompts per batched call and per journaled block; with an API judge the block's requests
+    # run concurrently (up to judge.max_concurrency), so raise it (e.g. 64) to keep them busy
+    batch_size: int = 16
+    # revise only the first N responses; None: all
+    max_prompts: Optional[int] = None
+    # None: the responses stage's output. Else a JSONL file of {"messages": [...], "response": "..."}
+    initial_responses: Optional[str] = None
+
+
+def critique_config(raw: Mapping[str, Any] | CritiqueConfig) -> CritiqueConfig:
+    """A validated :class:`CritiqueConfig`; a bad value raises ConfigError naming the field."""
+    d = asdict(raw) if isinstance(raw, CritiqueConfig) else dict(raw)
+    known = {f.name for f in fields(CritiqueConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"critique: unknown field(s) {unknown}; expected some of {sorted(known)}")
+    c = CritiqueConfig(**d)
+    c.stop = list(c.stop or [])
+
+    def need(ok: bool, name: str, expected: str) -> None:
+        if not ok:
+            raise ConfigError(f"critique.{name}: expected {expected}, got {getattr(c, name)!r}")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    need(is_int(c.rounds) and c.rounds >= 1, "rounds", "an integer >= 1")
+    need(is_int(c.few_shot) and c.few_shot >= 0, "few_shot", "an integer >= 0")
+    need(c.generator in GENERATORS, "generator", f"one of {', '.join(GENERATORS)}")
+    need(is_int(c.max_new_tokens) and c.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1")
+    need(isinstance(c.temperature, (int, float)) and c.temperature >= 0, "temperature", "a number >= 0")
+    need(isinstance(c.top_p, (int, float)) and 0 < c.top_p <= 1, "top_p", "a number in (0, 1]")
+    need(is_int(c.top_k) and c.top_k >= 0, "top_k", "an integer >= 0 (0 = off)")
+    need(all(isinstance(s, str) and s for s in c.stop), "stop", "a list of non-empty strings")
+    need(is_int(c.batch_size) and c.batch_size >= 1, "batch_size", "an integer >= 1")
+    need(c.max_prompts is None or (is_int(c.max_prompts) and c.max_prompts >= 1), "max_prompts",
+         "null or an integer >= 1")
+    return c
+
+
+# ----------------------------------------------------------------------------- seeds
+def round_principles(constitution: Constitution, seed: int, prompt_id: str, round: int) -> list[CritiquePrinciple]:
+    """The principle(s) of one round of one prompt: a weighted draw seeded by all three."""
+    return constitution.sample_critique(random.Random(f"critique:{seed}:{prompt_id}:{round}"))
+
+
+def few_shot_indices(n_examples: int, k: int, seed: int, prompt_id: str) -> list[int]:
+    """Which of the constitution's few-shot examples a prompt is shown (seeded, in file order)."""
+    k = min(k, n_examples)
+    return sorted(random.Random(f"few-shot:{seed}:{prompt_id}").sample(range(n_examples), k))
+
+
+def round_id(prompt_id: str, round: int) -> str:
+    return f"{prompt_id}#{round}"
+
+
+# ----------------------------------------------------------------------------- revision_at
+def revision_at(record: Mapping[str, Any], round: int) -> str:
+    """The response after ``round`` rounds of a trace record (SL-CAI-``round``'s target).
+
+    That round's revision if usable, else the last usable revision before it, else the
+    initial response; ``round=0`` is the initial response.
+    """
+    rounds = record["rounds"]
+    if isinstance(round, bool) or not isinstance(round, int) or not 0 <= round <= len(rounds):
+        raise ConfigError(f"revision_at: round must be an integer in [0, {len(rounds)}] "
+                          f"(the trace of {record.get('prompt_id')!r} has {len(rounds)} rounds), got {round!r}")
+    for rec in reversed(rounds[:round]):
+        if rec["usable"]:
+            return rec["revision"]
+    return record["initial_response"]
+
+
+# ----------------------------------------------------------------------------- items
+def _items_from_dataset(path: Path) -> tuple[list[Item], int]:
+    items, seen, dupes = [], set(), 0
+    for line, obj in iter_jsonl_numbered(path):
+        where = f"{path}:{line}"
+        if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
+            raise DataError(f"{where}: field 'messages': expected a list of {{role, content}} turns "
+                            "ending with a user turn")
+        if not isinstance(obj.get("response"), str):
+            raise DataError(f"{where}: field 'response': expected the initial response as a string, "
+                            f"got {type(obj.get('response')).__name__}")
+        try:
+            prompt = Prompt.create(obj["messages"], source=str(path))
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+        if prompt.id in seen:
+            dupes += 1
+            continue
+        seen.add(prompt.id)
+        items.append(Item(prompt.id, prompt.messages_as_dicts(), obj["response"]))
+    return items, dupes
+
+
+def _items_from_artifacts(inputs: Mapping[str, Path]) -> tuple[list[Item], int, int]:
+    prompts: dict[str, Prompt] = {}
+    for split in ("train", "test"):
+        file = Path(inputs["prompts"]) / f"{split}.jsonl"
+        if file.exists():
+            prompts.update((p.id, p) for p in read_jsonl(file, Prompt))
+    file = Path(inputs["responses"]) / "responses.jsonl"
+    items, seen, dupes, unknown = [], set(), 0, []
+    for line, row in iter_jsonl_numbered(file):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt_id"), str) \
+                or not isinstance(row.get("response"), str):
+            raise DataError(f"{file}:{line}: expected fields 'prompt_id' and 'response' (strings)")
+        if row["prompt_id"] not in prompts:
+            unknown.append(line)
+            continue
+        if row["prompt_id"] in seen:
+            dupes += 1
+            continue
+        seen.add(row["prompt_id"])
+        items.append(Item(row["prompt_id"], prompts[row["prompt_id"]].messages_as_dicts(), row["response"]))
+    if unknown:
+        log.warning("%s: %d responses name a prompt id missing from the prompts artifact (lines %s); "
+                    "skipped", file, len(unknown), ", ".join(map(str, unknown[:5])))
+    return items, dupes, len(unknown)
+
+
+def load_items(c: CritiqueConfig, inputs: Mapping[str, Path]) -> tuple[list[Item], dict[str, int]]:
+    """The (prompt, initial response) items to revise, and counts of what was left out."""
+    unknown = 0
+    if c.initial_responses:
+        items, dupes = _items_from_dataset(Path(c.initial_responses).expanduser())
+    else:
+        items, dupes, unknown = _items_from_artifacts(inputs)
+    beyond = max(0, len(items) - c.max_prompts) if c.max_prompts else 0
+    if beyond:
+        items = items[: c.max_prompts]
+    counts = {"critique/skipped_duplicate_prompts": dupes, "critique/skipped_unknown_prompt": unknown,
+              "critique/prompts_beyond_limit": beyond}
+    return items, counts
+
+
+# ----------------------------------------------------------------------------- the stage
+def _current_response(journal: Any, item: Item, round: int) -> str:
+    for r in range(round - 1, 0, -1):
+        rec = journal.get(round_id(item.prompt_id, r))
+        if rec is None:
+            raise DataError(f"journal {journal.path}: round {r} of prompt {item.prompt_id} is missing "
+                            f"although round {round} is due; delete the journal to rebuild")
+        if rec["usable"]:
+            return rec["revision"]
+    return item.initial_response
+
+
+def _generate_all(gen: Generator, items: list[Item], todo: list[tuple[int, int]], journal: Any,
+                  c: CritiqueConfig, seed: int, constitution: Constitution) -> set[str]:
+    """Run the unfinished block-rounds, journaling each; returns the prompt ids touched."""
+    from tqdm.auto import tqdm
+
+    touched: set[str] = set()
+    examples = constitution.few_shot.critique_revision
+    bar = tqdm(todo, desc="critique/revise", unit="block")
+    for rnd, start in bar:
+        block = items[start : start + c.batch_size]
+        current = [_current_response(journal, it, rnd) for it in block]
+        principles = [round_principles(constitution, seed, it.prompt_id, rnd) for it in block]
+        shots = [[examples[i] for i in few_shot_indices(len(examples), c.few_shot, seed, it.prompt_id)]
+                 for it in block]
+        records = run_block_round(gen, c, seed, rnd, start // c.batch_size, block, current, principles, shots)
+        journal.append_many((round_id(it.prompt_id, rnd), rec) for it, rec in zip(block, records))
+        touched.update(it.prompt_id for it in block)
+        bar.set_postfix(round=rnd)
+    bar.close()
+    return touched
+
+
+def _trace(item: Item, rounds: list[dict[str, Any]], c: CritiqueConfig, seed: int, model: str,
+           constitution: Constitution) -> dict[str, Any]:
+    record = {"prompt_id": item.prompt_id, "messages": item.messages,
+              "initial_response": item.initial_response, "rounds": rounds}
+    record["final_revision"] = revision_at(record, len(rounds))
+    record["n_usable_rounds"] = sum(1 for r in rounds if r["usable"])
+    record["few_shot_examples"] = few_shot_indices(
+        len(constitution.few_shot.critique_revision), c.few_shot, seed, item.prompt_id)
+    record["model"] = model
+    record["generator"] = c.generator
+    record["generation"] = {"max_new_tokens": c.max_new_tokens, "temperature": c.temperature,
+                            "top_p": c.top_p, "top_k": c.top_k, "stop": list(c.stop), "seed": seed,
+                            "batch_size": c.batch_size, "direct_revision": c.direct_revision,
+                            "few_shot": c.few_shot, "prompt_version": PROMPT_VERSION}
+    record["constitution"] = {"name": constitution.name, "hash": constitution.hash}
+    return record
+
+
+def _metrics(traces: list[dict[str, Any]], c: CritiqueConfig) -> dict[str, Any]:
+    rounds = [r for t in traces for r in t["rounds"]]
+    per_round: Counter[tuple[int, str]] = Counter()
+    for r in rounds:
+        for pid in r["principle_ids"]:
+            per_round[(r["round"], pid)] += 1
+    answered = [r["revision_tokens"] for r in rounds if r["revision_raw"] is not None]
+    came_back_critique = [r for r in rounds if r["critique_raw"] is not None]
+    m: dict[str, Any] = {
+        "critique/prompts": len(traces),
+        "critique/rounds": c.rounds,
+        "critique/unusable_critiques": sum(1 for r in came_back_critique if not r["critique_usable"]),
+        "critique/unusable_revisions": sum(1 for r in rounds if r["revision_raw"] is not None and not r["usable"]),
+        "critique/unusable_rounds": sum(1 for r in rounds if not r["usable"]),
+        "critique/cleaned_critiques": sum(1 for r in rounds if r["critique_cleaned"]),
+        "critique/cleaned_revisions": sum(1 for r in rounds if r["cleaned"]),
+        "critique/failed_requests": sum(len(r["failures"]) for r in rounds),
+        "critique/unchanged_revisions": sum(1 for r in rounds if r["unchanged"]),
+        "critique/unrevised_prompts": sum(1 for t in traces if t["n_usable_rounds"] == 0),
+        "critique/empty_initial_responses": sum(1 for t in traces if not t["initial_response"].strip()),
+        "critique/mean_revision_tokens": sum(answered) / len(answered) if answered else 0.0,
+    }
+    for (rnd, pid), n in sorted(per_round.items()):
+        m[f"critique/round_{rnd}/principle/{pid}"] = n
+    for pid, n in sorted(Counter(pid for r in rounds for pid in r["principle_ids"]).items()):
+        m[f"critique/principle/{pid}"] = n
+    if c.generator == "judge":
+        m["critique/judge_tokens_in"] = sum(r["tokens_in"] for r in rounds)
+        m["critique/judge_tokens_out"] = sum(r["tokens_out"] for r in rounds)
+        m["critique/judge_cost_usd"] = sum(r["cost_usd"] for r in rounds)
+        m["critique/judge_cache_hits"] = sum(r["cache_hits"] for r in rounds)
+    return m
+
+
+def run_revisions(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any, *,
+                  constitution_path: str, runtime: Mapping[str, Any] | None = None) -> None:
+    """The ``revisions`` stage function (see the module docstring).
+
+    ``cfg``: ``{"critique": CritiqueConfig fields, "seed", "policy" | "judge", ...}`` (the hashed
+    slice); ``runtime``: settings kept out of the key (policy ``device``, judge transport fields).
+    """
+    c = critique_config(cfg["critique"])
+    seed = int(cfg["seed"])
+    constitution = load_constitution(constitution_path)
+    with ctx.phase("load"):
+        items, counts = load_items(c, inputs)
+    journal = ctx.journal(JOURNAL)
+    starts = range(0, len(items), c.batch_size)
+    todo = [(rnd, s) for rnd in range(1, c.rounds + 1) for s in starts
+            if not all(round_id(it.prompt_id, rnd) in journal for it in items[s : s + c.batch_size])]
+    model = (cfg.get("policy") or {}).get("name_or_path") or (cfg.get("judge") or {}).get("model", "")
+    timing: dict[str, Any] = {}
+    if todo:
+        with ctx.phase("load_model"):
+            gen = make_generator(cfg, inputs, c, dict(runtime or {}))
+        try:
+            with ctx.phase("generate"):
+                t0 = time.perf_counter()
+                touched = _generate_all(gen, items, todo, journal, c, seed, constitution)
+                elapsed = time.perf_counter() - t0
+        finally:
+            gen.close()
+        timing["critique/prompts_per_s"] = len(touched) / elapsed if elapsed > 0 else 0.0
+        timing["critique/contexts_truncated"] = gen.truncated
+    done = journal.done()
+    traces = [_trace(it, [done[round_id(it.prompt_id, r)] for r in range(1, c.rounds + 1)], c, seed,
+                     model, constitution) for it in items]
+    with ctx.phase("write"):
+        write_jsonl(ctx.dir / TRACE_FILE, traces)
+    metrics = _metrics(traces, c)
+    if c.generator == "judge":
+        ctx.add_cost(metrics["critique/judge_tokens_in"], metrics["critique/judge_tokens_out"],
+                     metrics["critique/judge_cost_usd"])
+    ctx.set_metrics({**metrics, **counts, **timing,
+                     "critique/resumed_records": journal.resumed_records})
+    log.info("revisions: %d prompts x %d rounds, %d unusable revisions, %d unusable critiques",
+             len(traces), c.rounds, metrics["critique/unusable_revisions"],
+             metrics["critique/unusable_critiques"])
+
+
+# ----------------------------------------------------------------------------- pipeline
+def _file_sha256(path: str) -> str:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"critique.initial_responses: {path!r} is not a file; expected a JSONL file of "
+                        '{"messages": [...], "response": "..."} rows')
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(functools.partial(f.read, 1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def revisions_stage(cfg: Any) -> Any:
+    """The pipeline's ``revisions`` stage from the composed config (registered in STAGES)."""
+    from omegaconf import OmegaConf
+
+    from cai.pipeline import Stage
+
+    crit = OmegaConf.to_container(cfg.critique, resolve=True)
+    c = critique_config(crit)  # fail at plan time, not after the upstream stages ran
+    stage_cfg: dict[str, Any] = {"critique": crit, "seed": int(cfg.seed), "prompt_version": PROMPT_VERSION}
+    inputs: dict[str, str] = {}
+    if c.initial_responses:
+        stage_cfg["initial_responses_sha256"] = _file_sha256(c.initial_responses)
+    else:
+        inputs = {"prompts": "prompts", "responses": "responses"}
+    runtime: dict[str, Any] = {}
+    if c.generator == "policy":
+        policy = OmegaConf.to_container(cfg.policy, resolve=True)
+        runtime["device"] = policy.pop("device", "auto")  # where it runs, not what it computes
+        stage_cfg["policy"] = policy
+        tiny = policy["name_or_path"] == "tiny"
+    else:
+        judge = OmegaConf.to_container(cfg.judge, resolve=True)
+        runtime["judge"] = {k: judge.pop(k) for k in JUDGE_RUNTIME_FIELDS if k in judge}
+        stage_cfg["judge"] = judge
+        tiny = judge.get("backend") == "hf" and judge.get("model") == "tiny"
+    if tiny:
+        inputs["policy_model"] = "policy_model"
+    path = str(resolve_constitution(cfg.constitution.path))
+    fn = functools.partial(run_revisions, constitution_path=path, runtime=runtime)
+    return Stage("revisions", fn, stage_cfg, inputs, uses_constitution=True, version="1")
