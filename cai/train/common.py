@@ -1,0 +1,454 @@
+"""Shared training utilities for SFT, reward modelling, DPO and PPO (CleanRL-style, small).
+
+Every training loop in :mod:`cai.train` is one readable function; the plumbing it needs lives
+here so that the loops share one meaning of "seed", "checkpoint", "step" and "loss mask":
+
+- **Seeds and devices.** :func:`seed_everything` seeds Python, NumPy and torch (CUDA too);
+  :func:`make_accelerator` builds an ``accelerate.Accelerator`` (device, mixed precision).
+- **Optimisation.** :func:`make_optimizer` (AdamW, no weight decay on biases and norm
+  weights, trainable parameters only) and :func:`make_scheduler` (linear warmup, then linear,
+  cosine or constant); :func:`resolve_warmup` reads ``warmup`` as a fraction (< 1) or steps.
+- **Exact resume.** :func:`save_checkpoint` / :func:`load_checkpoint` (defined in
+  :mod:`cai.train.checkpoint`, re-exported here) store the trainable weights, optimizer,
+  scheduler, every RNG state and the data position (epoch + index into :func:`epoch_order`'s
+  shuffled order), atomically. A loop that restores them and skips the consumed examples
+  continues the loss curve of an uninterrupted run exactly on CPU.
+- **Logging.** :class:`MetricsLogger` writes ``train_log.jsonl`` (one JSON row per step),
+  console lines, and TensorBoard / W&B when installed and asked for; on resume it drops the
+  rows logged after the checkpoint, so the log reads like one uninterrupted run.
+  :class:`Throughput` measures tokens/s and samples/s.
+- **Batches.** :func:`encode_example` tokenizes (prompt, full text) the way the sampling
+  engine does (prompt alone, continuation appended), :func:`response_only_labels` masks the
+  prompt with ``-100``, :func:`pad_and_mask` pads a batch (right or left), and
+  :func:`token_logprobs` / :func:`masked_nll` turn logits into per-token quantities.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cai.errors import ConfigError
+from cai.train.checkpoint import (  # noqa: F401  (re-exported: the loops import them from here)
+    TrainState,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    trainable_state_dict,
+)
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+MIXED_PRECISION = ("no", "bf16", "fp16")
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+# ----------------------------------------------------------------------------- seeds, devices
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global RNG and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def _get(cfg: Any, name: str, default: Any) -> Any:
+    if cfg is None:
+        return default
+    if isinstance(cfg, Mapping):
+        return cfg.get(name, default)
+    return getattr(cfg, name, default)
+
+
+def make_accelerator(cfg: Any = None, *, mixed_precision: str | None = None, device: str | None = None):
+    """An ``accelerate.Accelerator`` for one training loop.
+
+    ``cfg`` is any object or mapping with ``mixed_precision`` (``no`` | ``bf16`` | ``fp16``)
+    and ``device`` (``auto`` | ``cpu`` | ``cuda``); keyword arguments override it. Multi-GPU
+    runs are launched with ``accelerate launch``, which sets the process group; gradient
+    accumulation is done by the loops themselves (they know their token counts).
+    """
+    from accelerate import Accelerator
+
+    mp = mixed_precision or _get(cfg, "mixed_precision", "no") or "no"
+    dev = device or _get(cfg, "device", "auto") or "auto"
+    if mp not in MIXED_PRECISION:
+        raise ConfigError(f"mixed_precision={mp!r}, expected one of {', '.join(MIXED_PRECISION)}")
+    if dev not in ("auto", "cpu") and not str(dev).startswith("cuda"):
+        raise ConfigError(f"training device={dev!r}, expected auto, cpu or cuda")
+    if str(dev).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"training device={dev!r} but CUDA is not available here; use device=cpu or auto")
+    cpu = dev == "cpu" or (dev == "auto" and not torch.cuda.is_available())
+    if mp == "fp16" and cpu:
+        raise ConfigError("mixed_precision=fp16 needs a CUDA device; use bf16 or no on CPU")
+    _release_accelerator_state(mp, cpu)
+    return Accelerator(cpu=cpu, mixed_precision=mp)
+
+
+def _release_accelerator_state(mixed_precision: str, cpu: bool) -> None:
+    """Let this loop use other settings than an earlier loop of the same process.
+
+    accelerate keeps one process-wide state and refuses a second ``Accelerator`` with another
+    precision or device (e.g. a bf16 reward model after an fp32 SFT in one pipeline run, or a
+    TRL trainer in the same benchmark). The precision part is reset (transformers' Trainer does
+    the same); the process group of a distributed launch is kept.
+    """
+    from accelerate.state import AcceleratorState
+
+    if not AcceleratorState._shared_state:
+        return
+    current = AcceleratorState()
+    wrong_device = cpu and current.device.type != "cpu"
+    if current.mixed_precision == mixed_precision and not wrong_device:
+        return
+    if wrong_device and current.num_processes > 1:
+        raise ConfigError("device=cpu was asked for inside a distributed GPU launch; use device=auto")
+    AcceleratorState._reset_state(reset_partial_state=wrong_device)
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    return param.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
+
+
+def make_optimizer(
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; biases and norm weights get no weight decay."""
+    if lr <= 0:
+        raise ConfigError(f"learning rate must be > 0, got {lr}")
+    if weight_decay < 0:
+        raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}")
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if _no_decay(name, p) else decay).append(p)
+    if not decay and not no_decay:
+        raise ConfigError(f"{type(model).__name__} has no trainable parameters")
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def resolve_warmup(warmup: float, total_steps: int) -> int:
+    """Warmup steps: ``warmup < 1`` is a fraction of ``total_steps``, else a step count."""
+    if warmup < 0:
+        raise ConfigError(f"warmup must be >= 0 (a fraction < 1 or a number of steps), got {warmup}")
+    if warmup < 1:
+        return int(math.ceil(warmup * total_steps))
+    if warmup != int(warmup):
+        raise ConfigError(f"warmup={warmup}: a step count must be a whole number")
+    return int(warmup)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "linear",
+              min_ratio: float = 0.0) -> float:
+    """Multiplier of the peak LR after ``step`` optimizer steps (0-based)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    if schedule == "linear":
+        shape = 1.0 - progress
+    else:
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                   schedule: str = "linear", min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to the peak LR, then ``linear``/``cosine`` decay to ``min_ratio`` or ``constant``."""
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"lr schedule={schedule!r}, expected one of {', '.join(SCHEDULES)}")
+    if total_steps < 1:
+        raise ConfigError(f"total optimizer steps must be >= 1, got {total_steps}")
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup_steps, total_steps, schedule, min_ratio)
+    )
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """A permutation of ``range(n)`` fixed by ``(seed, epoch)``, the same on every machine."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    return [int(i) for i in np.random.default_rng([seed % (1 << 63), epoch]).permutation(n)]
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class Throughput:
+    """Tokens/s and samples/s since the last :meth:`rates` call (and overall)."""
+
+    def __init__(self) -> None:
+        self.start = self._last = time.perf_counter()
+        self.tokens = self.samples = 0
+        self._window_tokens = self._window_samples = 0
+
+    def update(self, tokens: int, samples: int) -> None:
+        self.tokens += tokens
+        self.samples += samples
+        self._window_tokens += tokens
+        self._window_samples += samples
+
+    def rates(self) -> dict[str, float]:
+        """``{"tokens_per_s", "samples_per_s"}`` over the window since the previous call."""
+        now = time.perf_counter()
+        dt = max(now - self._last, 1e-9)
+        out = {"tokens_per_s": self._window_tokens / dt, "samples_per_s": self._window_samples / dt}
+        self._last, self._window_tokens, self._window_samples = now, 0, 0
+        return out
+
+    def overall(self) -> dict[str, float]:
+        dt = max(time.perf_counter() - self.start, 1e-9)
+        return {"tokens_per_s": self.tokens / dt, "samples_per_s": self.samples / dt}
+
+
+def _read_log_rows(path: Path, keep_through: int) -> list[str]:
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill mid-write; it is rewritten by the resumed run
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= keep_through:
+            rows.append(line)
+    return rows
+
+
+class MetricsLogger:
+    """One JSON row per logged step in ``path`` (``train_log.jsonl``), plus console and trackers.
+
+    ``resume_step``: keep the rows of steps ``<= resume_step`` already in the file (a resumed
+    run); ``None`` starts a fresh file. ``console_every``: print every n-th logged step (0: never).
+    ``tensorboard_dir``: also write TensorBoard scalars (needs the ``tensorboard`` package).
+    ``wandb_project``: also log to Weights & Biases (needs ``wandb``; off unless named).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None, console_every: int = 10,
+                 tensorboard_dir: str | os.PathLike | None = None, wandb_project: str | None = None,
+                 run_name: str | None = None, config: Mapping[str, Any] | None = None,
+                 enabled: bool = True) -> None:
+        self.path = Path(path)
+        self.console_every = console_every
+        self.enabled = enabled
+        self._n = 0
+        self._tb = self._wandb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = _read_log_rows(self.path, resume_step) if resume_step is not None and self.path.exists() else []
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard_dir is not None:
+            self._tb = self._make_tensorboard(tensorboard_dir)
+        if wandb_project:
+            self._wandb = self._make_wandb(wandb_project, run_name, config)
+
+    @staticmethod
+    def _make_tensorboard(logdir):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.warning("tensorboard is not installed; skipping TensorBoard logging (pip install tensorboard)")
+            return None
+        return SummaryWriter(log_dir=str(logdir))
+
+    @staticmethod
+    def _make_wandb(project, run_name, config):
+        try:
+            import wandb
+        except ImportError:
+            log.warning("wandb is not installed; skipping W&B logging (pip install wandb)")
+            return None
+        return wandb.init(project=project, name=run_name, config=dict(config or {}))
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Write ``{"step": step, **metrics}``; floats are rounded to 7 significant digits on
+        the console only (the file keeps full precision)."""
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: _plain_number(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(dict(metrics), step=step)
+        self._n += 1
+        if self.console_every and self._n % self.console_every == 0:
+            log.info("step %d  %s", step, "  ".join(f"{k}={_short(v)}" for k, v in metrics.items()))
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_train_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a ``train_log.jsonl``."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _plain_number(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.item()
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    return v
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Encoded:
+    """One tokenized training example; ``labels`` is ``-100`` on prompt (and dropped) tokens."""
+
+    input_ids: list[int]
+    labels: list[int]
+    prompt_len: int
+    truncated: bool
+
+
+def response_only_labels(prompt_len: int, full_ids: Sequence[int]) -> list[int]:
+    """Labels for causal-LM training: ``-100`` on the first ``prompt_len`` tokens, ids after."""
+    if not 0 <= prompt_len <= len(full_ids):
+        raise ValueError(f"prompt_len={prompt_len} outside 0..{len(full_ids)}")
+    return [IGNORE_INDEX] * prompt_len + [int(t) for t in full_ids[prompt_len:]]
+
+
+def _prompt_ids(tokenizer, prompt_text: str) -> list[int]:
+    bos = tokenizer.bos_token
+    special = not (bool(bos) and prompt_text.startswith(bos))  # as the sampling engine encodes prompts
+    return list(tokenizer(prompt_text, add_special_tokens=special)["input_ids"])
+
+
+def encode_example(tokenizer, prompt_text: str, full_text: str, max_length: int,
+                   add_eos: bool = True) -> Encoded:
+    """Tokenize a (prompt, full text) pair as generation sees it: the prompt on its own, then
+    the continuation ``full_text[len(prompt_text):]`` without special tokens, then EOS.
+
+    Too long: the response is cut on the right, keeping the whole prompt when it leaves at
+    least a quarter of ``max_length`` for the response; otherwise the prompt is cut from the left.
+    """
+    if not full_text.startswith(prompt_text):
+        raise ValueError("full_text must start with prompt_text")
+    prompt = _prompt_ids(tokenizer, prompt_text)
+    response = list(tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"])
+    if add_eos and tokenizer.eos_token_id is not None:
+        response.append(int(tokenizer.eos_token_id))
+    truncated = len(prompt) + len(response) > max_length
+    if truncated:
+        room = max(max_length - len(prompt), min(len(response), max(1, max_length // 4)))
+        response = response[:room]
+        prompt = prompt[len(prompt) - (max_length - len(response)):] if max_length > len(response) else []
+    ids = prompt + response
+    return Encoded(ids, response_only_labels(len(prompt), ids), len(prompt), truncated)
+
+
+def pad_and_mask(batch: Sequence[Mapping[str, Sequence[int]]], pad_id: int,
+                 pad_to_multiple_of: int | None = None, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad ``[{"input_ids", "labels"?}]`` into ``input_ids``, ``attention_mask``, ``labels``.
+
+    Padding gets ``pad_id`` in ``input_ids``, 0 in ``attention_mask`` and ``-100`` in
+    ``labels``; rows without ``labels`` are trained on every token. ``padding_side="left"``
+    puts every row's last token in the last column (pass ``position_ids = cumsum(mask) - 1``
+    to the model then, so a padded row sees the positions it would see alone).
+    """
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    if not batch:
+        raise ValueError("pad_and_mask: empty batch")
+    width = max(len(row["input_ids"]) for row in batch)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    for i, row in enumerate(batch):
+        n = len(row["input_ids"])
+        row_labels = row.get("labels", row["input_ids"])
+        if len(row_labels) != n:
+            raise ValueError(f"pad_and_mask: row {i} has {n} input_ids but {len(row_labels)} labels")
+        cols = slice(0, n) if padding_side == "right" else slice(width - n, width)
+        ids[i, cols] = torch.as_tensor(row["input_ids"], dtype=torch.long)
+        mask[i, cols] = 1
+        labels[i, cols] = torch.as_tensor(row_labels, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ``log p(label_t | tokens < t)`` and the mask of trained tokens.
+
+    ``logits`` ``[B, T, V]`` and ``labels`` ``[B, T]`` are aligned like a model's input (the
+    shift happens here). Returns ``(logprobs [B, T-1], mask [B, T-1])``; masked positions are 0.
+    Sum over the last axis for sequence log-probs (DPO), divide by the mask sum for means.
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = torch.gather(logp, -1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * mask, mask
+
+
+def masked_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over trained tokens, and how many there were (a tensor,
+    so that no host sync is forced; ``int(n)`` when needed).
+
+    Divide the sums of all micro-batches of an optimizer step by their total token count to get
+    the same gradient as one big batch (what gradient accumulation should mean).
+    """
+    targets = labels[:, 1:].reshape(-1)
+    flat = logits[:, :-1].reshape(-1, logits.size(-1))
+    loss = torch.nn.functional.cross_entropy(flat.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (targets != IGNORE_INDEX).sum()
+
+
+def batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    """Consecutive slices of ``size`` (the last may be shorter)."""
+    for i in range(0, len(items), size):
+        yield items[i:i + size]

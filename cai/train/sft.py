@@ -1,0 +1,407 @@
+"""Supervised fine-tuning on (conversation, response): SL-CAI on revisions, or "distil the judge".
+
+The loop, top to bottom (:func:`train_sft`):
+
+1. Each example is formatted with :func:`cai.models.format_example` and tokenized the way the
+   sampling engine reads a prompt (:func:`cai.train.common.encode_example`): the prompt alone,
+   then the response, then EOS. Labels are ``-100`` on prompt tokens, so the loss is on the
+   response only.
+2. One optimizer step consumes ``batch_size * grad_accum`` examples (per process) in the order
+   :func:`~cai.train.common.epoch_order` fixes for ``(seed, epoch)``. Within a step the
+   examples are sorted by length and cut into micro-batches of ``batch_size`` (less padding).
+   The loss of a step is the summed token NLL of all its micro-batches divided by their total
+   number of response tokens: gradient accumulation gives the gradient of one big batch.
+3. Batches are left-padded with ``position_ids`` from the mask, so every response sits at the
+   end of its row and the LM head runs only on the last ``max response + 1`` positions
+   (``logits_to_keep``): prompt positions need no vocabulary projection.
+4. AdamW, linear warmup then linear/cosine decay, gradient clipping (the norm is logged either
+   way). A checkpoint every ``checkpoint_every`` steps holds everything needed to continue the
+   loss curve exactly (weights, optimizer, scheduler, RNG states, data position).
+
+Simplifications: examples longer than ``max_length`` are truncated (counted), not packed;
+with several processes the last step of an epoch drops the few examples that do not give every
+process one (counted). With LoRA the trained adapters are merged into the saved model, so
+every later stage loads it as a plain causal LM.
+
+Stage ``sft`` (:func:`sft`): reads examples from the ``revisions`` or the ``judge_answers``
+artifact (``SFTConfig.source``), optionally mixes in helpful data, trains the policy and writes
+``model/`` (weights and tokenizer) and ``train_log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+import shutil
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cai.errors import ConfigError, DataError
+from cai.train import common as C
+from cai.train.sft_config import SOURCES, SFTConfig, SFTLoraConfig, coerce_sft_config  # noqa: F401 (re-export)
+from cai.train.sft_data import SFTExample, answer_examples, helpful_examples, mix_helpful, revision_examples
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+@dataclass
+class EncodedSet:
+    """Tokenized examples and what encoding left out or cut."""
+
+    rows: list[C.Encoded]
+    counts: Counter
+
+
+def encode_examples(tokenizer, examples: list[SFTExample], max_length: int, chat_format: str) -> EncodedSet:
+    """Format and tokenize ``examples``; rows with no response token left are counted and left out."""
+    from cai.models import format_example
+
+    rows: list[C.Encoded] = []
+    counts = Counter({"truncated": 0, "no_response_tokens": 0})
+    for ex in examples:
+        prompt, full = format_example(tokenizer, ex.messages_as_dicts(), ex.response, chat_format)
+        enc = C.encode_example(tokenizer, prompt, full, max_length)
+        counts["truncated"] += int(enc.truncated)
+        if all(t == C.IGNORE_INDEX for t in enc.labels[1:]):
+            counts["no_response_tokens"] += 1
+            continue
+        rows.append(enc)
+    return EncodedSet(rows, counts)
+
+
+def _n_targets(row: C.Encoded) -> int:
+    return sum(1 for t in row.labels[1:] if t != C.IGNORE_INDEX)
+
+
+def _keeps_logits(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def batch_nll(model, rows: list[C.Encoded], pad_id: int, device, keep_logits: bool) -> torch.Tensor:
+    """Summed response-token NLL of ``rows`` (left-padded; LM head on response positions only)."""
+    batch = C.pad_and_mask([{"input_ids": r.input_ids, "labels": r.labels} for r in rows], pad_id,
+                           padding_side="left")
+    ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+    position_ids = (mask.cumsum(-1) - 1).clamp_(min=0)
+    keep = min(ids.size(1), max(len(r.input_ids) - r.prompt_len for r in rows) + 1)
+    kwargs = {"logits_to_keep": keep} if keep_logits else {}
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                   **kwargs).logits
+    loss, _ = C.masked_nll(logits, labels[:, -logits.size(1):])
+    return loss
+
+
+@torch.no_grad()
+def evaluate_nll(model, tokenizer, rows: list[C.Encoded], batch_size: int = 8) -> float:
+    """Mean response-token NLL of ``rows`` (the training objective), in eval mode."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    try:
+        for chunk in C.batches(rows, batch_size):
+            total += float(batch_nll(model, list(chunk), tokenizer.pad_token_id, device, _keeps_logits(model)))
+            n += sum(_n_targets(r) for r in chunk)
+    finally:
+        model.train(was_training)
+    return total / max(n, 1)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class SFTResult:
+    """What :func:`train_sft` did: the trained (unwrapped) model, steps and summary metrics."""
+
+    model: Any
+    steps: int
+    metrics: dict[str, float]
+    resumed_from: int | None
+
+
+def plan_steps(n: int, cfg: SFTConfig, world: int = 1) -> tuple[int, int]:
+    """``(steps_per_epoch, total_steps)`` for ``n`` examples."""
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    steps_per_epoch = max(1, math.ceil(n / per_step))
+    total = cfg.max_steps if cfg.max_steps is not None else steps_per_epoch * cfg.epochs
+    return steps_per_epoch, total
+
+
+def _attach_lora(model, cfg: SFTConfig, seed: int):
+    from cai.models import LoraSpec, apply_lora
+
+    lora = cfg.lora
+    spec = LoraSpec(r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                    target_modules=tuple(lora.target_modules) or None)
+    return apply_lora(model, spec, seed=seed)
+
+
+def _optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float) -> float:
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def train_sft(
+    model,
+    tokenizer,
+    examples: list[SFTExample],
+    cfg: SFTConfig | Mapping[str, Any],
+    *,
+    state_dir: str | Path,
+    seed: int = 0,
+    chat_format: str = "auto",
+    device: str = "auto",
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> SFTResult:
+    """Fine-tune ``model`` on ``examples``; resumes from ``state_dir/checkpoint`` if present.
+
+    ``state_dir`` holds the checkpoint and ``train_log.jsonl`` (kept across kills).
+    ``on_step(step, metrics)`` is called after every optimizer step (and its checkpoint).
+    """
+    cfg = coerce_sft_config(cfg)
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    C.seed_everything(seed)
+    accelerator = C.make_accelerator(mixed_precision=cfg.mixed_precision, device=device)
+    encoded = encode_examples(tokenizer, examples, cfg.max_length, chat_format)
+    rows = encoded.rows
+    if not rows:
+        raise DataError(f"sft: no trainable examples ({len(examples)} given; left out: {dict(encoded.counts)})")
+    if cfg.lora.enabled:
+        model = _attach_lora(model, cfg, seed)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    steps_per_epoch, total_steps = plan_steps(len(rows), cfg, world)
+    optimizer = C.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    scheduler = C.make_scheduler(optimizer, C.resolve_warmup(cfg.warmup, total_steps), total_steps, cfg.schedule)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = C.load_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler)
+    resumed_from = state.step if state else None
+    state = state or C.TrainState()
+    logger = C.MetricsLogger(state_dir / "train_log.jsonl", resume_step=resumed_from,
+                             enabled=accelerator.is_main_process,
+                             tensorboard_dir=state_dir / "tensorboard" if cfg.tensorboard else None,
+                             wandb_project=cfg.wandb_project, run_name=state_dir.parent.name, config=asdict(cfg))
+    keep_logits = _keeps_logits(accelerator.unwrap_model(model))
+    pad_id = tokenizer.pad_token_id
+    meter = C.Throughput()
+    counts = Counter({**encoded.counts, "dropped_tail": 0})
+    tokens_seen = int(state.extra.get("tokens_seen", 0))
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    model.train()
+    step, epoch, pos = state.step, state.epoch, state.data_position
+    while step < total_steps:
+        order = C.epoch_order(len(rows), seed, epoch)
+        while pos < len(order) and step < total_steps:
+            step_ids = order[pos:pos + per_step]
+            pos += len(step_ids)
+            usable = len(step_ids) - len(step_ids) % world
+            counts["dropped_tail"] += len(step_ids) - usable
+            if usable == 0:
+                continue
+            mine = sorted((rows[i] for i in step_ids[:usable][rank::world]), key=lambda r: len(r.input_ids))
+            n_targets = sum(_n_targets(rows[i]) for i in step_ids[:usable])
+            micro = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for j, chunk in enumerate(micro):
+                sync = j == len(micro) - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    nll = batch_nll(model, chunk, pad_id, accelerator.device, keep_logits)
+                    accelerator.backward(nll * (world / n_targets))
+                loss_sum += nll.detach()
+            lr = scheduler.get_last_lr()[0]
+            grad_norm = _optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
+            step += 1
+            n_tokens = sum(len(r.input_ids) for r in mine)
+            tokens_seen += n_tokens * world
+            meter.update(n_tokens * world, len(mine) * world)
+            if world > 1:
+                loss_sum = accelerator.reduce(loss_sum, reduction="sum")
+            metrics = {"sft/loss": float(loss_sum) / n_targets, "sft/lr": lr, "sft/grad_norm": grad_norm,
+                       "sft/epoch": epoch + pos / len(order)}
+            if step % cfg.log_every == 0 or step == total_steps:
+                metrics.update({f"sft/{k}": v for k, v in meter.rates().items()})
+                logger.log(step, metrics)
+            next_epoch, next_pos = (epoch + 1, 0) if pos >= len(order) else (epoch, pos)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
+                C.save_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler,
+                                  step, next_epoch, next_pos, {"tokens_seen": tokens_seen})
+            if on_step is not None:
+                on_step(step, metrics)
+        epoch, pos = epoch + 1, 0
+    logger.close()
+    trainable, total = C.count_parameters(accelerator.unwrap_model(model))
+    overall = meter.overall()
+    summary = {
+        "sft/examples": len(rows), "sft/steps": step, "sft/steps_per_epoch": steps_per_epoch,
+        "sft/tokens_seen": tokens_seen, "sft/tokens_per_s": overall["tokens_per_s"],
+        "sft/samples_per_s": overall["samples_per_s"], "sft/trainable_params": trainable,
+        "sft/total_params": total, **{f"sft/{k}": v for k, v in counts.items()},
+    }
+    return SFTResult(accelerator.unwrap_model(model), step, summary, resumed_from)
+
+
+def save_sft_model(model, tokenizer, out_dir: str | Path) -> Path:
+    """``save_pretrained`` the model (LoRA adapters merged) and its tokenizer into ``out_dir``."""
+    out_dir = Path(out_dir)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def load_sft_examples(cfg: SFTConfig, inputs: Mapping[str, Path], seed: int) -> tuple[list[SFTExample], dict]:
+    """The stage's training examples (source + helpful mix) and counters for the metrics."""
+    if cfg.source == "revisions":
+        examples, counts = revision_examples(inputs["revisions"] / "revisions.jsonl", cfg.revision_round)
+    else:
+        examples, counts = answer_examples(inputs["answers"] / "answers.jsonl")
+    metrics = {f"sft/source_{k}": v for k, v in counts.items()}
+    if cfg.helpful_source and cfg.helpful_ratio > 0:
+        helpful, hcounts = helpful_examples(cfg.helpful_source, cfg.helpful_limit)
+        examples, mixed = mix_helpful(examples, helpful, cfg.helpful_ratio, seed)
+        metrics.update({f"sft/helpful_{k}": v for k, v in hcounts.items()})
+        metrics.update({f"sft/{k}": v for k, v in mixed.items()})
+    return examples, metrics
+
+
+def sft(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any) -> None:
+    """Stage ``sft``: train the policy on the configured source and write ``model/``."""
+    from cai.models import load_causal_lm
+    from cai.stages import model_spec, policy_location
+
+    scfg = coerce_sft_config(cfg["sft"])
+    seed = int(cfg["seed"]) + scfg.seed_offset
+    with ctx.phase("load_data"):
+        examples, metrics = load_sft_examples(scfg, inputs, seed)
+    with ctx.phase("load_model"):
+        policy = {**cfg["policy"], "lora": {"enabled": False}}  # SFT's own LoRA settings apply
+        if policy.get("dtype", "auto") == "auto" and not scfg.lora.enabled:
+            policy["dtype"] = "float32"  # full fine-tuning keeps fp32 weights; mixed_precision sets compute
+        spec = model_spec(policy, policy_location(cfg, inputs))
+        model, tok = load_causal_lm(spec)
+    with ctx.phase("train"):
+        result = train_sft(model, tok, examples, scfg, state_dir=ctx.state_dir, seed=seed,
+                           chat_format=spec.chat_format, device=cfg["policy"].get("device", "auto"))
+    with ctx.phase("save"):
+        save_sft_model(result.model, tok, ctx.dir / "model")
+        shutil.copyfile(ctx.state_dir / "train_log.jsonl", ctx.dir / "train_log.jsonl")
+        if (ctx.state_dir / "tensorboard").is_dir():
+            shutil.copytree(ctx.state_dir / "tensorboard", ctx.dir / "tensorboard")
+    log_rows = C.read_train_log(ctx.dir / "train_log.jsonl")
+    if log_rows:
+        metrics["sft/first_loss"] = log_rows[0]["sft/loss"]
+        metrics["sft/final_loss"] = log_rows[-1]["sft/loss"]
+    metrics.update(result.metrics)
+    metrics["sft/resumed_from_step"] = result.resumed_from or 0
+    ctx.set_metrics(metrics)
+
+
+def _sft(cfg) -> Any:
+    """Pipeline builder: the ``sft`` stage for the composed config."""
+    from omegaconf import OmegaConf
+
+    from cai.pipeline import Stage
+
+    scfg = OmegaConf.to_container(cfg.sft, resolve=True)
+    source = scfg["source"]
+    if source not in SOURCES:
+        raise ConfigError(f"sft.source={source!r}, expected one of {', '.join(SOURCES)}")
+    inputs = {"revisions": "revisions"} if source == "revisions" else {"answers": "judge_answers"}
+    if cfg.policy.name_or_path == "tiny":
+        inputs["policy_model"] = "policy_model"
+    policy = {k: v for k, v in OmegaConf.to_container(cfg.policy, resolve=True).items() if k != "device"}
+    # sft.answers configures the judge_answers stage, whose key reaches this one through its input.
+    # (checkpoint_every and the trackers do not change the model but stay in the slice: the slice is
+    # all a stage function receives.)
+    key_cfg = {k: v for k, v in scfg.items() if k != "answers"}
+    return Stage("sft", sft, {"sft": key_cfg, "policy": policy, "seed": cfg.seed}, inputs)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cai.train.sft --policy DIR --examples FILE --out DIR [sft.field=value ...]``.
+
+    Runs :func:`train_sft` outside the pipeline, e.g. on several processes with
+    ``accelerate launch -m cai.train.sft ...``. Data: ``--revisions`` (revisions.jsonl),
+    ``--answers`` (answers.jsonl) or ``--examples`` (a .jsonl of ``{messages, response}``).
+    Writes ``model/``, ``train_log.jsonl`` and ``metrics.json`` into ``--out`` (main process).
+    """
+    import argparse
+    import json
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from cai.models import ModelSpec, load_causal_lm
+
+    parser = argparse.ArgumentParser(prog="python -m cai.train.sft", description=main.__doc__)
+    parser.add_argument("--policy", required=True, help="hub name or local directory of the causal LM")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--revisions", type=Path)
+    data.add_argument("--answers", type=Path)
+    data.add_argument("--examples", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--state-dir", type=Path, help="checkpoints (default: OUT/state)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chat-format", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("overrides", nargs="*", help="SFTConfig fields, e.g. lr=1e-4 batch_size=4")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(SFTConfig), OmegaConf.from_dotlist(args.overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"sft overrides {args.overrides}: {e}") from e
+    cfg = coerce_sft_config(OmegaConf.to_container(merged))
+    if args.revisions:
+        examples, counts = revision_examples(args.revisions, cfg.revision_round)
+    elif args.answers:
+        examples, counts = answer_examples(args.answers)
+    else:
+        examples, counts = helpful_examples(str(args.examples))
+    dtype = "float32" if not cfg.lora.enabled else "auto"
+    model, tok = load_causal_lm(ModelSpec(args.policy, dtype=dtype, device="cpu"))
+    result = train_sft(model, tok, examples, cfg, state_dir=args.state_dir or args.out / "state", seed=args.seed,
+                       chat_format=args.chat_format, device=args.device)
+    from accelerate.state import PartialState
+
+    if PartialState().is_main_process:
+        save_sft_model(result.model, tok, args.out / "model")
+        shutil.copyfile((args.state_dir or args.out / "state") / "train_log.jsonl", args.out / "train_log.jsonl")
+        metrics = {**{f"sft/source_{k}": v for k, v in counts.items()}, **result.metrics,
+                   "sft/processes": PartialState().num_processes}
+        (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from cai.errors import CaiError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        raise SystemExit(main())
+    except CaiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
