@@ -1,0 +1,285 @@
+"""`cai report`: sections from a realistic sweep, HTML checked in headless Chromium, the Hydra
+callback, and a report on a real `cai run -m` sweep.
+
+The realistic sweep is made by the real pipeline (`run_experiment`, the real artifact store and
+the real `prompts` stage) with small stand-in training/evaluation stages registered in STAGES:
+they write train logs and the metrics the real stages write (win rates through
+`cai.evaluate.win_rate`), so run.json, metrics.json and stages/*.json are exactly what a run writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from cai import pipeline
+from cai.callbacks import ReportCallback
+from cai.config import Config
+from cai.errors import DataError
+from cai.evaluate import Judgement, win_rate
+from cai.report import collect, main, write_report
+
+REPO = Path(__file__).resolve().parents[1]
+PRINCIPLES = ("harm-avoid", "honesty", "no-preach")
+ARMS = ("ai", "human")
+SEEDS = (0, 1)
+
+
+# ----------------------------------------------------------------------------- stand-in stages
+def _log(ctx, rows):
+    (ctx.dir / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _labels(cfg, inputs, ctx):
+    ai = cfg["source"] == "ai"
+    ctx.add_cost(tokens_in=5000 if ai else 0, tokens_out=400 if ai else 0, dollars=0.125 if ai else 0.0)
+    if ai:
+        m = {"quality/agreement": 0.71, "quality/agreement_ci_low": 0.62, "quality/agreement_ci_high": 0.79}
+        for i, pid in enumerate(PRINCIPLES):
+            m[f"quality/principle/{pid}/agreement"] = 0.6 + 0.1 * i
+            m[f"quality/principle/{pid}/n"] = 20 + i
+        ctx.set_metrics(m)
+
+
+def _reward(cfg, inputs, ctx):
+    rng = np.random.default_rng(cfg["seed"])
+    _log(ctx, [{"step": s, "rm/loss": 0.7 * 0.97**s + 0.01 * rng.random()} for s in range(30)])
+    acc = 0.68 + 0.02 * cfg["seed"] + (0.03 if cfg["arm"] == "human" else 0.0)
+    ctx.set_metrics({"rm/accuracy": acc, "rm/accuracy_ci_low": acc - 0.05, "rm/accuracy_ci_high": acc + 0.05})
+
+
+def _ppo(cfg, inputs, ctx):
+    rng = np.random.default_rng(10 + cfg["seed"] + (5 if cfg["arm"] == "ai" else 0))
+    kl = 0.02 if cfg["arm"] == "ai" else 0.03
+    _log(ctx, [{"step": s, "ppo/objective/kl": kl * s, "ppo/objective/rlhf_reward": np.log1p(s) + rng.random(),
+                "ppo/val/mean_len": 40 + s * rng.random(), "ppo/policy/clipfrac_avg": 0.1} for s in range(0, 40, 2)])
+    ctx.add_cost(tokens_in=100, tokens_out=900)
+    ctx.set_metrics({"ppo/objective/kl": 0.78})
+
+
+def _evaluate(cfg, inputs, ctx):
+    rng = np.random.default_rng([cfg["seed"], int(cfg["arm"] == "ai")])
+    p = 0.7 if cfg["arm"] == "ai" else 0.6
+    js = [Judgement(f"p{i}", float(w), float(w)) for i, w in enumerate(rng.random(60) < p)]
+    js.append(Judgement("bad", None, 0.4, "refusal (arm shown first)"))
+    ctx.set_metrics(win_rate(js, n_boot=300, seed=cfg["seed"]).to_metrics("eval/vs_sft"))
+
+
+def _stage(name, fn, inputs, config_of, uses_constitution=False):
+    return lambda cfg: pipeline.Stage(name, fn, config_of(cfg), inputs, uses_constitution)
+
+
+FAKE_STAGES = {
+    "labels": _stage("labels", _labels, {"prompts": "prompts"}, lambda c: {"source": c.tags.labels}, True),
+    "reward": _stage("reward", _reward, {"labels": "labels"}, lambda c: {"arm": c.tags.labels, "seed": c.seed}),
+    "ppo": _stage("ppo", _ppo, {"reward": "reward"}, lambda c: {"arm": c.tags.labels, "seed": c.seed}),
+    "evaluate": _stage("evaluate", _evaluate, {"ppo": "ppo"}, lambda c: {"arm": c.tags.labels, "seed": c.seed}),
+}
+
+
+def make_sweep(root: Path, store: Path) -> Path:
+    """A 2-arm x 2-seed sweep folder shaped like `cai run -m tags.labels=ai,human seed=0,1`."""
+    sweep = root / "sweep"
+    with pytest.MonkeyPatch.context() as mp:
+        for name, builder in FAKE_STAGES.items():
+            mp.setitem(pipeline.STAGES, name, builder)
+        job = 0
+        for arm in ARMS:
+            for seed in SEEDS:
+                cfg = OmegaConf.structured(Config)
+                cfg.seed, cfg.store.root = seed, str(store)
+                cfg.data.max_prompts = 8
+                cfg.experiment.name = "rlaif_vs_rlhf"
+                cfg.experiment.stages = ["prompts", "labels", "reward", "ppo", "evaluate"]
+                cfg.tags = {"labels": arm}
+                run_dir = sweep / str(job)
+                pipeline.run_experiment(cfg, run_dir)
+                (run_dir / ".hydra").mkdir()
+                (run_dir / ".hydra" / "overrides.yaml").write_text(f"- tags.labels={arm}\n- seed={seed}\n")
+                job += 1
+    return sweep
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("report")
+    path = make_sweep(root, root / "store")
+    write_report(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- content
+def test_runs_are_grouped_into_arms_over_seeds(sweep):
+    data = collect(sweep)
+    assert [r.name for r in data.runs] == ["0", "1", "2", "3"]
+    assert data.varying == ["seed", "tags.labels"]
+    assert [(a.name, len(a.runs)) for a in data.arms] == [("tags.labels=ai", 2), ("tags.labels=human", 2)]
+    assert data.runs[0].overrides == ["tags.labels=ai", "seed=0"]
+    assert set(data.runs[0].train_logs) == {"reward", "ppo"}
+
+
+def test_markdown_has_every_section_with_real_numbers(sweep):
+    md = (sweep / "report.md").read_text()
+    runs = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in range(4)]
+    # the arm's win rate is the mean of its two seeds, with a t interval over seeds
+    mean_ai = np.mean([runs[i]["eval/vs_sft/win_rate"] for i in (0, 1)])
+    assert f"| eval/vs_sft/win_rate | {mean_ai:.4g} [" in md and "(2 seeds)" in md
+    # single-run values carry their stage's own interval (the per-run fold)
+    wr0 = runs[0]["eval/vs_sft/win_rate"]
+    assert f"{wr0:.4g} [{runs[0]['eval/vs_sft/win_rate_ci_low']:.4g}, " in md
+    for title in ("## Runs", "## Arms", "## Win rates", "## Training curves", "## Label agreement per principle",
+                  "## Cost", "## Constitution", "## Config differences", "## Artifacts"):
+        assert title in md
+    for pid in PRINCIPLES:
+        assert f"| {pid} |" in md
+    assert "| tags.labels | ai | ai | human | human |" in md
+    # matching verified from run.json: prompts shared by all four runs, labels only within an arm
+    keys = [json.loads((sweep / str(i) / "run.json").read_text())["artifacts"] for i in range(4)]
+    shared = md.split("*Shared by all runs*")[1].split("*Built separately per run*")[0]
+    assert keys[0]["prompts"] in shared and keys[0]["labels"] not in shared
+    assert "1 of 5 stages are the same artifact in all 4 runs" in md
+    assert keys[0]["labels"] == keys[1]["labels"] != keys[2]["labels"]
+    # cost: the ai arm paid for its labels once (the second seed reused them)
+    assert "| tags.labels=ai | 2 |" in md and "$0.1250" in md
+    const = json.loads((sweep / "0" / "run.json").read_text())["constitution_hash"]
+    assert const[:16] in md and "file unchanged" in md
+    for name in ("win_rates", "curves_ppo", "curves_reward", "principle_agreement"):
+        png = sweep / "report_assets" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"report_assets/{name}.png" in md
+
+
+def test_html_is_self_contained(sweep):
+    html = (sweep / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') == 4
+    assert "report_assets" not in html and "http://" not in html and "https://" not in html
+    md_tables = sum(line.startswith("|---") for line in (sweep / "report.md").read_text().splitlines())
+    assert html.count("<table>") == md_tables > 8
+
+
+def test_sections_without_data_say_so(tmp_path, sweep):
+    run = tmp_path / "one"
+    shutil.copytree(sweep / "2", run)  # the human arm: no per-principle agreement
+    info = json.loads((run / "run.json").read_text())
+    info["store"] = str(tmp_path / "moved-store")  # the store is gone: no train logs
+    (run / "run.json").write_text(json.dumps(info))
+    md_path, _ = write_report(run)
+    md = md_path.read_text()
+    assert "No per-principle agreement" in md and "Artifacts not found in the store" in md
+    assert "No training curves" in md and "One run: there is no other run" in md
+    assert "eval/vs_sft/win_rate" in md  # what exists is still shown
+
+
+# ----------------------------------------------------------------------------- chromium
+PROBE = """<script>
+window.addEventListener('load', () => {
+  document.querySelectorAll('details').forEach(d => { d.open = true; });  // folded tables too
+  const seen = el => { const r = el.getBoundingClientRect(); const s = getComputedStyle(el);
+    return r.width > 0 && r.height > 0 && s.display !== 'none' && s.visibility !== 'hidden'; };
+  const tables = [...document.querySelectorAll('table')];
+  const imgs = [...document.querySelectorAll('img')];
+  const out = {tables: tables.length, tables_visible: tables.filter(seen).length,
+               imgs: imgs.length, imgs_decoded: imgs.filter(i => i.complete && i.naturalWidth > 100).length,
+               imgs_visible: imgs.filter(seen).length,
+               rows: document.querySelectorAll('tbody tr').length};
+  document.body.setAttribute('data-probe', JSON.stringify(out));
+});
+</script>"""
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    pytest.skip("chromium is not installed (apt-get install -y chromium); the HTML was not rendered")
+
+
+def _run_chromium(exe: str, tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+             f"--user-data-dir={tmp / 'chromium-profile'}"]
+    return subprocess.run([exe, *flags, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_html_renders_in_headless_chromium(sweep, tmp_path):
+    import matplotlib.image
+
+    exe = _chromium()
+    html = (sweep / "report.html").read_text()
+    probe = tmp_path / "probe.html"
+    probe.write_text(html.replace("</body>", PROBE + "</body>"))
+    shot = tmp_path / "shot.png"
+    dom = _run_chromium(exe, tmp_path, "--window-size=1280,2200", f"--screenshot={shot}", "--dump-dom",
+                        probe.as_uri())  # one launch: the DOM after load, and what it looks like
+    assert dom.returncode == 0 and shot.is_file(), dom.stderr[-2000:]
+    found = json.loads(dom.stdout.split("data-probe=\"")[1].split('"')[0].replace("&quot;", '"'))
+    assert found["tables"] == html.count("<table>") and found["tables_visible"] == found["tables"]
+    assert found["imgs"] == found["imgs_decoded"] == found["imgs_visible"] == 4
+    assert found["rows"] > 20
+    pixels = matplotlib.image.imread(str(shot))[..., :3]
+    ink = (pixels.mean(axis=2) < 0.9).mean()  # share of non-white pixels
+    rgb = (pixels * 255).astype(np.uint32)
+    colours = len(np.unique(rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]))
+    assert ink > 0.03 and colours > 50, (ink, colours)  # text, tables and plots, not a blank page
+    blue = np.abs(pixels - np.array([0x1F, 0x77, 0xB4]) / 255).max(axis=2) < 0.05  # the first arm's bars
+    assert blue.sum() > 2000, blue.sum()
+
+
+# ----------------------------------------------------------------------------- cli, errors, callback
+def test_main_writes_elsewhere_and_reports_user_errors(sweep, tmp_path, capsys):
+    assert main([str(sweep), "-o", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "report.html").is_file()
+    assert main([str(tmp_path / "nowhere")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 2
+    assert "no run found" in capsys.readouterr().err
+
+
+def test_corrupt_run_file_names_file_and_line(tmp_path, sweep):
+    run = tmp_path / "r"
+    shutil.copytree(sweep / "0", run)
+    (run / "metrics.json").write_text('{\n "a": 1,\n oops\n}')
+    with pytest.raises(DataError, match=r"metrics.json:3: not valid JSON"):
+        collect(run)
+
+
+def test_callback_writes_into_the_sweep_folder_and_never_raises(sweep, tmp_path):
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy, ignore=shutil.ignore_patterns("report*"))
+    ReportCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(copy)}}}))
+    assert (copy / "report.html").is_file() and (copy / "report.md").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ReportCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(empty)}}}))
+    assert not (empty / "report.html").exists()
+    ReportCallback(on_run=False).on_run_end(OmegaConf.create({"hydra": {"runtime": {"output_dir": str(copy / "0")}}}))
+    assert not (copy / "0" / "report.html").exists()
+    ReportCallback().on_run_end(OmegaConf.create({"hydra": {"runtime": {"output_dir": str(copy / "0")}}}))
+    assert (copy / "0" / "report.html").is_file()
+
+
+def test_real_sweep_through_cai_run_gets_its_report(tmp_path):
+    tiny = ["data.max_prompts=4", "sampling.max_new_tokens=4", "sampling.batch_size=4", "policy.tiny.n_layer=1",
+            "policy.tiny.n_embd=32", "policy.tiny.n_head=2", "policy.tiny.vocab_size=512"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "cai.cli", "run", "-m", *tiny, "seed=0,1", f"hydra.sweep.dir={tmp_path}/sweep",
+           f"store.root={tmp_path}/store"]
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    md = (tmp_path / "sweep" / "report.md").read_text()  # written by ReportCallback.on_multirun_end
+    assert "2 run(s) in 1 arm(s)" in md and "| seed | 0 | 1 |" in md
+    assert "2 of 3 stages are the same artifact in all 2 runs" in md
+    runs = [json.loads((tmp_path / "sweep" / str(i) / "run.json").read_text())["artifacts"] for i in (0, 1)]
+    assert runs[0]["policy_model"] in md and runs[0]["responses"] in md and runs[1]["responses"] in md
+    assert "No win rates yet" in md and "No training curves" in md
+    assert "sample/mean_new_tokens" in md
+    assert main([str(tmp_path / "sweep" / "0")]) == 0  # `cai report RUN_DIR` on one real run
+    assert "prompts-" in (tmp_path / "sweep" / "0" / "report.md").read_text()
