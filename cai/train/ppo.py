@@ -1,0 +1,383 @@
+"""PPO against a reward model (or online against a judge: d-RLAIF), one loop read top to bottom.
+
+Each PPO step (:func:`train_ppo`):
+
+1. **Rollout.** Take the next ``rollout_batch_size`` prompts (a seeded order per pass over the
+   prompts; the data position is checkpointed) and sample one response each through
+   :class:`cai.sampling.SamplingEngine` with ``temperature`` on the full distribution.
+2. **Score.** One batched no-grad forward of the policy (``recompute_logprobs``, the default:
+   the rollout's log-probs then come from exactly the function the update uses, so the first
+   ratio is exactly 1 and the KL is exactly 0 while policy == reference), of the frozen
+   reference (a copy, or the LoRA policy with its adapters disabled) and of the value function
+   (a separate backbone with a scalar head, or a head on the policy's last hidden state). The
+   ``reward_fn`` scores the responses: a reward model (:class:`cai.train.ppo_rewards.RMReward`,
+   normalised with the RM's saved statistics, scaled, clipped) or a judge's expected 1-10 score
+   (:class:`cai.train.ppo_rewards.JudgeScoreReward`, d-RLAIF). Responses that miss EOS can pay
+   ``missing_eos_penalty``; responses whose reward failed are counted and left out of the update.
+3. **Advantages.** Per-token ``-kl_coef * KL`` (``k1`` or ``k3``) plus the score on the last
+   response token; GAE(γ, λ); advantages whitened over the batch (:mod:`cai.train.ppo_core`).
+4. **Update.** ``ppo_epochs`` passes over seeded shuffles of the batch in minibatches of
+   ``mini_batch_size`` (one optimizer step each), accumulated from ``micro_batch_size`` rows;
+   loss = clipped policy loss + ``vf_coef`` * clipped value loss.
+5. **Bookkeeping.** The KL controller (fixed or adaptive) sees the batch KL; metrics under
+   TRL's names (``ppo/objective/kl``, ``ppo/policy/clipfrac_avg``, ...) plus seconds and tokens/s
+   per phase go to ``train_log.jsonl``; monitors (:mod:`cai.train.ppo_monitors`) warn with a
+   diagnosis; every ``checkpoint_every`` steps everything a resumed run needs is saved.
+
+Simplifications, on purpose: one response per prompt; the value of the state after the last
+token is 0 (the episode ends there); the score sits on the last response token (TRL puts it one
+past, where its value mask still reaches); one optimizer over policy and value parameters.
+The batch layout, rollout scoring and the policy+value module live in :mod:`cai.train.ppo_rollout`;
+the pipeline stage ``ppo`` and the reward functions in :mod:`cai.train.ppo_stage` and
+:mod:`cai.train.ppo_rewards`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from cai.errors import ConfigError
+from cai.hashing import stable_hash
+from cai.sampling import SamplingEngine, SamplingParams
+from cai.train import common as C
+from cai.train import ppo_core as K
+from cai.train.pairs import LoraOptions, as_dataclass, disable_dropout, local_rows, micro_batches
+from cai.train.ppo_monitors import MonitorConfig, PPOMonitors, Warning_
+from cai.train.ppo_rollout import PolicyAndValue, Rollout, make_rollout
+
+log = logging.getLogger(__name__)
+
+REWARD_SOURCES = ("reward_model", "judge")
+VALUE_MODELS = ("separate", "head")
+
+
+@dataclass
+class PPOConfig:
+    """PPO of the policy against a reward model or a judge (Hydra group ``ppo``)."""
+
+    reward_from: str = "reward_model"  # reward_model (stage reward) | judge (d-RLAIF, online 1-10 scores)
+    judge_principles: int = 1  # d-RLAIF: preference principles sampled per response (scores averaged)
+    steps: int = 20  # PPO steps (rollout + update)
+    rollout_batch_size: int = 16  # prompts per step, over all processes
+    mini_batch_size: int = 8  # rows per optimizer step
+    micro_batch_size: int = 4  # rows per forward pass (gradient accumulation inside a minibatch)
+    ppo_epochs: int = 2  # passes over each rollout
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup: float = 0.0  # fraction (< 1) of the PPO steps, or a step count
+    schedule: str = "linear"  # linear | cosine | constant (one scheduler step per PPO step)
+    max_grad_norm: float = 1.0  # <= 0: no clipping
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # rollouts and log-probs: softmax(logits / T) on the full distribution
+    top_k: int = 0  # != 0 or top_p < 1 truncate sampling only: the KL estimate gets biased
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=lambda: ["\n\nHuman:"])
+    max_prompt_tokens: int = 256
+    sample_batch_size: int = 16  # prompts per batch of the sampling engine
+    recompute_logprobs: bool = True  # rollout log-probs from the training forward (exact ratio 1, KL 0)
+    kl_estimator: str = "k1"  # k1 | k3
+    kl_coef: float = 0.05
+    kl_controller: str = "fixed"  # fixed | adaptive (Ziegler et al.)
+    kl_target: float = 6.0  # adaptive: target per-sequence KL (nats)
+    kl_horizon: int = 10000  # adaptive: sequences over which the coefficient adapts
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False
+    reward_normalize: bool = True  # (r - mean) / std with the RM's reward_stats.json
+    reward_scale: float = 1.0
+    reward_clip: float = 10.0  # <= 0: off
+    missing_eos_penalty: Optional[float] = None  # subtracted from the score of responses cut at the cap
+    # separate (own backbone from the policy's weights, fully trained: memory!) | head (on the policy;
+    # the cheap choice with LoRA)
+    value_model: str = "separate"
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    device: str = "auto"  # where it trains; not part of the artifact key
+    disable_dropout: bool = True
+    log_every: int = 1
+    checkpoint_every: int = 10  # PPO steps; 0: never
+    heldout_judge_every: int = 0  # score rollouts with the held-out judge every n steps (0: never)
+    monitors: MonitorConfig = field(default_factory=MonitorConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, Mapping):
+            self.lora = as_dataclass(LoraOptions, self.lora)
+        if isinstance(self.monitors, Mapping):
+            self.monitors = MonitorConfig(**dict(self.monitors))
+        checks = [
+            (self.reward_from in REWARD_SOURCES, "reward_from", " or ".join(REWARD_SOURCES)),
+            (self.value_model in VALUE_MODELS, "value_model", " or ".join(VALUE_MODELS)),
+            (self.kl_estimator in K.KL_ESTIMATORS, "kl_estimator", " or ".join(K.KL_ESTIMATORS)),
+            (self.kl_controller in K.KL_CONTROLLERS, "kl_controller", " or ".join(K.KL_CONTROLLERS)),
+            (self.steps >= 1, "steps", ">= 1"),
+            (self.rollout_batch_size >= 2, "rollout_batch_size", ">= 2"),
+            (1 <= self.mini_batch_size <= self.rollout_batch_size, "mini_batch_size", "in 1..rollout_batch_size"),
+            (1 <= self.micro_batch_size <= self.mini_batch_size, "micro_batch_size", "in 1..mini_batch_size"),
+            (self.ppo_epochs >= 1, "ppo_epochs", ">= 1"),
+            (self.temperature > 0, "temperature", "> 0 (PPO needs a stochastic policy)"),
+            (self.kl_coef >= 0, "kl_coef", ">= 0"),
+            (0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", "gamma and lam in [0, 1]"),
+            (self.cliprange > 0 and self.cliprange_value > 0, "cliprange", "cliprange(_value) > 0"),
+            (self.judge_principles >= 1, "judge_principles", ">= 1"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ConfigError(f"ppo.{name}={getattr(self, name)!r}: expected {expected}")
+
+
+def coerce_ppo_config(cfg: PPOConfig | Mapping[str, Any]) -> PPOConfig:
+    if isinstance(cfg, Mapping) and isinstance(cfg.get("monitors"), Mapping):
+        cfg = {**cfg, "monitors": as_dataclass(MonitorConfig, cfg["monitors"])}
+    return as_dataclass(PPOConfig, cfg)
+
+
+# ----------------------------------------------------------------------------- rewards
+@dataclass
+class ScoredBatch:
+    """What a reward function returns: one score per response (``None``: failed, counted and
+    left out of the update), the unshaped scores for logs, and extra metrics (cost, failures)."""
+
+    scores: list[Optional[float]]
+    raw: list[Optional[float]]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+#: ``reward_fn(conversations, completions) -> ScoredBatch``; conversations are chat-message lists
+RewardFn = Callable[[Sequence[list[dict]], Sequence[Any]], ScoredBatch]
+
+
+# ----------------------------------------------------------------------------- result
+@dataclass
+class PPOResult:
+    model: torch.nn.Module  # the trained policy (unwrapped; LoRA not merged)
+    value: PolicyAndValue
+    metrics: dict[str, float]
+    warnings: list[Warning_]
+    resumed_from: Optional[int] = None
+
+
+def _next_prompts(n: int, size: int, seed: int, epoch: int, pos: int) -> tuple[list[int], int, int]:
+    """``size`` prompt indices from ``(epoch, pos)`` in seeded per-epoch orders (wrapping)."""
+    out, order = [], C.epoch_order(n, seed, epoch)
+    while len(out) < size:
+        if pos == n:
+            epoch, pos, order = epoch + 1, 0, C.epoch_order(n, seed, epoch + 1)
+        out.append(order[pos])
+        pos += 1
+    return out, epoch, pos
+
+
+def _stream_seed(seed: int, *parts: int) -> int:
+    return int(stable_hash([seed, *parts])[:15], 16)
+
+
+# ----------------------------------------------------------------------------- advantages
+@dataclass
+class Advantages:
+    kl: torch.Tensor
+    non_score: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    values: torch.Tensor
+
+
+def compute_advantages(ro: Rollout, cfg: PPOConfig, kl_coef: float) -> Advantages:
+    """KL penalty, token rewards, GAE and whitening for one rollout (all on the rollout's masks)."""
+    mask = ro.mask
+    m = mask.to(ro.logprobs.dtype)
+    kl = K.kl_penalty(ro.logprobs, ro.ref_logprobs, cfg.kl_estimator) * m
+    end = (mask.sum(1) - 1).clamp(min=0)
+    rewards, non_score = K.token_rewards(kl, ro.scores * ro.valid.to(m.dtype), kl_coef, end)
+    rewards = rewards * m
+    if cfg.whiten_rewards:
+        rewards = K.masked_whiten(rewards, mask, shift_mean=False) * m
+    values = ro.values * m
+    advantages, returns = K.gae(rewards, values, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = K.masked_whiten(advantages, mask)
+    return Advantages(kl, non_score, advantages * m, returns, values)
+
+
+# ----------------------------------------------------------------------------- the loop
+def train_ppo(policy, tokenizer, conversations: Sequence[list[dict]], reward_fn: RewardFn, cfg: PPOConfig, *,
+              seed: int, state_dir: str | Path, chat_format: str = "hh", ref_model=None, value_backbone=None,
+              accelerator=None, heldout_fn: Optional[Callable[[Sequence[list[dict]], Sequence[Any]], float]] = None,
+              ) -> PPOResult:
+    """Run PPO (see the module docstring); returns the trained policy, value model and metrics.
+
+    ``policy``: the causal LM to train (a peft model when LoRA is on). ``ref_model``: the frozen
+    reference; ``None`` with a LoRA policy uses the policy with adapters disabled (exactly the
+    starting weights). ``value_backbone``: an ``AutoModel`` for ``value_model=separate``.
+    ``heldout_fn(conversations, completions) -> mean score`` feeds the RM/judge divergence monitor.
+    """
+    from cai.models import format_prompt
+
+    cfg = coerce_ppo_config(cfg)
+    state_dir = Path(state_dir)
+    if not conversations:
+        raise ConfigError("ppo: no prompts to train on")
+    if ref_model is None and not hasattr(policy, "disable_adapter"):
+        raise ConfigError("ppo: a reference model is needed (or a LoRA policy, whose adapters can be disabled)")
+    if cfg.value_model == "separate" and value_backbone is None:
+        raise ConfigError("ppo.value_model=separate needs a value backbone")
+    if cfg.top_k or cfg.top_p < 1:
+        log.warning("ppo: top_k/top_p truncate sampling, but log-probs are on the full distribution: the "
+                    "ratio and KL are off-policy estimates; prefer top_k=0, top_p=1")
+    accelerator = accelerator or C.make_accelerator(mixed_precision=cfg.mixed_precision, device=cfg.device)
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    C.seed_everything(seed)
+    for m in (policy, ref_model, value_backbone):
+        if m is not None and cfg.disable_dropout:
+            disable_dropout(m)
+    container = PolicyAndValue(policy, value_backbone, seed)
+    if ref_model is not None:
+        ref_model.requires_grad_(False).eval().to(accelerator.device)
+    optimizer = C.make_optimizer(container, cfg.lr, cfg.weight_decay)
+    scheduler = C.make_scheduler(optimizer, C.resolve_warmup(cfg.warmup, cfg.steps), cfg.steps, cfg.schedule)
+    container, optimizer = accelerator.prepare(container, optimizer)
+    ckpt_dir = state_dir / "checkpoint"
+    state = C.load_checkpoint(ckpt_dir, accelerator, container, optimizer, scheduler) or C.TrainState()
+    resumed = state.step if state.step > 0 else None
+    kl_ctl = K.make_kl_controller(cfg.kl_controller, cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    monitors = PPOMonitors(cfg.monitors, cfg.kl_target)
+    if resumed:
+        kl_ctl.load_state_dict(state.extra["kl_controller"])
+        monitors.load_state_dict(state.extra["monitors"])
+        log.info("ppo: resumed from step %d (%s)", state.step, ckpt_dir)
+    logger = C.MetricsLogger(state_dir / "train_log.jsonl", resume_step=resumed, console_every=cfg.log_every,
+                             enabled=main)
+    unwrapped: PolicyAndValue = accelerator.unwrap_model(container)
+    engine = SamplingEngine(unwrapped.policy, tokenizer, batch_size=cfg.sample_batch_size,
+                            device=accelerator.device, max_prompt_tokens=cfg.max_prompt_tokens)
+    prompt_texts = [format_prompt(tokenizer, list(c), chat_format) for c in conversations]
+    warnings: list[Warning_] = []
+    metrics: dict[str, float] = {}
+    episodes, t_start = 0, time.perf_counter()
+    step, epoch, pos = state.step, state.epoch, state.data_position
+    while step < cfg.steps:
+        global_rows, epoch, pos = _next_prompts(len(prompt_texts), cfg.rollout_batch_size, seed, epoch, pos)
+        rows = local_rows(global_rows, rank, world)
+        params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, tuple(cfg.stop),
+                                seed=_stream_seed(seed, step, rank))
+        ro = make_rollout(engine, unwrapped, ref_model, [prompt_texts[i] for i in rows],
+                          [conversations[i] for i in rows], params, reward_fn, cfg, accelerator)
+        adv = compute_advantages(ro, cfg, kl_ctl.value)
+        t0 = time.perf_counter()
+        stats = _update(container, optimizer, accelerator, ro, adv, cfg, _stream_seed(seed, step, rank, 1))
+        scheduler.step()
+        train_s = time.perf_counter() - t0
+        step += 1
+        episodes += cfg.rollout_batch_size
+        metrics = _step_metrics(ro, adv, stats, kl_ctl.value, scheduler, accelerator)
+        metrics.update({"ppo/time/generate_s": ro.times["generate"], "ppo/time/score_s": ro.times["score"],
+                        "ppo/time/train_s": train_s,
+                        "ppo/eps": episodes / max(time.perf_counter() - t_start, 1e-9),
+                        "ppo/throughput/generate_tokens_per_s": ro.n_tokens / max(ro.times["generate"], 1e-9),
+                        "ppo/throughput/train_tokens_per_s":
+                            ro.n_tokens * cfg.ppo_epochs / max(train_s, 1e-9), **ro.extra})
+        kl_ctl.update(metrics["ppo/objective/kl"], cfg.rollout_batch_size)
+        step_warnings = monitors.check(step, metrics, ro.texts)
+        if heldout_fn is not None and cfg.heldout_judge_every and step % cfg.heldout_judge_every == 0:
+            judge_score = float(heldout_fn([conversations[i] for i in rows], ro.completions))
+            metrics["ppo/heldout/judge_score"] = judge_score
+            step_warnings += monitors.record_heldout(step, metrics["ppo/objective/scores"], judge_score)
+        for w in step_warnings:
+            log.warning("ppo step %d [%s]: %s", w.step, w.kind, w.message)
+        warnings += step_warnings
+        metrics["ppo/warnings"] = len(step_warnings)
+        logger.log(step, metrics)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            C.save_checkpoint(ckpt_dir, accelerator, container, optimizer, scheduler, step, epoch, pos,
+                              extra={"kl_controller": kl_ctl.state_dict(), "monitors": monitors.state_dict()})
+    logger.close()
+    final = {k: v for k, v in metrics.items() if not k.startswith("ppo/time/")}
+    final["ppo/steps"] = step
+    for kind in sorted({w.kind for w in warnings}):
+        final[f"ppo/warnings/{kind}"] = sum(w.kind == kind for w in warnings)
+    return PPOResult(unwrapped.policy, unwrapped, final, warnings, resumed)
+
+
+def _update(container, optimizer, accelerator, ro: Rollout, adv: Advantages, cfg: PPOConfig,
+            shuffle_seed: int) -> dict[str, float]:
+    """``ppo_epochs`` passes of minibatch updates; returns TRL's averaged statistics."""
+    n = ro.input_ids.size(0)
+    gen = torch.Generator().manual_seed(shuffle_seed)
+    sums: dict[str, float] = {}
+    count = 0
+    norms: list[float] = []
+    container.train()
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(n, generator=gen).tolist()
+        for mb in micro_batches(perm, cfg.mini_batch_size):
+            for micro in micro_batches(mb, cfg.micro_batch_size):
+                idx = torch.tensor(micro, device=ro.input_ids.device)
+                with accelerator.autocast():
+                    logits, values = container(ro.input_ids[idx], ro.attention_mask[idx], ro.position_ids[idx],
+                                               ro.prompt_width)
+                mask = ro.mask[idx]
+                logp = torch.log_softmax(logits.float() / cfg.temperature, dim=-1)  # once: log-probs and entropy
+                # padding holds 0 like the rollout's log-probs, so every statistic sees ratio 1 there
+                new_lp = logp.gather(-1, ro.responses[idx].unsqueeze(-1)).squeeze(-1) * mask
+                pl = K.policy_loss(new_lp, ro.logprobs[idx], adv.advantages[idx], mask, cfg.cliprange)
+                vl = K.value_loss(values.float(), adv.values[idx], adv.returns[idx], mask, cfg.cliprange_value)
+                loss = (pl.loss + cfg.vf_coef * vl.loss) * (len(micro) / len(mb))
+                accelerator.backward(loss)
+                with torch.no_grad():
+                    ent = K.masked_mean(-(logp.exp() * logp).sum(-1), mask)
+                for k, v in (("policy/approxkl_avg", pl.approxkl), ("policy/clipfrac_avg", pl.clipfrac),
+                             ("loss/policy_avg", pl.loss), ("loss/value_avg", vl.loss),
+                             ("val/clipfrac_avg", vl.clipfrac), ("policy/entropy_avg", ent),
+                             ("val/ratio", pl.ratio_mean)):
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                count += 1
+            limit = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            norms.append(float(accelerator.clip_grad_norm_(container.parameters(), limit)))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return {**{k: v / count for k, v in sums.items()}, "grad_norm": sum(norms) / len(norms)}
+
+
+def _step_metrics(ro: Rollout, adv: Advantages, stats: Mapping[str, float], kl_coef: float, scheduler,
+                  accelerator) -> dict[str, float]:
+    """TRL-named metrics of one step (means over this step's valid responses), prefixed ``ppo/``."""
+    valid = ro.valid
+    n_valid = max(int(valid.sum()), 1)
+    m = ro.mask.to(ro.logprobs.dtype)
+
+    def seq_mean(x: torch.Tensor) -> float:
+        return float((x * m).sum(1)[valid].sum() / n_valid)
+
+    scores = float(ro.scores[valid].sum() / n_valid)
+    seq_kl = adv.kl.sum(1)[valid]
+    local = {
+        "objective/kl": seq_mean(adv.kl),
+        "objective/kl_stderr": float(seq_kl.std() / len(seq_kl) ** 0.5) if len(seq_kl) > 1 else 0.0,
+        "objective/entropy": seq_mean(-ro.logprobs),
+        "objective/non_score_reward": seq_mean(adv.non_score),
+        "objective/scores": scores,
+        "objective/raw_scores": float(ro.raw_scores[valid].sum() / n_valid),
+        "response_length": float(ro.mask.sum(1).float().mean()),
+        "eos_rate": float(ro.ended.float().mean()),
+        "sampler_logprob_gap": float((ro.sampler_logprobs - ro.logprobs).abs().mul(m).sum() / m.sum()),
+        **stats,
+    }
+    local["objective/rlhf_reward"] = local["objective/non_score_reward"] + scores
+    if accelerator.num_processes > 1:
+        keys = sorted(local)
+        t = accelerator.reduce(torch.tensor([local[k] for k in keys], device=accelerator.device), "mean")
+        local = dict(zip(keys, t.tolist()))
+    out = {f"ppo/{k}": v for k, v in local.items()}
+    out.update({"ppo/kl_coef": kl_coef, "ppo/lr": scheduler.get_last_lr()[0],
+                "ppo/reward_failed": int((~valid).sum()), "ppo/val/num_eos_tokens": int(ro.ended.sum())})
+    return out

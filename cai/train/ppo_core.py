@@ -1,0 +1,218 @@
+"""The pure math of PPO for language models: no models, no I/O, only tensors.
+
+Every function takes ``[B, T]`` tensors over *response* tokens (row ``b``, token ``t`` of the
+response) and explicit masks, so the loop (:mod:`cai.train.ppo`) decides which tokens count
+and this module only computes. ``tests/test_ppo_core.py`` checks GAE against a hand-computed
+case and ``tests/test_ppo_trl_parity.py`` checks KL terms, rewards, advantages, returns and
+both losses against TRL 1.12's experimental ``PPOTrainer`` on the same batch and masks.
+
+- Masked statistics: :func:`masked_mean`, :func:`masked_var` (Bessel-corrected by default, as
+  TRL does), :func:`masked_whiten` (zero mean / unit variance over the masked entries).
+- KL: :func:`kl_penalty` with the ``k1`` (``log p - log q``, unbiased, can be negative per
+  token) or ``k3`` (``(r - 1) - log r`` with ``r = q / p``, never negative) estimator of
+  ``KL(policy || reference)`` from the sampled tokens' log-probs (J. Schulman, "Approximating
+  KL divergence", 2020).
+- Rewards: :func:`token_rewards` puts ``-kl_coef * kl`` on every token and the sequence score
+  on the token given by ``end`` (the loop passes the last response token).
+- :func:`gae`: generalised advantage estimation (Schulman et al. 2016) with the value after the
+  last column taken as 0; ``returns = advantages + values``.
+- Losses: :func:`policy_loss` (clipped surrogate) and :func:`value_loss` (clipped, ``0.5 *
+  max(squared errors)``), each a masked mean, with the statistics TRL logs.
+- KL controllers: :class:`FixedKLController` and :class:`AdaptiveKLController` (Ziegler et al.
+  2019: the coefficient moves by ``1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon``), both
+  with ``state_dict``/``load_state_dict`` for exact resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cai.errors import ConfigError
+
+KL_ESTIMATORS = ("k1", "k3")
+KL_CONTROLLERS = ("fixed", "adaptive")
+
+
+# ----------------------------------------------------------------------------- masked statistics
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` is true (over ``dim``, or over everything)."""
+    m = mask.to(values.dtype)
+    if dim is None:
+        return (values * m).sum() / m.sum()
+    return (values * m).sum(dim) / m.sum(dim)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of the masked entries; ``unbiased`` multiplies by ``n / (n - 1)``."""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    if unbiased:
+        n = mask.to(values.dtype).sum()
+        if n < 2:
+            raise ValueError("masked_var: need at least 2 unmasked entries for an unbiased variance "
+                             "(a rollout batch with a single response token); use larger batches")
+        var = var * (n / (n - 1))
+    return var
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """``(values - mean) / sqrt(var + 1e-8)`` over the masked entries; ``shift_mean=False`` keeps
+    the mean (scales only the spread, what reward whitening wants)."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    out = (values - mean) * torch.rsqrt(var + 1e-8)
+    return out if shift_mean else out + mean
+
+
+# ----------------------------------------------------------------------------- KL and rewards
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of ``KL(policy || reference)`` at the sampled tokens.
+
+    ``k1 = log p - log q`` (unbiased; single tokens can be negative, the sum over a sampled
+    response is non-negative only in expectation); ``k3 = (q/p - 1) - log(q/p)`` (unbiased too
+    and never negative, lower variance when the two are close).
+    """
+    log_ratio = ref_logprobs - logprobs  # log(q / p)
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio
+    raise ConfigError(f"ppo.kl_estimator={estimator!r}, expected one of {', '.join(KL_ESTIMATORS)}")
+
+
+def token_rewards(kl: torch.Tensor, scores: torch.Tensor, kl_coef: float,
+                  end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rewards, non_score_reward)``: ``-kl_coef * kl`` per token, plus ``scores[b]`` at
+    column ``end[b]`` of row ``b``. ``kl`` must already be 0 on masked tokens."""
+    non_score = -kl_coef * kl
+    rewards = non_score.clone()
+    rows = torch.arange(rewards.size(0), device=rewards.device)
+    rewards[rows, end] += scores.to(rewards.dtype)
+    return rewards, non_score
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimates and returns, right to left along each row.
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t`` (``V_T = 0``), ``A_t = delta_t + gamma * lam *
+    A_{t+1}``, ``returns = A + V``. Padded columns must hold ``r = V = 0`` so that they pass
+    nothing back to the real tokens (the loop masks values before calling this).
+    """
+    steps = rewards.size(1)
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(steps)):
+        next_value = values[:, t + 1] if t + 1 < steps else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    return advantages, advantages + values
+
+
+# ----------------------------------------------------------------------------- losses
+@dataclass
+class PolicyLossTerms:
+    loss: torch.Tensor  # masked mean of max(-A * ratio, -A * clip(ratio))
+    clipfrac: torch.Tensor  # share of tokens where the clipped term was larger
+    approxkl: torch.Tensor  # 0.5 * mean((log ratio)^2) over every entry (TRL's definition)
+    ratio_mean: torch.Tensor
+
+
+def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, cliprange: float) -> PolicyLossTerms:
+    """PPO's clipped surrogate objective, negated (a loss), as a masked mean over tokens."""
+    log_ratio = new_logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).to(ratio.dtype), mask)
+        approxkl = 0.5 * (log_ratio ** 2).mean()
+        ratio_mean = masked_mean(ratio, mask)
+    return PolicyLossTerms(loss, clipfrac, approxkl, ratio_mean)
+
+
+@dataclass
+class ValueLossTerms:
+    loss: torch.Tensor  # 0.5 * masked mean of max((V - R)^2, (V_clipped - R)^2)
+    clipfrac: torch.Tensor
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               mask: torch.Tensor, cliprange_value: float) -> ValueLossTerms:
+    """Clipped value loss: the new value may move at most ``cliprange_value`` from the rollout's."""
+    clipped_values = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
+    err = (values - returns) ** 2
+    err_clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(err, err_clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((err_clipped > err).to(values.dtype), mask)
+    return ValueLossTerms(loss, clipfrac)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` along the last axis."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+# ----------------------------------------------------------------------------- KL controllers
+class FixedKLController:
+    """A constant KL coefficient."""
+
+    def __init__(self, kl_coef: float) -> None:
+        if kl_coef < 0:
+            raise ConfigError(f"ppo.kl_coef must be >= 0, got {kl_coef}")
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Nothing to adapt."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController(FixedKLController):
+    """Ziegler et al. (2019): steer the per-sequence KL towards ``target``.
+
+    After each rollout of ``n_steps`` sequences with mean KL ``k``: ``e = clip(k / target - 1,
+    -0.2, 0.2)`` and ``kl_coef *= 1 + e * n_steps / horizon``. Too much KL raises the
+    coefficient, too little lowers it; ``horizon`` (in sequences) sets how fast.
+    """
+
+    def __init__(self, kl_coef: float, target: float, horizon: int) -> None:
+        super().__init__(kl_coef)
+        if target <= 0:
+            raise ConfigError(f"ppo.kl_target must be > 0 for the adaptive controller, got {target}")
+        if horizon < 1:
+            raise ConfigError(f"ppo.kl_horizon must be >= 1, got {horizon}")
+        self.target, self.horizon = float(target), int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+
+def make_kl_controller(kind: str, kl_coef: float, target: float, horizon: int) -> FixedKLController:
+    if kind == "fixed":
+        return FixedKLController(kl_coef)
+    if kind == "adaptive":
+        return AdaptiveKLController(kl_coef, target, horizon)
+    raise ConfigError(f"ppo.kl_controller={kind!r}, expected one of {', '.join(KL_CONTROLLERS)}")
+
+
+# ----------------------------------------------------------------------------- scores
+def shape_scores(raw: torch.Tensor, mean: float, std: float, normalize: bool, scale: float,
+                 clip: float) -> torch.Tensor:
+    """Reward-model scores as PPO uses them: ``(r - mean) / std`` when ``normalize`` (the RM's
+    saved statistics), times ``scale``, clipped to ``[-clip, clip]`` when ``clip > 0``."""
+    out = (raw - mean) / max(std, 1e-8) if normalize else raw.clone()
+    out = out * scale
+    return out.clamp(-clip, clip) if clip > 0 else out

@@ -1,0 +1,142 @@
+"""PPO math (cai.train.ppo_core) and monitors (cai.train.ppo_monitors) on hand-made tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cai.errors import ConfigError
+from cai.train import ppo_core as K
+from cai.train.ppo_monitors import MonitorConfig, PPOMonitors, top_ngram_share
+
+
+def test_gae_matches_a_hand_computed_case():
+    rewards = torch.tensor([[1.0, 0.0, 2.0]])
+    values = torch.tensor([[0.5, 0.2, 0.1]])
+    gamma, lam = 0.9, 0.8
+    # right to left, V after the last token = 0
+    d2 = 2.0 + 0.9 * 0.0 - 0.1  # 1.9
+    d1 = 0.0 + 0.9 * 0.1 - 0.2  # -0.11
+    d0 = 1.0 + 0.9 * 0.2 - 0.5  # 0.68
+    a2 = d2
+    a1 = d1 + gamma * lam * a2  # -0.11 + 0.72 * 1.9 = 1.258
+    a0 = d0 + gamma * lam * a1  # 0.68 + 0.72 * 1.258 = 1.58576
+    adv, ret = K.gae(rewards, values, gamma, lam)
+    assert adv.tolist()[0] == pytest.approx([a0, a1, a2], abs=1e-6)
+    assert adv[0, 0].item() == pytest.approx(1.58576, abs=1e-6)
+    assert ret.tolist()[0] == pytest.approx([a0 + 0.5, a1 + 0.2, a2 + 0.1], abs=1e-6)
+
+
+def test_gae_with_lambda_one_and_gamma_one_is_return_minus_value():
+    rewards = torch.tensor([[0.0, 0.0, 3.0], [1.0, 1.0, 0.0]])
+    values = torch.tensor([[0.3, -0.2, 0.4], [0.0, 0.5, 0.0]])
+    adv, ret = K.gae(rewards, values, 1.0, 1.0)
+    togo = torch.flip(torch.cumsum(torch.flip(rewards, [1]), 1), [1])
+    assert torch.allclose(ret, togo, atol=1e-6)
+    assert torch.allclose(adv, togo - values, atol=1e-6)
+
+
+def test_kl_is_exactly_zero_when_policy_equals_reference():
+    lp = torch.log_softmax(torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(0)), -1)[..., 0]
+    for est in ("k1", "k3"):
+        assert torch.equal(K.kl_penalty(lp, lp.clone(), est), torch.zeros_like(lp))
+
+
+def test_kl_estimators_values_and_signs():
+    lp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
+    assert K.kl_penalty(lp, ref, "k1").tolist()[0] == pytest.approx([0.5, -1.0])
+    k3 = K.kl_penalty(lp, ref, "k3")[0]
+    assert k3.tolist() == pytest.approx([math.exp(-0.5) - 1 + 0.5, math.exp(1.0) - 1 - 1.0], abs=1e-6)
+    assert (k3 >= 0).all()
+    with pytest.raises(ConfigError, match="kl_estimator"):
+        K.kl_penalty(lp, ref, "k2")
+
+
+def test_masked_whiten_uses_only_masked_entries():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -50.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    w = K.masked_whiten(x, mask)
+    kept = w[mask]
+    assert kept.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert kept.var(unbiased=True).item() == pytest.approx(1.0, abs=1e-4)
+    shifted = K.masked_whiten(x, mask, shift_mean=False)
+    assert shifted[mask].mean().item() == pytest.approx(x[mask].mean().item(), abs=1e-5)
+
+
+def test_token_rewards_put_the_score_on_the_end_token():
+    kl = torch.tensor([[0.1, 0.2, 0.0], [0.3, 0.0, 0.0]])
+    rewards, non_score = K.token_rewards(kl, torch.tensor([1.0, -2.0]), 0.5, torch.tensor([1, 0]))
+    assert torch.allclose(non_score, torch.tensor([[-0.05, -0.1, 0.0], [-0.15, 0.0, 0.0]]))
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 0.9, 0.0], [-2.15, 0.0, 0.0]]))
+
+
+def test_policy_loss_at_ratio_one_and_clipping():
+    adv = torch.tensor([[1.0, -2.0, 5.0]])
+    mask = torch.tensor([[True, True, False]])
+    old = torch.tensor([[-1.0, -1.0, -1.0]])
+    t = K.policy_loss(old.clone(), old, adv, mask, 0.2)
+    assert t.loss.item() == pytest.approx(-(1.0 - 2.0) / 2)
+    assert t.clipfrac.item() == 0.0 and t.approxkl.item() == 0.0
+    new = old + torch.tensor([[0.5, 0.5, 0.0]])  # ratio e^0.5 = 1.65 on both real tokens
+    t = K.policy_loss(new, old, adv, mask, 0.2)
+    r = math.exp(0.5)
+    # token 0 (A > 0): max(-r, -1.2) = -1.2 (clipped); token 1 (A < 0): max(2r, 2.4) = 2r
+    assert t.loss.item() == pytest.approx((-1.2 + 2 * r) / 2, abs=1e-6)
+    assert t.clipfrac.item() == pytest.approx(0.5)
+
+
+def test_value_loss_clips_around_the_rollout_values():
+    old = torch.tensor([[0.0, 0.0]])
+    ret = torch.tensor([[1.0, 1.0]])
+    v = torch.tensor([[0.5, 2.0]])
+    t = K.value_loss(v, old, ret, torch.ones(1, 2, dtype=torch.bool), 0.2)
+    # token 0: max(0.25, (0.2-1)^2=0.64) = 0.64; token 1: max(1, (0.2-1)^2=0.64) = 1
+    assert t.loss.item() == pytest.approx(0.5 * (0.64 + 1.0) / 2, abs=1e-6)
+    assert t.clipfrac.item() == pytest.approx(0.5)
+
+
+def test_adaptive_kl_controller_follows_ziegler_and_round_trips():
+    ctl = K.make_kl_controller("adaptive", 0.1, target=6.0, horizon=100)
+    ctl.update(9.0, n_steps=10)  # error clip(9/6 - 1) = 0.2 -> 1 + 0.2 * 10 / 100
+    assert ctl.value == pytest.approx(0.1 * 1.02)
+    ctl.update(3.0, n_steps=10)  # error -0.5 clipped to -0.2
+    assert ctl.value == pytest.approx(0.1 * 1.02 * 0.98)
+    other = K.make_kl_controller("adaptive", 0.5, 6.0, 100)
+    other.load_state_dict(ctl.state_dict())
+    assert other.value == ctl.value
+    fixed = K.make_kl_controller("fixed", 0.1, 6.0, 100)
+    fixed.update(100.0, 10)
+    assert fixed.value == 0.1
+    with pytest.raises(ConfigError, match="kl_controller"):
+        K.make_kl_controller("pid", 0.1, 6.0, 100)
+
+
+def test_shape_scores_normalises_scales_and_clips():
+    raw = torch.tensor([0.0, 2.0, 10.0])
+    out = K.shape_scores(raw, mean=2.0, std=2.0, normalize=True, scale=2.0, clip=5.0)
+    assert out.tolist() == pytest.approx([-2.0, 0.0, 5.0])
+    assert K.shape_scores(raw, 2.0, 2.0, normalize=False, scale=1.0, clip=0.0).tolist() == raw.tolist()
+
+
+def test_monitors_diagnose_negative_kl_drift_boilerplate_and_divergence():
+    mon = PPOMonitors(MonitorConfig(), kl_target=1.0)
+    first = mon.check(1, {"ppo/objective/kl": 0.0, "ppo/response_length": 10.0}, ["a b c d e"] * 2)
+    assert first == []
+    kinds = {w.kind for w in mon.check(2, {"ppo/objective/kl": -0.5, "ppo/response_length": 30.0},
+                                       ["as an AI model I", "as an AI model I", "x", "as an AI model I"])}
+    assert kinds == {"negative_kl", "length_drift", "boilerplate"}
+    noisy = {"ppo/objective/kl": -0.5, "ppo/objective/kl_stderr": 0.3, "ppo/response_length": 10.0}
+    assert mon.check(3, noisy, []) == []  # within sampling noise of zero: no warning
+    neg = mon.check(3, {"ppo/objective/kl": -0.5, "ppo/objective/kl_stderr": 0.1, "ppo/response_length": 10.0}, [])[0]
+    assert "temperature" in neg.message and "top_k" in neg.message
+    assert [w.kind for w in mon.check(4, {"ppo/objective/kl": 2.5, "ppo/response_length": 10.0}, [])] == [
+        "kl_over_budget"]
+    assert mon.record_heldout(5, 0.0, 6.0) == [] and mon.record_heldout(6, 0.3, 6.0) == []
+    div = mon.record_heldout(7, 0.6, 5.9)
+    assert [w.kind for w in div] == ["rm_judge_divergence"]
+    again = PPOMonitors(MonitorConfig(), 1.0)
+    again.load_state_dict(mon.state_dict())
+    assert again.baseline_length == 10.0 and len(again.heldout) == 3
+    assert top_ngram_share(["a b", "c d"], 4) == (0.0, "")
