@@ -1,0 +1,367 @@
+"""Direct preference optimisation (DPO, optionally IPO) on human or AI labels, one loop.
+
+The loop, top to bottom (:func:`train_dpo`):
+
+1. Pairs come from :mod:`cai.train.pairs`, tokenised as the policy samples: the formatted
+   prompt, the response, EOS; only response tokens (and EOS) count in a sequence log-prob.
+2. The reference is the *initial* policy, frozen: its sequence log-probs of every pair are
+   computed once before the first step and kept in ``state_dir`` (a resumed run reuses them,
+   never the half-trained policy's). No second model stays in memory. With LoRA the initial
+   policy is the base model (fresh adapters are zero).
+3. Per pair, with log-ratios ``l = log pi(y|x) - log ref(y|x)``, ``z = beta * (l_chosen - l_rejected)``
+   and ``q = P(chosen is better)``::
+
+       sigmoid (DPO):  loss = -q * log sigmoid(z) - (1 - q) * log sigmoid(-z)
+       ipo:            loss = (l_chosen/n_chosen - l_rejected/n_rejected - (q - 1/2) / beta)^2
+
+   With hard labels (``q = 1``) these are TRL ``DPOTrainer``'s ``sigmoid`` and ``ipo`` losses
+   (IPO's log-ratios averaged per completion token, as TRL does); ``tests/test_trl_parity.py``
+   checks equality to 1e-5. Soft labels make each pair's own ``p`` its label smoothing (the
+   "conservative DPO" form); ``label_smoothing`` adds a global epsilon on top.
+4. One optimizer step = one global batch of ``batch_size`` pairs, split over processes and
+   micro-batches, loss averaged per pair over the global batch; the LM head runs only on the
+   positions that predict response tokens (``logits_to_keep``).
+5. AdamW, warmup and decay, clipping, exact-resume checkpoints every ``checkpoint_every`` steps.
+
+Metrics use TRL's names under ``dpo/``: ``rewards/chosen``, ``rewards/rejected`` (``beta * l``),
+``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``; the held-out
+pairs get the same under ``dpo/eval/`` (at step 0 every margin is 0: policy == reference).
+
+Simplification: no separate reference checkpoint (the reference is always the starting policy,
+e.g. the SFT model); pairs that do not fit ``max_length`` are truncated (counted), not dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cai.errors import ConfigError, DataError
+from cai.train import common as C
+from cai.train.pairs import (
+    EncodedPair,
+    LoraOptions,
+    as_dataclass,
+    chosen_rejected,
+    collate_pairs,
+    disable_dropout,
+    iter_steps,
+    local_rows,
+    loss_scale,
+    micro_batches,
+    optimizer_step,
+    orient,
+    reduce_sums,
+    sharded_map,
+    steps_per_epoch,
+)
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("sigmoid", "ipo")
+
+
+@dataclass
+class DPOConfig:
+    """DPO training of the policy (Hydra group ``dpo``)."""
+
+    labels_from: str = "human"  # human (stage human_pairs) | ai (stage ai_labels)
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo
+    beta: float = 0.1
+    soft_labels: bool = True  # each pair's p as its label smoothing (conservative DPO)
+    label_smoothing: float = 0.0  # a global epsilon on top, in [0, 0.5)
+    max_length: int = 512  # tokens per side (prompt cut from the left when needed)
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    epochs: int = 1
+    batch_size: int = 16  # pairs per optimizer step, over all processes
+    micro_batch_size: int = 8  # pairs per forward pass
+    lr: float = 5e-6
+    weight_decay: float = 0.0
+    warmup: float = 0.1  # a fraction (< 1) of the steps, or a step count
+    schedule: str = "linear"  # linear | cosine | constant
+    max_grad_norm: float = 1.0  # <= 0: no clipping
+    test_fraction: float = 0.1  # share of prompts held out for dpo/eval/*
+    split_salt: str = ""
+    eval_batch_size: int = 16
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda: where training runs (not part of the artifact key)
+    disable_dropout: bool = True
+    log_every: int = 10
+    checkpoint_every: int = 100  # optimizer steps; 0: never
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, Mapping):
+            self.lora = as_dataclass(LoraOptions, self.lora)
+        checks = [
+            (self.labels_from in ("human", "ai"), "labels_from", "human or ai"),
+            (self.loss in LOSSES, "loss", " or ".join(LOSSES)),
+            (self.beta > 0, "beta", "> 0"),
+            (0.0 <= self.label_smoothing < 0.5, "label_smoothing", "in [0, 0.5)"),
+            (self.epochs >= 1, "epochs", ">= 1"),
+            (self.batch_size >= 1, "batch_size", ">= 1"),
+            (self.micro_batch_size >= 1, "micro_batch_size", ">= 1"),
+            (self.eval_batch_size >= 1, "eval_batch_size", ">= 1"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ConfigError(f"dpo.{name}={getattr(self, name)!r}: expected {expected}")
+
+
+def coerce_dpo_config(cfg: DPOConfig | Mapping[str, Any]) -> DPOConfig:
+    return as_dataclass(DPOConfig, cfg)
+
+
+# ----------------------------------------------------------------------------- loss
+@dataclass
+class DPOTerms:
+    """Per-pair loss and the quantities TRL logs (``beta * log-ratio`` rewards, log-probs)."""
+
+    loss: torch.Tensor
+    rewards_chosen: torch.Tensor
+    rewards_rejected: torch.Tensor
+    logps_chosen: torch.Tensor
+    logps_rejected: torch.Tensor
+
+
+def dpo_loss(logp_a: torch.Tensor, logp_b: torch.Tensor, ref_a: torch.Tensor, ref_b: torch.Tensor,
+             p_a: torch.Tensor, beta: float, loss: str = "sigmoid", soft: bool = True,
+             label_smoothing: float = 0.0, n_a: torch.Tensor | None = None,
+             n_b: torch.Tensor | None = None) -> DPOTerms:
+    """Per-pair DPO / IPO loss from sequence log-probs of both sides under policy and reference.
+
+    ``n_a``/``n_b`` (response token counts) are needed for ``ipo``.
+    """
+    a_chosen, q = orient(p_a)
+    if not soft:
+        q = torch.where(q > 0.5, torch.ones_like(q), q)
+    q = q * (1.0 - label_smoothing) + (1.0 - q) * label_smoothing
+    l_c, l_r = chosen_rejected(logp_a - ref_a, logp_b - ref_b, a_chosen)
+    if loss == "sigmoid":
+        z = beta * (l_c - l_r)
+        per = -q * F.logsigmoid(z) - (1.0 - q) * F.logsigmoid(-z)
+    elif loss == "ipo":
+        if n_a is None or n_b is None:
+            raise ValueError("ipo needs the response token counts n_a and n_b")
+        n_c, n_r = chosen_rejected(n_a.clamp(min=1), n_b.clamp(min=1), a_chosen)
+        per = (l_c / n_c - l_r / n_r - (q - 0.5) / beta) ** 2
+    else:
+        raise ConfigError(f"dpo.loss={loss!r}: expected one of {', '.join(LOSSES)}")
+    lp_c, lp_r = chosen_rejected(logp_a, logp_b, a_chosen)
+    return DPOTerms(per, beta * l_c.detach(), beta * l_r.detach(), lp_c.detach(), lp_r.detach())
+
+
+def keeps_logits(model) -> bool:
+    """Whether the (unwrapped, base) model's forward takes ``logits_to_keep``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def sequence_logps(model, batch: Mapping[str, torch.Tensor], device, keep_logits: bool,
+                   autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the labelled (response) tokens per row, and their counts."""
+    ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+    kwargs: dict[str, Any] = {}
+    if keep_logits:  # the LM head only where a response token is predicted
+        first = int((labels != C.IGNORE_INDEX).float().argmax(1).min())
+        keep = min(ids.shape[1], ids.shape[1] - first + 1)
+        kwargs["logits_to_keep"] = keep
+        labels = labels[:, ids.shape[1] - keep:]
+    with autocast():
+        logits = model(input_ids=ids, attention_mask=mask, **kwargs).logits
+    lp, m = C.token_logprobs(logits, labels)
+    return lp.sum(-1), m.sum(-1)
+
+
+@torch.no_grad()
+def pair_logps(model, pairs: Sequence[EncodedPair], pad_id: int, batch_size: int, accelerator=None,
+               ) -> torch.Tensor:
+    """``[N, 4]``: log-prob of a, of b, and the response token counts of a and b, per pair."""
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    keep = keeps_logits(model)
+    was_training = model.training
+    model.eval()
+
+    def compute(idx: list[int]) -> torch.Tensor:
+        out = torch.empty((len(idx), 4))
+        order = sorted(range(len(idx)), key=lambda j: pairs[idx[j]].n_tokens)
+        for s in range(0, len(order), batch_size):
+            chunk = order[s:s + batch_size]
+            lp, n = sequence_logps(model, collate_pairs([pairs[idx[j]] for j in chunk], pad_id), device, keep)
+            k = len(chunk)
+            out[chunk] = torch.stack([lp[:k], lp[k:], n[:k].float(), n[k:].float()], 1).float().cpu()
+        return out
+
+    result = sharded_map(accelerator, len(pairs), compute)
+    model.train(was_training)
+    return result
+
+
+def _sums(terms: DPOTerms) -> dict[str, float]:
+    return {"pairs": float(len(terms.loss)), "loss": float(terms.loss.detach().sum()),
+            "rewards/chosen": float(terms.rewards_chosen.sum()),
+            "rewards/rejected": float(terms.rewards_rejected.sum()),
+            "rewards/accuracies": float((terms.rewards_chosen > terms.rewards_rejected).float().sum()),
+            "rewards/margins": float((terms.rewards_chosen - terms.rewards_rejected).sum()),
+            "logps/chosen": float(terms.logps_chosen.sum()), "logps/rejected": float(terms.logps_rejected.sum())}
+
+
+def _means(sums: Mapping[str, float], prefix: str) -> dict[str, float]:
+    n = max(sums["pairs"], 1.0)
+    return {f"{prefix}/{k}": v / n for k, v in sums.items() if k != "pairs"}
+
+
+def evaluate_dpo(model, pairs: Sequence[EncodedPair], reference: torch.Tensor, cfg: DPOConfig, pad_id: int,
+                 accelerator=None, prefix: str = "dpo/eval") -> dict[str, float]:
+    """TRL-named DPO metrics of ``model`` on held-out pairs against precomputed reference log-probs."""
+    if not pairs:
+        return {}
+    pol = pair_logps(model, pairs, pad_id, cfg.eval_batch_size, accelerator)
+    p_a = torch.tensor([e.p_a for e in pairs])
+    terms = dpo_loss(pol[:, 0], pol[:, 1], reference[:, 0], reference[:, 1], p_a, cfg.beta, cfg.loss,
+                     cfg.soft_labels, cfg.label_smoothing, pol[:, 2], pol[:, 3])
+    out = _means(_sums(terms), prefix)
+    out[f"{prefix}/pairs"] = len(pairs)
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop
+@dataclass
+class DPOResult:
+    model: Any
+    steps: int
+    metrics: dict[str, float]
+    resumed_from: int | None
+
+
+def reference_logps(model, sets: Mapping[str, Sequence[EncodedPair]], pad_id: int, cfg: DPOConfig,
+                    state_dir: Path, accelerator) -> dict[str, torch.Tensor]:
+    """The initial policy's ``pair_logps`` of every set, computed once and kept in ``state_dir``."""
+    path = state_dir / "reference_logps.pt"
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        if all(name in saved and len(saved[name]) == len(pairs) for name, pairs in sets.items()):
+            return saved
+        raise DataError(f"{path} does not match the pairs of this run; delete {state_dir} to start over")
+    out = {name: pair_logps(model, pairs, pad_id, cfg.eval_batch_size, accelerator) for name, pairs in sets.items()}
+    if accelerator.is_main_process:
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(out, tmp)
+        tmp.replace(path)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def train_dpo(
+    model,
+    tokenizer,
+    train: Sequence[EncodedPair],
+    cfg: DPOConfig | Mapping[str, Any],
+    *,
+    seed: int,
+    state_dir: str | Path,
+    eval_sets: Mapping[str, Sequence[EncodedPair]] | None = None,
+    accelerator=None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> DPOResult:
+    """Train the policy ``model`` with DPO on ``train``; resumes from ``state_dir/checkpoint``.
+
+    ``eval_sets`` (name -> pairs) are scored after training as ``dpo/<name>/*``. ``state_dir``
+    holds the reference log-probs, the checkpoint and ``train_log.jsonl``.
+    """
+    cfg = coerce_dpo_config(cfg)
+    if not train:
+        raise DataError("dpo: no training pairs")
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    C.seed_everything(seed)
+    accelerator = accelerator or C.make_accelerator(mixed_precision=cfg.mixed_precision, device=cfg.device)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    pad_id, device = tokenizer.pad_token_id, accelerator.device
+    model.to(device)
+    eval_sets = {name: list(pairs) for name, pairs in (eval_sets or {}).items() if pairs}
+    refs = reference_logps(model, {"train": train, **eval_sets}, pad_id, cfg, state_dir, accelerator)
+    n = len(train)
+    total = steps_per_epoch(n, cfg.batch_size) * cfg.epochs
+    optimizer = C.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    scheduler = C.make_scheduler(optimizer, C.resolve_warmup(cfg.warmup, total), total, cfg.schedule)
+    keep = keeps_logits(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = C.load_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler)
+    resumed_from = state.step if state else None
+    state = state or C.TrainState()
+    logger = C.MetricsLogger(state_dir / "train_log.jsonl", resume_step=resumed_from,
+                             enabled=accelerator.is_main_process)
+    ref = refs["train"]
+    meter, step, last = C.Throughput(), state.step, {}
+    model.train()
+    for sb in iter_steps(n, cfg.batch_size, cfg.epochs, seed, state.epoch, state.data_position):
+        rows, weight = local_rows(sb.indices, rank, world), 1.0
+        if not rows:  # fewer pairs than processes: join the collective with a zero-weight pair
+            rows, weight = [sb.indices[0]], 0.0
+        scale = loss_scale(len(sb.indices), world) * weight
+        chunks = micro_batches(rows, cfg.micro_batch_size)
+        sums: dict[str, float] = defaultdict(float)
+        for j, chunk in enumerate(chunks):
+            sync = contextlib.nullcontext() if j == len(chunks) - 1 else accelerator.no_sync(model)
+            with sync:
+                batch = collate_pairs([train[i] for i in chunk], pad_id)
+                lp, ntok = sequence_logps(model, batch, device, keep, accelerator.autocast)
+                k = len(chunk)
+                r = ref[chunk].to(device)
+                terms = dpo_loss(lp[:k], lp[k:], r[:, 0], r[:, 1], batch["p_a"].to(device), cfg.beta, cfg.loss,
+                                 cfg.soft_labels, cfg.label_smoothing, ntok[:k], ntok[k:])
+                accelerator.backward(terms.loss.sum() * scale)
+            for key, v in _sums(terms).items():
+                sums[key] += v * weight
+        lr = scheduler.get_last_lr()[0]
+        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
+        step += 1
+        meter.update(sum(train[i].n_tokens for i in rows) * world if weight else 0, len(sb.indices))
+        next_pos = sb.position + len(sb.indices)
+        next_epoch, next_pos = (sb.epoch + 1, 0) if next_pos >= n else (sb.epoch, next_pos)
+        if step % cfg.log_every == 0 or step == total:
+            last = _means(reduce_sums(accelerator, dict(sums)), "dpo")
+            rates = meter.rates()
+            last.update({"dpo/lr": lr, "dpo/grad_norm": grad_norm,
+                         "dpo/epoch": sb.epoch + (sb.position + len(sb.indices)) / n,
+                         "dpo/pairs_per_s": rates["samples_per_s"], "dpo/tokens_per_s": rates["tokens_per_s"]})
+            logger.log(step, last)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+            C.save_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler,
+                              step, next_epoch, next_pos)
+        if on_step is not None:
+            on_step(step, last)
+    logger.close()
+    unwrapped = accelerator.unwrap_model(model)
+    trainable, total_params = C.count_parameters(unwrapped)
+    summary = {"dpo/steps": step, "dpo/processes": world, "dpo/pairs_per_s": meter.overall()["samples_per_s"],
+               "dpo/trainable_params": trainable, "dpo/total_params": total_params}
+    if last:
+        summary["dpo/final_loss"] = last["dpo/loss"]
+    for name, pairs in eval_sets.items():
+        summary.update(evaluate_dpo(unwrapped, pairs, refs[name], cfg, pad_id, accelerator, f"dpo/{name}"))
+    return DPOResult(unwrapped, step, summary, resumed_from)
+
+
+if __name__ == "__main__":  # [accelerate launch] python -m cai.train.dpo --help
+    import sys
+
+    from cai.errors import CaiError
+    from cai.train.dpo_stage import main
+
+    try:
+        raise SystemExit(main())
+    except CaiError as e:  # a user mistake: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
