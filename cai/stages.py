@@ -1,0 +1,238 @@
+"""The foundation stages: prompts, the tiny policy, sampled responses, human pairs.
+
+Each stage is a plain function ``fn(cfg, inputs, ctx)``: ``cfg`` is the stage's own config
+slice (a plain dict, the thing its artifact key hashes), ``inputs`` maps an input name to the
+folder of an upstream artifact, and ``ctx`` is the store's build context (``ctx.dir`` to write
+into, a journal, phase timers, metrics). Stages know nothing of Hydra or of each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from cai.data import (
+    Pair,
+    Prompt,
+    load_hh_rlhf,
+    load_prompt_source,
+    read_jsonl,
+    split_by_hash,
+    write_jsonl,
+)
+from cai.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- prompts
+def build_prompts(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any) -> None:
+    """Load the prompt source, split it by content hash, write train/test JSONL."""
+    with ctx.phase("load"):
+        prompts = load_prompt_source(cfg["prompts"])
+    n_in = len(prompts)
+    seen: set[str] = set()
+    unique: list[Prompt] = []
+    for p in prompts:
+        if p.id not in seen:
+            seen.add(p.id)
+            unique.append(p)
+    frac = float(cfg["test_fraction"])
+    if not 0.0 <= frac < 1.0:
+        raise ConfigError(f"data.test_fraction must be in [0, 1), got {frac}")
+    splits = split_by_hash(unique, fractions={"train": 1.0 - frac, "test": frac}, salt=cfg["split_salt"])
+    limit = cfg.get("max_prompts")
+    train = splits["train"][:limit] if limit else splits["train"]
+    test = splits["test"]
+    with ctx.phase("write"):
+        write_jsonl(ctx.dir / "train.jsonl", [p.to_dict() for p in train])
+        write_jsonl(ctx.dir / "test.jsonl", [p.to_dict() for p in test])
+    ctx.set_metrics(
+        {
+            "data/prompts_in": n_in,
+            "data/prompts_duplicate": n_in - len(unique),
+            "data/prompts_train": len(train),
+            "data/prompts_train_beyond_limit": len(splits["train"]) - len(train),
+            "data/prompts_test": len(test),
+            "data/prompts_harmful_train": sum("harmful" in p.tags for p in train),
+        }
+    )
+
+
+def read_prompts(artifact: Path, split: str) -> list[Prompt]:
+    return [Prompt.from_dict(d) for d in read_jsonl(artifact / f"{split}.jsonl")]
+
+
+# ----------------------------------------------------------------------------- tiny policy
+def build_tiny_policy(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any) -> None:
+    """Train a tokenizer on the prompt source and build a seeded GPT-2-shaped model in ctx.dir."""
+    from cai.tiny import TinyModelConfig, build_tiny_causal_lm, default_tiny_corpus
+
+    corpus = list(default_tiny_corpus())
+    with ctx.phase("load"):
+        corpus += [p.hh_text for p in load_prompt_source(cfg["prompts"])]
+    with ctx.phase("build"):
+        build_tiny_causal_lm(ctx.dir / "model", corpus, TinyModelConfig(**cfg["tiny"]))
+    ctx.set_metrics({"model/tiny_corpus_docs": len(corpus)})
+
+
+def policy_location(cfg: dict[str, Any], inputs: dict[str, Path]) -> str:
+    """Hub name or local path of the policy: the tiny artifact when ``name_or_path: tiny``."""
+    if cfg["policy"]["name_or_path"] == "tiny":
+        return str(inputs["policy_model"] / "model")
+    return cfg["policy"]["name_or_path"]
+
+
+def model_spec(policy_cfg: dict[str, Any], location: str):
+    from cai.models import LoraSpec, ModelSpec
+
+    lora = policy_cfg.get("lora") or {}
+    return ModelSpec(
+        name_or_path=location,
+        revision=policy_cfg.get("revision"),
+        gguf_file=policy_cfg.get("gguf_file"),
+        dtype=policy_cfg.get("dtype", "auto"),
+        device=policy_cfg.get("device", "auto"),
+        trust_remote_code=bool(policy_cfg.get("trust_remote_code", False)),
+        chat_format=policy_cfg.get("chat_format", "auto"),
+        max_length=int(policy_cfg.get("max_length", 512)),
+        lora=LoraSpec(
+            r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
+            target_modules=list(lora.get("target_modules") or []) or None,
+        ) if lora.get("enabled") else None,
+    )
+
+
+# ----------------------------------------------------------------------------- sampling
+def _sample_journaled(
+    cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any, location: str, device: str, n: int, prefix: str
+) -> list[list[dict[str, Any]]]:
+    """``n`` sampled responses per train prompt, journaled per batch; rows in prompt order.
+
+    The prompt list is repeated ``n`` times (copy ``j`` of every prompt, then the next copy),
+    cut into fixed batches, and batch ``i`` samples with seed ``hash(seed, i)``: a run killed
+    mid-way and resumed writes the same rows as one never killed.
+    """
+    from cai.models import format_prompt, load_causal_lm
+    from cai.sampling import SamplingEngine, SamplingParams
+
+    prompts = read_prompts(inputs["prompts"], "train")
+    jobs = [(f"{p.id}:{j}", p) for j in range(n) for p in prompts]
+    s = cfg["sampling"]
+    bs = int(s["batch_size"])
+    journal = ctx.journal()
+    done = journal.done()
+    todo = [i for i in range(0, len(jobs), bs) if any(rid not in done for rid, _ in jobs[i : i + bs])]
+    n_tokens = 0
+    if todo:
+        with ctx.phase("load_model"):
+            spec = model_spec({**cfg["policy"], "device": device}, location)
+            model, tok = load_causal_lm(spec)
+            engine = SamplingEngine(model, tok, batch_size=bs)
+        with ctx.phase("generate"):
+            t0 = time.perf_counter()
+            for start in todo:
+                batch = jobs[start : start + bs]
+                texts = [format_prompt(tok, p.messages_as_dicts(), spec.chat_format) for _, p in batch]
+                params = SamplingParams(
+                    max_new_tokens=int(s["max_new_tokens"]),
+                    temperature=float(s["temperature"]),
+                    top_p=float(s["top_p"]),
+                    top_k=int(s["top_k"]),
+                    stop=tuple(s["stop"]),
+                    seed=random.Random(f"{cfg['seed']}:{start}").getrandbits(63),
+                )
+                outs = engine.generate(texts, params)
+                journal.append_many(
+                    [
+                        (
+                            rid,
+                            {
+                                "prompt_id": p.id,
+                                "prompt": text,
+                                "response": c.text,
+                                "n_tokens": len(c.token_ids),
+                                "logprob_sum": float(sum(c.logprobs)),
+                                "finish_reason": c.finish_reason,
+                                "model": cfg["policy"]["name_or_path"],
+                            },
+                        )
+                        for (rid, p), text, c in zip(batch, texts, outs)
+                    ]
+                )
+                n_tokens += sum(len(c.token_ids) for c in outs)
+            gen_s = time.perf_counter() - t0
+        ctx.set_metrics({f"{prefix}/tokens_per_s": n_tokens / gen_s if gen_s > 0 else 0.0})
+    done = journal.done()
+    redone = sum(len(jobs[i : i + bs]) for i in todo)
+    rows = [done[rid] for rid, _ in jobs]  # input order, whatever the completion order was
+    finish = [r["finish_reason"] for r in rows]
+    ctx.set_metrics(
+        {
+            f"{prefix}/responses": len(rows),
+            f"{prefix}/resumed_records": len(jobs) - redone,
+            f"{prefix}/mean_new_tokens": sum(r["n_tokens"] for r in rows) / max(len(rows), 1),
+            f"{prefix}/empty_responses": sum(1 for r in rows if not r["response"].strip()),
+            f"{prefix}/finish_eos": finish.count("eos"),
+            f"{prefix}/finish_stop": finish.count("stop"),
+            f"{prefix}/finish_length": finish.count("length"),
+        }
+    )
+    return [rows[j * len(prompts) : (j + 1) * len(prompts)] for j in range(n)]
+
+
+def sample_responses(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any, device: str = "auto") -> None:
+    """One response per train prompt from the initial policy -> ``responses.jsonl``."""
+    (rows,) = _sample_journaled(cfg, inputs, ctx, policy_location(cfg, inputs), device, n=1, prefix="sample")
+    with ctx.phase("write"):
+        write_jsonl(ctx.dir / "responses.jsonl", rows)
+
+
+def sample_policy_pairs(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any, device: str = "auto") -> None:
+    """On-policy pairs (the CAI recipe): two samples per prompt from the SFT policy.
+
+    The policy is the ``sft`` artifact when the experiment trains one, else the initial
+    policy. A pair whose two samples are identical carries no preference: it is left out of
+    ``pairs.jsonl`` and counted (``pairs/identical``), and listed in ``identical.jsonl``.
+    """
+    location = str(inputs["sft"] / "model") if "sft" in inputs else policy_location(cfg, inputs)
+    first, second = _sample_journaled(cfg, inputs, ctx, location, device, n=2, prefix="pairs")
+    prompts = {p.id: p for p in read_prompts(inputs["prompts"], "train")}
+    pairs, identical = [], []
+    for a, b in zip(first, second):
+        if a["response"].strip() == b["response"].strip():
+            identical.append({"prompt_id": a["prompt_id"], "response": a["response"]})
+            continue
+        pair = Pair.create(prompts[a["prompt_id"]], a["response"], b["response"], source="policy",
+                           meta={"policy": "sft" if "sft" in inputs else cfg["policy"]["name_or_path"]})
+        pairs.append(pair.to_dict())
+    with ctx.phase("write"):
+        write_jsonl(ctx.dir / "pairs.jsonl", pairs)
+        write_jsonl(ctx.dir / "identical.jsonl", identical)
+    ctx.set_metrics({"pairs/prompts": len(first), "pairs/pairs": len(pairs), "pairs/identical": len(identical)})
+
+
+# ----------------------------------------------------------------------------- human pairs
+def build_human_pairs(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any) -> None:
+    """Parse HH-RLHF into pairs + human labels; every exclusion is counted with its line."""
+    with ctx.phase("parse"):
+        result = load_hh_rlhf(cfg["path"], split=cfg["split"], limit=cfg.get("limit"))
+    pairs, labels = [], []
+    for rec in result.records:
+        pair, label = rec.to_pair(balance=True)
+        pairs.append(pair.to_dict())
+        labels.append(label.to_dict())
+    with ctx.phase("write"):
+        write_jsonl(ctx.dir / "pairs.jsonl", pairs)
+        write_jsonl(ctx.dir / "labels.jsonl", labels)
+        write_jsonl(
+            ctx.dir / "excluded.jsonl", [{"line": line, "reason": reason} for line, reason in result.excluded]
+        )
+    metrics = {f"human/{k}": v for k, v in result.counts.items()}
+    metrics["human/pairs"] = len(pairs)
+    metrics["human/excluded"] = len(result.excluded)
+    ctx.set_metrics(metrics)
+    log.info("human pairs: %s", result.summary())
