@@ -29,11 +29,12 @@ import torch
 
 from cai.train import ppo_core as K
 
-TRL_PATH = os.environ.get("CAI_TRL112_PATH")
+# tests/install_peers.sh puts TRL 1.12 in .peers/trl112; CAI_TRL112_PATH points elsewhere
+TRL_PATH = os.environ.get("CAI_TRL112_PATH") or str(Path(__file__).resolve().parents[1] / ".peers" / "trl112")
 SOURCE = Path(TRL_PATH or "/nonexistent") / "trl" / "experimental" / "ppo" / "ppo_trainer.py"
 pytestmark = pytest.mark.skipif(
     not SOURCE.is_file(),
-    reason="TRL 1.12 not found: pip install --no-deps --target /tmp/trl112 trl==1.12.0 and set CAI_TRL112_PATH",
+    reason="TRL 1.12 not found: run `bash tests/install_peers.sh` (or set CAI_TRL112_PATH)",
 )
 
 INVALID_LOGPROB = 1.0  # TRL's fill value for padded log-probs
