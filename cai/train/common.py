@@ -259,11 +259,14 @@ class MetricsLogger:
     """
 
     def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None, console_every: int = 10,
+                 console_keys: Iterable[str] | None = None,
                  tensorboard_dir: str | os.PathLike | None = None, wandb_project: str | None = None,
                  run_name: str | None = None, config: Mapping[str, Any] | None = None,
                  enabled: bool = True) -> None:
         self.path = Path(path)
         self.console_every = console_every
+        # the console line shows these keys only (the file keeps every metric); None: all
+        self.console_keys = None if console_keys is None else frozenset(console_keys)
         self.enabled = enabled
         self._n = 0
         self._tb = self._wandb = None
@@ -312,7 +315,8 @@ class MetricsLogger:
             self._wandb.log(dict(metrics), step=step)
         self._n += 1
         if self.console_every and self._n % self.console_every == 0:
-            log.info("step %d  %s", step, "  ".join(f"{k}={_short(v)}" for k, v in metrics.items()))
+            shown = {k: v for k, v in metrics.items() if self.console_keys is None or k in self.console_keys}
+            log.info("step %d  %s", step, "  ".join(f"{k}={_short(v)}" for k, v in shown.items()))
 
     def close(self) -> None:
         if not self.enabled:

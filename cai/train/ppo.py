@@ -53,6 +53,10 @@ from cai.train.ppo_monitors import MonitorConfig, PPOMonitors, Warning_
 from cai.train.ppo_rollout import PolicyAndValue, Rollout, make_rollout
 
 log = logging.getLogger(__name__)
+# the console line of a step (train_log.jsonl keeps every metric)
+CONSOLE_KEYS = ("ppo/objective/scores", "ppo/objective/kl", "ppo/objective/rlhf_reward", "ppo/kl_coef",
+                "ppo/loss/policy_avg", "ppo/loss/value_avg", "ppo/policy/clipfrac_avg", "ppo/response_length",
+                "ppo/eps")
 
 REWARD_SOURCES = ("reward_model", "judge")
 VALUE_MODELS = ("separate", "head")
@@ -256,7 +260,7 @@ def train_ppo(policy, tokenizer, conversations: Sequence[list[dict]], reward_fn:
         monitors.load_state_dict(state.extra["monitors"])
         log.info("ppo: resumed from step %d (%s)", state.step, ckpt_dir)
     logger = C.MetricsLogger(state_dir / "train_log.jsonl", resume_step=resumed, console_every=cfg.log_every,
-                             enabled=main)
+                             console_keys=CONSOLE_KEYS, enabled=main)
     unwrapped: PolicyAndValue = accelerator.unwrap_model(container)
     engine = SamplingEngine(unwrapped.policy, tokenizer, batch_size=cfg.sample_batch_size,
                             device=accelerator.device, max_prompt_tokens=cfg.max_prompt_tokens)

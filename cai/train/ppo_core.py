@@ -117,7 +117,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float
 class PolicyLossTerms:
     loss: torch.Tensor  # masked mean of max(-A * ratio, -A * clip(ratio))
     clipfrac: torch.Tensor  # share of tokens where the clipped term was larger
-    approxkl: torch.Tensor  # 0.5 * mean((log ratio)^2) over every entry (TRL's definition)
+    approxkl: torch.Tensor  # 0.5 * masked mean of (log ratio)^2 over response tokens
     ratio_mean: torch.Tensor
 
 
@@ -131,7 +131,9 @@ def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     loss = masked_mean(torch.max(unclipped, clipped), mask)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).to(ratio.dtype), mask)
-        approxkl = 0.5 * (log_ratio ** 2).mean()
+        # over response tokens only: padded positions carry no log-prob (TRL fills both sides with
+        # the same constant there, so its unmasked mean is this one diluted by the padding share)
+        approxkl = 0.5 * masked_mean(log_ratio ** 2, mask)
         ratio_mean = masked_mean(ratio, mask)
     return PolicyLossTerms(loss, clipfrac, approxkl, ratio_mean)
 
