@@ -4,8 +4,9 @@ Run: ``python3 bench/run.py --only judges [--quick]`` (or ``python3 -m bench.ben
 
 The "API" is the loopback :class:`~cai.testing.servers.FakeOpenAIServer`, run in its own process
 (so its request handling does not compete with the client for the GIL, as a remote API would
-not) with ``LATENCY_S`` added to every answer and a requests-per-minute limit enforced over a
-``WINDOW_S`` sliding window (429 with ``retry-after`` beyond it). One *label* here is one
+not), answering every request ``LATENCY_S`` after it arrived (its own work included, as an API
+with that response time would), with a requests-per-minute limit enforced over a ``WINDOW_S``
+sliding window (429 with ``retry-after`` beyond it). One *label* here is one
 choice request ("(A) or (B)?", answered from log-probs): the labelling stage sends two per pair.
 
 Candidates, each on fresh prompts (so nothing is answered from a cache unless stated):
@@ -37,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import multiprocessing as mp
-import socket
 import tempfile
 import time
 from collections import Counter
@@ -103,12 +103,8 @@ def _timed(n: int, fn: Callable[[], int]) -> Run:
 def _serve(faults: dict, conn) -> None:
     from cai.testing.servers import FakeOpenAIServer, Faults
 
-    srv = FakeOpenAIServer(faults=Faults(**faults))
+    srv = FakeOpenAIServer(faults=Faults(**faults))  # TCP_NODELAY on: no delayed-ACK stalls
     srv.start()
-    # The fake writes headers and body in two sends; with Nagle's algorithm on, the body waits
-    # for the client's delayed ACK (~40 ms per request on Linux), which no remote API adds.
-    # Accepted connections inherit TCP_NODELAY from the listening socket.
-    srv._httpd.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     conn.send(srv.base_url)
     while True:
         msg = conn.recv()
@@ -162,6 +158,8 @@ def _choice_requests(tag: str, n: int):
 
 # ----------------------------------------------------------------------------- candidates
 def _ours(base_url: str, sc: Scenario, reqs, cache_path: Path) -> Run:
+    import openai  # noqa: F401 - imported before the clock starts, as the other candidates do
+
     from cai.feedback.judges import make_judge
 
     judge = make_judge({
@@ -284,6 +282,7 @@ def api_scenario(sc: Scenario, repeats: int, workdir: Path, warm_repeats: int) -
         "ours_vs_threads": ours.labels_s / med["threads"].labels_s if med["threads"].labels_s else None,
         "ours_vs_naive": ours.labels_s / med["naive"].labels_s,
         "ours_cpu_ms": 1000 * ours.cpu_s / ours.n, "bare_cpu_ms": 1000 * med["bare"].cpu_s / med["bare"].n,
+        "threads_cpu_ms": 1000 * med["threads"].cpu_s / med["threads"].n,
         "bare_of_bound": med["bare"].labels_s / sc.bound,
         "warm_n": len(answered), "warm_labels_s": warm_med.labels_s, "warm_cpu_ms": 1000 * warm_med.cpu_s / warm_med.n,
         "warm_labels_per_cpu_s": warm_med.n / warm_med.cpu_s if warm_med.cpu_s else None,

@@ -69,7 +69,9 @@ class Faults:
     malformed: float = 0.0  # 200 with a truncated JSON body
     refusal: float = 0.0  # a refusal as the answer
     unparseable: float = 0.0  # an answer naming no option
-    latency_s: float = 0.0  # added to every answer
+    # every answer is sent latency_s after its request arrived (the fake's own work included),
+    # as an API with that response time would; a hang waits hang_s instead
+    latency_s: float = 0.0
     rpm_limit: float | None = None  # requests per minute, enforced over rate_window_s
     rate_window_s: float = 60.0
     logprobs: bool = True  # openai: return log-probs when asked
@@ -165,6 +167,14 @@ class _FakeServerBase(abc.ABC):
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # headers and body go out in two writes: with Nagle's algorithm on, the body waits
+            # for the client's delayed ACK (~40 ms per request on Linux), which no real API adds
+            disable_nagle_algorithm = True
+            t_arrival = 0.0
+
+            def parse_request(self) -> bool:
+                self.t_arrival = time.monotonic()  # the request line is in; latency counts from here
+                return super().parse_request()
 
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 fake._handle(self)
@@ -200,7 +210,7 @@ class _FakeServerBase(abc.ABC):
 
     # ---- handling ------------------------------------------------------------------------
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
-        t0 = time.monotonic()
+        t0 = getattr(h, "t_arrival", 0.0) or time.monotonic()
         with self._lock:
             self.n_received += 1
         raw = h.rfile.read(int(h.headers.get("content-length") or 0))
@@ -210,11 +220,11 @@ class _FakeServerBase(abc.ABC):
             body = {"unreadable": raw.decode("utf-8", "replace")}
         bh = body_hash(body)
         r = self._decide(h, body, bh, t0)
+        data = r.payload if isinstance(r.payload, bytes) else json.dumps(r.payload).encode()
         if r.outcome == "hang":
             time.sleep(self.faults.hang_s)
-        elif self.faults.latency_s:
-            time.sleep(self.faults.latency_s)
-        data = r.payload if isinstance(r.payload, bytes) else json.dumps(r.payload).encode()
+        elif self.faults.latency_s:  # the reply is ready: send it latency_s after the request arrived
+            time.sleep(max(0.0, t0 + self.faults.latency_s - time.monotonic()))
         with self._lock:
             self.records.append(
                 RequestRecord(

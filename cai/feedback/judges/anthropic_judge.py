@@ -11,7 +11,8 @@ System messages are joined into ``system=``; consecutive messages of one role ar
 API wants user and assistant turns to alternate, starting with the user). A final assistant
 message is a prefill the answer continues from.
 
-The client is built with ``max_retries=0``: our retry loop is the only one.
+The client is built with ``max_retries=0``: our retry loop is the only one, and with the
+process-wide TLS context of :func:`~cai.feedback.judges.api_base.shared_ssl_context`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from cai.errors import DataError
-from cai.feedback.judges.api_base import ApiJudge, CallAnswer
+from cai.feedback.judges.api_base import ApiJudge, CallAnswer, shared_ssl_context
 from cai.feedback.judges.retry import CallFailure, MalformedResponse, classify
 
 
@@ -53,8 +54,10 @@ class AnthropicJudge(ApiJudge):
     def _make_client(self) -> Any:
         import anthropic
 
+        http_client = anthropic.DefaultAsyncHttpxClient(verify=shared_ssl_context(), timeout=self.cfg.timeout_s)
         return anthropic.AsyncAnthropic(
-            api_key=self._key, base_url=self.base_url, max_retries=0, timeout=self.cfg.timeout_s
+            api_key=self._key, base_url=self.base_url, max_retries=0, timeout=self.cfg.timeout_s,
+            http_client=http_client,
         )
 
     def _check_request(self, req: Any) -> None:

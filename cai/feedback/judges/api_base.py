@@ -9,6 +9,11 @@ request. Every API call goes through :meth:`ApiJudge._call`:
 and a call whose answer is usable is stored in the cache (failures never are, so a rerun
 retries them and pays only for what is missing).
 
+The warm path is kept lean: before the workers start, the cache keys of every call the batch
+can make are looked up in a few batched queries; the SDK client is built only when a call
+misses the cache (a fully cached batch builds none), and its TLS context is built once per
+process (loading the CA bundle costs tens of milliseconds per client otherwise).
+
 A choice request is answered, in order of preference, from log-probs (one call), from the
 parsed text (one call), or from ``n_samples`` sampled answers at temperature 1 (k calls, one
 cache row each). A backend subclass only says how to build its SDK client, how to send one
@@ -23,10 +28,11 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -68,7 +74,11 @@ class CallAnswer:
     refusal: bool = False  # the API itself flagged a refusal (not inferred from the text)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """A JSON-ready view (shares ``positions`` with the answer; serialise it, don't mutate it)."""
+        return {
+            "text": self.text, "positions": self.positions, "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out, "finish_reason": self.finish_reason, "refusal": self.refusal,
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> CallAnswer:
@@ -95,6 +105,49 @@ class _Tally:
         self.cost_usd += cost
         self.calls += 1
         self.cache_hits += int(cached)
+
+
+class _Batch:
+    """What the requests of one batch share: the lazily built client and the prefetched cache rows."""
+
+    def __init__(self, make_client: Callable[[], Any], hits: dict[str, str], keys: dict[tuple[int, int], str]) -> None:
+        self._make_client = make_client
+        self.client: Any = None
+        self.hits = hits  # cache key -> stored JSON text, read before the batch started
+        self.keys = keys  # (id(request), sample index) -> cache key, computed for the prefetch
+        self.stopping = False  # set when the batch is cancelled: workers take no new request
+
+    def get_client(self) -> Any:
+        if self.client is None:
+            self.client = self._make_client()
+        return self.client
+
+
+_SSL_CONTEXT: Any = None
+_SSL_LOCK = threading.Lock()
+
+
+def shared_ssl_context() -> Any:
+    """The TLS context every SDK client of this process verifies with, built once.
+
+    It is what the SDKs' own HTTP clients would build (``create_ssl_context()`` of the same
+    HTTP library, honouring ``SSL_CERT_FILE``/``SSL_CERT_DIR``); sharing it is safe, an
+    ``ssl.SSLContext`` may wrap sockets for many connections, threads and event loops.
+    """
+    global _SSL_CONTEXT
+    with _SSL_LOCK:
+        if _SSL_CONTEXT is None:
+            _SSL_CONTEXT = http_library().create_ssl_context()
+        return _SSL_CONTEXT
+
+
+def http_library() -> Any:
+    """The HTTP library the installed ``openai``/``anthropic`` SDKs are built on."""
+    try:
+        import httpx2 as httpx
+    except ModuleNotFoundError:
+        import httpx  # type: ignore[no-redef]
+    return httpx
 
 
 class ApiJudge(SyncJudgeMixin, abc.ABC):
@@ -129,7 +182,8 @@ class ApiJudge(SyncJudgeMixin, abc.ABC):
     # ---- provider hooks ---------------------------------------------------------------
     @abc.abstractmethod
     def _make_client(self) -> Any:
-        """A fresh SDK client (built inside the batch's event loop, closed after the batch)."""
+        """A fresh SDK client (built inside the batch's event loop on its first cache miss,
+        closed after the batch)."""
 
     @abc.abstractmethod
     async def _send(self, client: Any, messages: list[dict], params: dict) -> CallAnswer:
@@ -179,24 +233,28 @@ class ApiJudge(SyncJudgeMixin, abc.ABC):
             return results
         for item in items:
             self._check_request(item)
-        client = self._make_client()
+        batch = self._prefetch(items)
         order = iter(range(len(items)))
         bar = tqdm(total=len(items), desc=f"{self.name}:{self.model} {what}", disable=not progress, unit="req")
 
         async def worker() -> None:
             for i in order:  # shared iterator: each index is taken by exactly one worker
-                results[i] = await handler(client, items[i])
+                if batch.stopping:  # a cancellation that a finished await swallowed (asyncio.wait_for)
+                    return
+                results[i] = await handler(batch, items[i])
                 bar.update(1)
 
         tasks = [asyncio.ensure_future(worker()) for _ in range(min(self.cfg.max_concurrency, len(items)))]
         try:
             await asyncio.gather(*tasks)
         finally:
+            batch.stopping = True
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             bar.close()
-            await self._close_client(client)
+            if batch.client is not None:
+                await self._close_client(batch.client)
         ok = sum(1 for r in results if r.status == OK)
         log.info(
             "%s:%s %d %s: %d ok, %d failed, $%.4f spent so far",
@@ -204,23 +262,48 @@ class ApiJudge(SyncJudgeMixin, abc.ABC):
         )
         return results
 
+    def _prefetch(self, items: Sequence[Any]) -> _Batch:
+        """The batch context, with every cached answer the batch may need read in a few queries."""
+        keys: dict[tuple[int, int], str] = {}
+        if self.cache is not None:
+            for item in items:
+                for index, key in self._keys_of(item):
+                    keys[(id(item), index)] = key
+        hits = self.cache.get_many(keys.values()) if self.cache is not None else {}
+        return _Batch(self._make_client, hits, keys)
+
+    def _keys_of(self, item: ChoiceRequest | GenerateRequest) -> list[tuple[int, str]]:
+        """(sample index, cache key) of every call a request can make."""
+        if isinstance(item, GenerateRequest):
+            return [(0, self._generate_key(item))]
+        n = item.n_samples or self.cfg.n_samples
+        use_logprobs = self.supports_logprobs and self.cfg.top_logprobs > 0
+        return [
+            (i, self._choice_key(item, n, i, self._choice_params(logprobs=use_logprobs and i == 0, sampled=n > 1,
+                                                                 sample_index=i)))
+            for i in range(n)
+        ]
+
     def _check_budget(self, results: Sequence[Any]) -> None:
         if any(r.failure_reason == BUDGET for r in results):
             raise BudgetExhausted(results, self.ledger.spent_usd, self.ledger.max_dollars or 0.0)
 
     # ---- one call -----------------------------------------------------------------------
     async def _call(
-        self, client: Any, *, key: str, messages: list[dict], params: dict, max_tokens: int, tag: dict, tally: _Tally
+        self, batch: _Batch, *, key: str, messages: list[dict], params: dict, max_tokens: int, tag: dict, tally: _Tally
     ) -> Outcome[CallAnswer]:
         """One answer: from the cache, or from the API under budget, limits and retries."""
         if self.cache is not None:
-            hit = self.cache.get(key)
+            text = batch.hits.get(key)
+            # not prefetched: another process, or an earlier request of this batch, may have stored it since
+            hit = json.loads(text) if text is not None else self.cache.get(key)
             if hit is not None:
                 answer = CallAnswer.from_json(hit)
                 tally.add(answer, 0.0, cached=True)
                 self.ledger.record_cache_hit(tag, answer.tokens_in, answer.tokens_out)
                 return Outcome(answer, 0, None)
         est_in = estimate_tokens(messages)
+        client = batch.get_client()
         outcome = await call_with_retries(
             lambda: self._send(client, messages, params),
             self._classify,
@@ -253,24 +336,24 @@ class ApiJudge(SyncJudgeMixin, abc.ABC):
         )
 
     async def _choice_call(
-        self, client: Any, req: ChoiceRequest, n: int, index: int, logprobs: bool, tally: _Tally
+        self, batch: _Batch, req: ChoiceRequest, n: int, index: int, logprobs: bool, tally: _Tally
     ) -> tuple[Outcome[CallAnswer], str]:
         params = self._choice_params(logprobs=logprobs, sampled=n > 1, sample_index=index)
-        key = self._choice_key(req, n, index, params)
+        key = batch.keys.get((id(req), index)) or self._choice_key(req, n, index, params)
         out = await self._call(
-            client, key=key, messages=req.messages, params=params, max_tokens=self.cfg.max_tokens,
+            batch, key=key, messages=req.messages, params=params, max_tokens=self.cfg.max_tokens,
             tag=req.tag, tally=tally,
         )
         return out, key
 
-    async def _choose_one(self, client: Any, req: ChoiceRequest) -> ChoiceResult:
+    async def _choose_one(self, batch: _Batch, req: ChoiceRequest) -> ChoiceResult:
         t0 = time.monotonic()
         n = req.n_samples or self.cfg.n_samples
         tally = _Tally()
         use_logprobs = self.supports_logprobs and self.cfg.top_logprobs > 0
         answers: list[CallAnswer] = []
         for index in range(n):
-            out, key = await self._choice_call(client, req, n, index, use_logprobs and index == 0, tally)
+            out, key = await self._choice_call(batch, req, n, index, use_logprobs and index == 0, tally)
             if out.answer is None:  # transport failure or budget: the whole request fails
                 return self._choice_result(req, None, "", FAILED, out.failure, answers, tally, t0)
             a = out.answer
@@ -322,16 +405,20 @@ class ApiJudge(SyncJudgeMixin, abc.ABC):
         return {"max_tokens": req.max_tokens, "temperature": req.temperature, "top_p": req.top_p,
                 "stop": list(req.stop) if req.stop else None, "seed": req.seed}
 
-    async def _generate_one(self, client: Any, req: GenerateRequest) -> GenerateResult:
+    def _generate_key(self, req: GenerateRequest) -> str:
+        return call_key(
+            kind="generate", backend=self.name, model=self.model, base_url=self.base_url,
+            params=self._generate_params(req),
+            template_version=str(req.tag.get("template_version", self.cfg.template_version)), messages=req.messages,
+        )
+
+    async def _generate_one(self, batch: _Batch, req: GenerateRequest) -> GenerateResult:
         t0 = time.monotonic()
         tally = _Tally()
         params = self._generate_params(req)
-        key = call_key(
-            kind="generate", backend=self.name, model=self.model, base_url=self.base_url, params=params,
-            template_version=str(req.tag.get("template_version", self.cfg.template_version)), messages=req.messages,
-        )
+        key = batch.keys.get((id(req), 0)) or self._generate_key(req)
         out = await self._call(
-            client, key=key, messages=req.messages, params=params, max_tokens=req.max_tokens, tag=req.tag, tally=tally
+            batch, key=key, messages=req.messages, params=params, max_tokens=req.max_tokens, tag=req.tag, tally=tally
         )
         a = out.answer
         status, reason = (OK, None) if a is not None and not a.refusal else (FAILED, out.failure or REFUSAL)

@@ -7,15 +7,24 @@ sample index. Failures are never stored, so a rerun retries them; a warm cache a
 batch without a single request. Values are JSON; no API key is ever part of a key or a value.
 
 The database runs in WAL mode with a generous busy timeout, so several processes can read and
-write it at once; writes are single ``INSERT OR REPLACE`` statements (atomic).
+write it at once; writes are single ``INSERT OR REPLACE`` statements (atomic). A warm batch is
+read with a few ``IN (...)`` queries (:meth:`JudgeCache.get_many`) instead of one per call.
+
+Keys are computed on every call, so they take a fast path: a key made only of plain JSON values
+(dicts with string keys, lists, tuples, strings, ints, finite floats, bools, None) -- every key
+the judges build from valid requests -- is encoded by one ``json.dumps`` call, which gives the
+very text :func:`cai.hashing.canonical_json` gives for such values, so the hash is byte-identical
+and existing caches stay warm. Anything else goes through :func:`~cai.hashing.stable_hash`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,6 +43,40 @@ def endpoint_of(base_url: str | None) -> str:
     return parts.netloc.lower() or base_url
 
 
+_SCALARS = (str, int, bool, type(None))
+_INF = float("inf")
+# SQLite's default limit on bound parameters in one statement is 999 in older builds
+_LOOKUP_CHUNK = 500
+
+
+def _plain_json(obj: Any) -> bool:
+    """True if ``obj`` is made only of values that ``canonical_json`` leaves as they are."""
+    t = type(obj)
+    if t in _SCALARS:
+        return True
+    if t is float:
+        return -_INF < obj < _INF  # NaN and infinities take the slow path
+    if t is dict:
+        for k, v in obj.items():
+            if type(k) is not str or (type(v) is not str and not _plain_json(v)):
+                return False
+        return True
+    if t is list or t is tuple:
+        for v in obj:
+            if type(v) is not str and not _plain_json(v):
+                return False
+        return True
+    return False
+
+
+def fast_stable_hash(obj: Any) -> str:
+    """``stable_hash(obj)``, without the generic canonicalisation when ``obj`` is plain JSON."""
+    if not _plain_json(obj):
+        return stable_hash(obj)
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def call_key(
     *,
     kind: str,
@@ -47,8 +90,8 @@ def call_key(
     n_samples: int | None = None,
     sample_index: int = 0,
 ) -> str:
-    """The cache key of one API call."""
-    return stable_hash(
+    """The cache key of one API call (equal to ``stable_hash`` of the same fields)."""
+    return fast_stable_hash(
         {
             "v": SCHEMA_VERSION,
             "kind": kind,
@@ -88,6 +131,18 @@ class JudgeCache:
         with self._lock:
             row = self._conn.execute("SELECT value FROM answers WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else None
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, str]:
+        """The stored value *texts* of those ``keys`` that are cached (decode with ``json.loads``)."""
+        wanted = list(dict.fromkeys(keys))
+        found: dict[str, str] = {}
+        for start in range(0, len(wanted), _LOOKUP_CHUNK):
+            chunk = wanted[start : start + _LOOKUP_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            with self._lock:
+                rows = self._conn.execute(f"SELECT key, value FROM answers WHERE key IN ({marks})", chunk).fetchall()
+            found.update(rows)
+        return found
 
     def put(self, key: str, value: dict) -> None:
         text = json.dumps(value, sort_keys=True, ensure_ascii=False)
