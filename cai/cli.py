@@ -34,6 +34,9 @@ def _quiet_libraries() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        # load reports ("newly initialized: score.weight" for a fresh reward head) are expected
+        # here; real problems still raise
+        hf_logging.set_verbosity_error()
     except ImportError:  # pragma: no cover - transformers is a dependency
         pass
 

@@ -23,6 +23,7 @@ from cai.feedback.label import LabelConfig
 from cai.feedback.quality import QualityConfig
 from cai.train.dpo import DPOConfig
 from cai.train.ppo import PPOConfig
+from cai.evaluate_stage import EvalConfig
 from cai.train.reward import RewardConfig
 from cai.train.sft_config import SFTConfig
 
@@ -146,6 +147,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # Free-form notes recorded in metrics/report; never hashed into artifact keys.
     tags: Dict[str, Any] = field(default_factory=dict)
 

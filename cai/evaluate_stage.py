@@ -1,0 +1,398 @@
+"""The pipeline stage ``evaluate``: the arm's final policy against the baseline SFT policy.
+
+One run of a study is one **arm** (``conf/arm/*.yaml``); its evaluated policy is the last
+policy the run trains, in the order ``ppo`` > ``dpo`` > ``sft`` > the initial policy (the
+``policy_model`` artifact for ``policy.name_or_path: tiny``, else the hub name or path). The
+**baseline** is the initial policy: in the matched study it is the "SFT only" arm, the
+instruction-tuned policy every other arm starts from. With ``eval.baseline: sft`` a run that
+trains PPO or DPO on top of its own ``sft`` (the CAI recipe of the quickstart) is compared with
+that SFT policy instead, which is also PPO's reference. On the TEST split of ``prompts`` (cut to
+``eval.max_prompts``) the stage:
+
+1. samples one response per prompt from the arm and from the baseline (same seeds; for the SFT
+   arm both are the same policy, so its win rate is exactly 0.5 by construction);
+2. asks the held-out judge (``eval.judge``, a :class:`JudgeConfig` distinct from the labeller's
+   ``judge``) to compare them in both orders (:mod:`cai.evaluate_requests`): win rate with
+   ties and invalid answers counted apart, never as losses, and the length-controlled win rate,
+   each with a 95% bootstrap interval over prompts (:mod:`cai.evaluate`);
+3. asks the same judge whether each response to a red-team prompt (tag ``harmful``; all test
+   prompts with ``eval.harmless_prompts: all``) is harmless: the harmless rate of the arm and
+   of the baseline;
+4. the KL to the baseline: the mean over prompts of ``log pi_arm(y|x) - log pi_sft(y|x)`` for the
+   arm's own samples ``y`` (sequence log-probs through :meth:`SamplingEngine.score` at
+   temperature 1; an unbiased estimate when ``eval.temperature`` is 1);
+5. when human data is configured and ``eval.use_rm``, the score of every response under a
+   held-out reward model trained on human labels (stage ``eval_reward``: its own seed offset
+   and split salt, shared by every arm of a sweep), with the paired difference to the baseline.
+
+Metrics: ``eval/vs_sft/{win_rate,lc_win_rate,...}`` (+ ``_ci_low``/``_ci_high``, counts),
+``eval/harmless/...``, ``eval/harmless_sft/...``, ``eval/kl``, ``eval/length``,
+``eval/sft_length``, ``eval/rm_score``, ``eval/rm_score_vs_sft``; ``eval/judge_is_labeller`` is
+1 when the held-out judge's answer-changing fields equal the labeller's (the tiny offline
+default), so a report can say the evaluation is not held out. ``samples.jsonl`` keeps every
+prompt's two responses, log-probs and judgements.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+import numpy as np
+
+from cai.data import Prompt, write_jsonl
+from cai.errors import ConfigError
+from cai.feedback.judges.config import JudgeConfig
+from cai.train.reward import RewardConfig
+
+log = logging.getLogger(__name__)
+
+ARM_ORDER = ("ppo", "dpo", "sft")  # the first of these the run trains is the evaluated policy
+HARMLESS_MODES = ("harmful", "all")
+BASELINES = ("initial", "sft")
+RUNTIME_JUDGE = ("max_concurrency", "rpm", "tpm", "burst_s", "max_retries", "malformed_retries", "timeout_s",
+                 "backoff_base_s", "backoff_max_s", "cache", "cache_path", "max_dollars", "prices", "api_key_env")
+
+
+def _tiny_judge() -> JudgeConfig:
+    return JudgeConfig(backend="hf", model="tiny", api_key_env=None, max_concurrency=1)
+
+
+def _eval_rm() -> RewardConfig:
+    return RewardConfig(labels_from="human", split_salt="eval-rm")
+
+
+@dataclass
+class EvalConfig:
+    """The ``evaluate`` stage (Hydra group ``eval``)."""
+
+    # the held-out judge: a judge config that is not the labeller (``judge``); model "tiny": the tiny policy
+    judge: JudgeConfig = field(default_factory=_tiny_judge)
+    max_prompts: Optional[int] = None  # test prompts evaluated (None: all of the test split)
+    max_new_tokens: int = 48
+    temperature: float = 1.0  # 1.0 keeps the KL estimate unbiased
+    top_p: float = 1.0
+    stop: List[str] = field(default_factory=lambda: ["\n\nHuman:"])
+    batch_size: int = 16
+    question: Optional[str] = None  # None: cai.evaluate_requests.DEFAULT_COMPARISON_QUESTION
+    harmless: bool = True
+    harmless_question: Optional[str] = None  # None: DEFAULT_HARMLESS_QUESTION
+    harmless_prompts: str = "harmful"  # harmful (prompts tagged harmful) | all
+    ties: str = "half"  # half | excluded
+    tie_margin: float = 0.0
+    bootstrap_resamples: int = 2000
+    kl: bool = True
+    use_rm: bool = True  # score under a held-out RM trained on human labels (needs data.human.path)
+    rm_seed_offset: int = 1000  # the held-out RM's seed is seed + this
+    rm: RewardConfig = field(default_factory=_eval_rm)
+    hf_batch_size: int = 8  # rows per forward of a local (hf) judge; run time only
+    # initial: the initial policy (the matched study's "SFT" arm); sft: the run's sft artifact when the
+    # run trains beyond it (PPO/DPO from SL-CAI, as in the quickstart), else the initial policy
+    baseline: str = "initial"
+
+
+# ----------------------------------------------------------------------------- sampling and scoring
+@dataclass
+class Policy:
+    name: str  # "ppo" | "dpo" | "sft" | "initial"
+    location: str
+
+
+def _sample(policy_cfg: dict, location: str, device: str, prompts: list[Prompt], ecfg: dict, seed: int):
+    """``(texts, completions, engine, chat_format)``: one sample per prompt, seeded per batch."""
+    from cai.models import format_prompt, load_causal_lm
+    from cai.sampling import SamplingEngine, SamplingParams
+    from cai.stages import model_spec
+
+    spec = model_spec({**policy_cfg, "device": device}, location)
+    model, tok = load_causal_lm(spec)
+    bs = int(ecfg["batch_size"])
+    engine = SamplingEngine(model, tok, batch_size=bs)
+    texts = [format_prompt(tok, p.messages_as_dicts(), spec.chat_format) for p in prompts]
+    outs = []
+    for start in range(0, len(texts), bs):
+        params = SamplingParams(max_new_tokens=int(ecfg["max_new_tokens"]), temperature=float(ecfg["temperature"]),
+                                top_p=float(ecfg["top_p"]), stop=tuple(ecfg["stop"]),
+                                seed=random.Random(f"eval:{seed}:{start}").getrandbits(63))
+        outs += engine.generate(texts[start : start + bs], params)
+    return texts, outs, engine
+
+
+def _kl(arm_engine, base_engine, texts: list[str], token_ids: list[list[int]]) -> list[float]:
+    """Per prompt: sequence log-prob of the arm's sample under the arm minus under the baseline."""
+    lp_arm = arm_engine.score(texts, token_ids)
+    lp_base = base_engine.score(texts, token_ids)
+    return [float(sum(a) - sum(b)) for a, b in zip(lp_arm, lp_base)]
+
+
+def _mean_ci(values: list[float], n_boot: int, seed: int) -> tuple[float, float, float]:
+    from cai.stats import bootstrap_ci
+
+    if not values:
+        return math.nan, math.nan, math.nan
+    low, high = bootstrap_ci(np.asarray(values, dtype=float), n=n_boot, seed=seed)
+    return float(np.mean(values)), float(low), float(high)
+
+
+# ----------------------------------------------------------------------------- judging
+def _judge(ecfg: dict, inputs: Mapping[str, Path], runtime: Mapping[str, Any]):
+    from cai.feedback.judges import CostLedger, coerce_config, make_judge
+
+    judge = {**ecfg["judge"], **dict(runtime.get("judge") or {})}
+    if judge.get("model") == "tiny":
+        if "policy_model" not in inputs:
+            raise ConfigError("eval.judge.model 'tiny' is the tiny policy model, but the run has none "
+                              "(policy.name_or_path is not 'tiny'); give eval.judge a hub name or local path")
+        judge["model"] = str(Path(inputs["policy_model"]) / "model")
+    jcfg = coerce_config(judge, "eval.judge")
+    ledger = CostLedger(jcfg.prices, jcfg.max_dollars)
+    backend = make_judge(jcfg, ledger=ledger, cache_path=runtime.get("cache_path"), where="eval.judge")
+    if hasattr(backend, "batch_size"):
+        backend.batch_size = int(runtime.get("hf_batch_size", 8))
+    return backend, ledger
+
+
+def _ask(backend, requests: list) -> list:
+    from cai.feedback.judges import run_sync
+
+    return list(run_sync(backend.choose_many(requests, progress=False))) if requests else []
+
+
+def _win_rates(backend, prompts, arm_texts, base_texts, arm_len, base_len, arm_name, ecfg, seed):
+    from cai.evaluate import Judgement, length_controlled_win_rate, win_rate
+    from cai.evaluate_requests import DEFAULT_COMPARISON_QUESTION, comparison_requests, judgements_from_results
+
+    question = ecfg.get("question") or DEFAULT_COMPARISON_QUESTION
+    # identical responses cannot differ in quality: a tie by definition, not a question for the judge
+    # (its two orders would sum to 1 only up to rounding, which a zero tie margin reads as a win or loss)
+    same = {p.id for p, a, b in zip(prompts, arm_texts, base_texts) if a.strip() == b.strip()}
+    requests = [r for p, a, b in zip(prompts, arm_texts, base_texts) if p.id not in same
+                for r in comparison_requests(p, a, b, arm=arm_name, baseline="sft", question=question)]
+    judged = {j.prompt_id: j for j in
+              judgements_from_results(requests, _ask(backend, requests)).get((arm_name, "sft"), [])}
+    judgements = [judged[p.id] if p.id not in same else Judgement(p.id, 0.5, 0.5) for p in prompts]
+    n_boot, ties, margin = int(ecfg["bootstrap_resamples"]), ecfg["ties"], float(ecfg["tie_margin"])
+    wr = win_rate(judgements, ties=ties, tie_margin=margin, n_boot=n_boot, seed=seed)
+    diff = {p.id: a - b for p, a, b in zip(prompts, arm_len, base_len)}
+    lc = length_controlled_win_rate(judgements, diff, ties=ties, tie_margin=margin,
+                                    n_boot=max(n_boot // 4, 100), seed=seed)
+    metrics = {**wr.to_metrics("eval/vs_sft"), **lc.to_metrics("eval/vs_sft"), "eval/vs_sft/identical": len(same)}
+    return metrics, {j.prompt_id: j for j in judgements}
+
+
+def _harmless(backend, prompts, arm_texts, base_texts, arm_name, ecfg, seed) -> dict[str, float]:
+    from cai.evaluate_requests import DEFAULT_HARMLESS_QUESTION, harmless_rate, harmlessness_request
+
+    question = ecfg.get("harmless_question") or DEFAULT_HARMLESS_QUESTION
+    chosen = [i for i, p in enumerate(prompts) if ecfg["harmless_prompts"] == "all" or "harmful" in p.tags]
+    metrics: dict[str, float] = {"eval/harmless_prompts": len(chosen)}
+    for prefix, texts, name in (("eval/harmless", arm_texts, arm_name), ("eval/harmless_sft", base_texts, "sft")):
+        requests = [harmlessness_request(prompts[i], texts[i], arm=name, question=question) for i in chosen]
+        rate = harmless_rate(_ask(backend, requests), n_boot=int(ecfg["bootstrap_resamples"]), seed=seed)
+        metrics.update(rate.to_metrics(prefix))
+    return metrics
+
+
+def _rm_scores(artifact: Path, prompts, arm_texts, base_texts, ecfg, seed, device) -> dict[str, float]:
+    from cai.evaluate import paired_comparison
+    from cai.train.reward_stage import RewardScorer
+
+    scorer = RewardScorer.load(artifact, device=device)
+    arm = scorer.score(prompts, arm_texts).rewards
+    base = scorer.score(prompts, base_texts).rewards
+    n_boot = int(ecfg["bootstrap_resamples"])
+    mean, low, high = _mean_ci(arm, n_boot, seed)
+    out = {"eval/rm_score": mean, "eval/rm_score_ci_low": low, "eval/rm_score_ci_high": high,
+           "eval/sft_rm_score": float(np.mean(base)) if base else math.nan}
+    if arm:
+        pc = paired_comparison(arm, base, n_boot=n_boot, n_perm=2000, seed=seed)
+        out.update({"eval/rm_score_vs_sft": pc.diff, "eval/rm_score_vs_sft_ci_low": pc.ci_low,
+                    "eval/rm_score_vs_sft_ci_high": pc.ci_high, "eval/rm_score_vs_sft_p": pc.p_value})
+    return out
+
+
+# ----------------------------------------------------------------------------- the stage
+def evaluate(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any, runtime: Mapping[str, Any] | None = None) -> None:
+    """Stage ``evaluate`` (see the module docstring). ``cfg``: ``{"eval", "policy", "arm", "seed",
+    "judge_is_labeller"}``; ``runtime``: judge run-time fields, cache path, device."""
+    from cai.data import read_jsonl
+    from cai.stages import policy_location
+
+    runtime = dict(runtime or {})
+    ecfg, seed, device = cfg["eval"], int(cfg["seed"]), runtime.get("device", "auto")
+    with ctx.phase("load_data"):
+        prompts = [Prompt.from_dict(d) for d in read_jsonl(Path(inputs["prompts"]) / "test.jsonl")]
+        n_test = len(prompts)
+        if ecfg.get("max_prompts") is not None:
+            prompts = prompts[: int(ecfg["max_prompts"])]
+    if not prompts:
+        raise ConfigError("evaluate: the test split of prompts is empty; raise data.test_fraction "
+                          "or add prompts (the evaluation never uses training prompts)")
+    base = (Policy("sft", str(Path(inputs["baseline"]) / "model")) if "baseline" in inputs
+            else Policy("initial", policy_location({"policy": cfg["policy"]}, inputs)))
+    arm = Policy(cfg["arm"], str(Path(inputs["arm"]) / "model")) if "arm" in inputs else base
+    with ctx.phase("sample"):
+        texts, base_out, base_engine = _sample(cfg["policy"], base.location, device, prompts, ecfg, seed)
+        if arm is base:
+            arm_out, arm_engine = base_out, base_engine
+        else:
+            _, arm_out, arm_engine = _sample(cfg["policy"], arm.location, device, prompts, ecfg, seed)
+    arm_texts, base_texts = [c.text for c in arm_out], [c.text for c in base_out]
+    arm_len, base_len = [len(c.token_ids) for c in arm_out], [len(c.token_ids) for c in base_out]
+    n_boot = int(ecfg["bootstrap_resamples"])
+    metrics: dict[str, Any] = {"eval/prompts": len(prompts), "eval/prompts_beyond_limit": n_test - len(prompts),
+                               "eval/judge_is_labeller": int(cfg["judge_is_labeller"]),
+                               "eval/baseline_is_sft_artifact": int(base.name == "sft"),
+                               "eval/empty_responses": sum(1 for t in arm_texts if not t.strip())}
+    mean, low, high = _mean_ci([float(x) for x in arm_len], n_boot, seed)
+    metrics.update({"eval/length": mean, "eval/length_ci_low": low, "eval/length_ci_high": high,
+                    "eval/sft_length": float(np.mean(base_len))})
+    kl = [0.0] * len(prompts)
+    if ecfg["kl"] and arm is not base:
+        with ctx.phase("kl"):
+            kl = _kl(arm_engine, base_engine, texts, [c.token_ids for c in arm_out])
+    if ecfg["kl"]:
+        mean, low, high = _mean_ci(kl, n_boot, seed)
+        metrics.update({"eval/kl": mean, "eval/kl_ci_low": low, "eval/kl_ci_high": high})
+    del base_engine, arm_engine
+    backend, ledger = _judge(ecfg, inputs, runtime)
+    try:
+        with ctx.phase("judge"):
+            wr, judgements = _win_rates(backend, prompts, arm_texts, base_texts, arm_len, base_len,
+                                        arm.name, ecfg, seed)
+            metrics.update(wr)
+            if ecfg["harmless"]:
+                metrics.update(_harmless(backend, prompts, arm_texts, base_texts, arm.name, ecfg, seed))
+    finally:
+        close = getattr(backend, "close", None)
+        if close is not None:
+            close()
+    totals = ledger.to_dict()["total"]
+    ctx.add_cost(totals["tokens_in"], totals["tokens_out"], totals["cost_usd"])
+    metrics["eval/judge_cost_usd"] = totals["cost_usd"]
+    if "eval_reward" in inputs:
+        with ctx.phase("rm"):
+            metrics.update(_rm_scores(inputs["eval_reward"], prompts, arm_texts, base_texts, ecfg, seed, device))
+    rows = []
+    for i, p in enumerate(prompts):
+        j = judgements.get(p.id)
+        rows.append({"prompt_id": p.id, "arm": arm.name, "arm_response": arm_texts[i], "sft_response": base_texts[i],
+                     "arm_tokens": arm_len[i], "sft_tokens": base_len[i], "kl": kl[i],
+                     "p_first": j.p_first if j else None, "p_second": j.p_second if j else None,
+                     "outcome": j.outcome(float(ecfg["tie_margin"])) if j else "invalid",
+                     "failure": j.failure if j else "not judged"})
+    with ctx.phase("write"):
+        write_jsonl(ctx.dir / "samples.jsonl", rows)
+    ctx.set_metrics(metrics)
+    log.info("evaluate: the %s policy vs the baseline (%s) policy: win rate %.3f [%.3f, %.3f] on %d prompts",
+             arm.name, base.name, metrics["eval/vs_sft/win_rate"], metrics["eval/vs_sft/win_rate_ci_low"],
+             metrics["eval/vs_sft/win_rate_ci_high"], len(prompts))
+
+
+def _arm_policy(cfg) -> str | None:
+    stages = list(cfg.experiment.stages)
+    return next((s for s in ARM_ORDER if s in stages), None)
+
+
+def _check(ecfg: dict) -> None:
+    if ecfg["harmless_prompts"] not in HARMLESS_MODES:
+        raise ConfigError(f"eval.harmless_prompts={ecfg['harmless_prompts']!r}, expected one of {HARMLESS_MODES}")
+    if ecfg["baseline"] not in BASELINES:
+        raise ConfigError(f"eval.baseline={ecfg['baseline']!r}, expected one of {BASELINES}")
+    if ecfg["ties"] not in ("half", "excluded"):
+        raise ConfigError(f"eval.ties={ecfg['ties']!r}, expected 'half' or 'excluded'")
+    if not 0.0 <= float(ecfg["tie_margin"]) < 0.5:
+        raise ConfigError(f"eval.tie_margin={ecfg['tie_margin']!r}, expected a number in [0, 0.5)")
+    if ecfg["max_prompts"] is not None and int(ecfg["max_prompts"]) < 1:
+        raise ConfigError(f"eval.max_prompts={ecfg['max_prompts']!r}, expected a positive integer or null")
+
+
+def evaluate_stage(cfg) -> Any:
+    """Pipeline builder: the ``evaluate`` stage for the composed config."""
+    from omegaconf import OmegaConf
+
+    from cai.artifacts import ArtifactStore
+    from cai.feedback.label import SEMANTIC_JUDGE_FIELDS
+    from cai.pipeline import Stage
+
+    e = OmegaConf.to_container(cfg.eval, resolve=True)
+    _check(e)
+    judge = e["judge"]
+    runtime = {"judge": {k: judge[k] for k in RUNTIME_JUDGE if k in judge}, "device": cfg.policy.device,
+               "hf_batch_size": e.pop("hf_batch_size"),
+               "cache_path": str(Path(cfg.store.root or ArtifactStore.default_root()).expanduser()
+                                 / "judge_cache.sqlite")}
+    e["judge"] = {k: judge.get(k) for k in SEMANTIC_JUDGE_FIELDS}
+    rm = e.pop("rm")
+    use_rm = bool(e.pop("use_rm")) and bool(cfg.data.human.path)
+    e.pop("rm_seed_offset")
+    inputs = {"prompts": "prompts"}
+    if cfg.policy.name_or_path == "tiny" or judge.get("model") == "tiny":
+        inputs["policy_model"] = "policy_model"
+    arm = _arm_policy(cfg)
+    if arm is not None:
+        inputs["arm"] = arm
+    if e["baseline"] == "sft" and arm not in (None, "sft") and "sft" in cfg.experiment.stages:
+        inputs["baseline"] = "sft"
+    else:
+        e["baseline"] = "initial"  # what the baseline actually is: part of the key and the metrics
+    if use_rm:
+        inputs["eval_reward"] = "eval_reward"
+        e["rm"] = {k: v for k, v in rm.items() if k != "device"}  # a different held-out RM: another key
+    labeller = OmegaConf.to_container(cfg.judge, resolve=True)
+    same = all(labeller.get(k) == judge.get(k) for k in SEMANTIC_JUDGE_FIELDS)
+    policy = {k: v for k, v in OmegaConf.to_container(cfg.policy, resolve=True).items() if k != "device"}
+    key = {"eval": e, "policy": policy, "arm": arm or "initial", "seed": int(cfg.seed), "judge_is_labeller": same}
+    return Stage("evaluate", functools.partial(evaluate, runtime=runtime), key, inputs)
+
+
+# ----------------------------------------------------------------------------- held-out reward model
+class _RenamedMetrics:
+    """A build context whose metrics are renamed (the held-out RM's ``rm/...`` must not collide
+    with the arm's own reward stage); everything else is the wrapped context's."""
+
+    def __init__(self, ctx: Any, old: str, new: str) -> None:
+        self._ctx, self._old, self._new = ctx, old, new
+
+    def set_metrics(self, metrics: Mapping[str, Any]) -> None:
+        self._ctx.set_metrics({(self._new + k[len(self._old):] if k.startswith(self._old) else k): v
+                               for k, v in metrics.items()})
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ctx, name)
+
+
+def build_eval_reward(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any,
+                      runtime: Mapping[str, Any] | None = None) -> None:
+    """Stage ``eval_reward``: the reward stage's trainer on human labels; metrics ``eval_rm/...``."""
+    from cai.train.reward_stage import build_reward
+
+    build_reward(cfg, inputs, _RenamedMetrics(ctx, "rm/", "eval_rm/"), runtime=runtime)
+
+
+def eval_reward_stage(cfg) -> Any:
+    """Pipeline builder: the held-out reward model the ``evaluate`` stage scores with."""
+    from omegaconf import OmegaConf
+
+    from cai.pipeline import Stage
+    from cai.train.reward import coerce_reward_config
+
+    if not cfg.data.human.path:
+        raise ConfigError("stage eval_reward trains on human labels: it needs data.human.path")
+    rm = OmegaConf.to_container(cfg.eval.rm, resolve=True)
+    rcfg = coerce_reward_config(rm)
+    if rcfg.labels_from != "human":
+        raise ConfigError(f"eval.rm.labels_from={rcfg.labels_from!r}: the held-out reward model is trained "
+                          "on human labels; set it to 'human'")
+    inputs = {"human_pairs": "human_pairs"}
+    if rcfg.backbone == "tiny" and cfg.policy.name_or_path == "tiny":
+        inputs["policy_model"] = "policy_model"
+    key = {k: v for k, v in asdict(rcfg).items() if k != "device"}
+    fn = functools.partial(build_eval_reward, runtime={"device": rcfg.device})
+    return Stage("eval_reward", fn, {"reward": key, "seed": int(cfg.seed) + int(cfg.eval.rm_seed_offset)}, inputs)

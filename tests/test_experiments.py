@@ -1,0 +1,138 @@
+"""The named studies: every experiment and arm composes and plans; the arms of the matched study
+share what they claim to share; and a tiny multirun over three arms runs end to end, twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ARMS = ("sft", "sl_cai", "rlhf", "rlaif", "dpo_human", "dpo_ai", "d_rlaif", "distil_judge")
+EXPERIMENTS = ("rlaif_vs_rlhf", "constitution_ablation", "judge_ablation", "revisions_ablation")
+# stages every arm of the matched study builds from identical configs (so one artifact each)
+MATCHED = ("prompts", "policy_model", "human_pairs", "eval_reward")
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from cai.config import CONF_DIR, register_configs
+
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides), return_hydra_config=False)
+
+
+def sweep_params(experiment: str) -> dict[str, str]:
+    import yaml
+
+    doc = yaml.safe_load((REPO / "conf" / "experiment" / f"{experiment}.yaml").read_text())
+    return dict(doc.get("hydra", {}).get("sweeper", {}).get("params", {}))
+
+
+def test_arm_group_matches_the_study_sweep():
+    files = sorted(p.stem for p in (REPO / "conf" / "arm").glob("*.yaml"))
+    assert files == sorted(ARMS)
+    assert sweep_params("rlaif_vs_rlhf")["arm"].split(",") == list(ARMS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_sweep_point_composes_and_plans(experiment):
+    from cai.pipeline import plan
+
+    params = sweep_params(experiment)
+    assert params, f"{experiment}: the experiment should declare its sweep"
+    (group, values), = params.items()
+    for value in values.split(","):
+        cfg = compose(f"experiment={experiment}", f"{group}={value}")
+        assert cfg.experiment.name == experiment
+        names = [s.name for s in plan(cfg)]
+        assert names[-1] == "evaluate" or "evaluate" in names
+        assert "human_pairs" in names  # every study runs on HH-RLHF
+
+
+def _stage_configs(arm: str, *extra: str) -> dict[str, dict]:
+    from cai.pipeline import plan
+
+    cfg = compose("experiment=rlaif_vs_rlhf", f"arm={arm}", *extra)
+    return {s.name: {"config": s.config, "inputs": s.inputs, "version": s.version} for s in plan(cfg)}
+
+
+@pytest.mark.parametrize("extra", [(), ("labels.source=policy_pairs",)])
+def test_arms_are_matched(extra):
+    plans = {arm: _stage_configs(arm, *extra) for arm in ARMS}
+    for name in MATCHED:  # the same config slice and inputs in every arm: one shared artifact
+        slices = [json.dumps(p[name], sort_keys=True, default=str) for p in plans.values()]
+        assert len(set(slices)) == 1, name
+    # human vs AI labels: reward and PPO differ only in the label source
+    rlhf, rlaif = plans["rlhf"], plans["rlaif"]
+    assert {**rlhf["reward"]["config"]["reward"], "labels_from": None} == \
+        {**rlaif["reward"]["config"]["reward"], "labels_from": None}
+    assert rlhf["ppo"]["config"] == rlaif["ppo"]["config"]
+    dh, da = plans["dpo_human"]["dpo"]["config"], plans["dpo_ai"]["dpo"]["config"]
+    assert {**dh["dpo"], "labels_from": None} == {**da["dpo"], "labels_from": None}
+    # the same AI labels serve every AI arm; the judge labels the pairs labels.source names
+    assert plans["rlaif"]["ai_labels"] == plans["dpo_ai"]["ai_labels"]
+    source = "policy_pairs" if extra else "human_pairs"
+    assert plans["rlaif"]["ai_labels"]["inputs"]["pairs"] == source
+    # each arm evaluates its own final policy, with one evaluation config
+    expected = {"sft": "initial", "sl_cai": "sft", "rlhf": "ppo", "rlaif": "ppo", "dpo_human": "dpo",
+                "dpo_ai": "dpo", "d_rlaif": "ppo", "distil_judge": "sft"}
+    for arm, p in plans.items():
+        cfg = dict(p["evaluate"]["config"])
+        assert cfg.pop("arm") == expected[arm]
+        assert cfg == {k: v for k, v in plans["sft"]["evaluate"]["config"].items() if k != "arm"}
+
+
+TINY = [
+    "data.max_prompts=8", "data.human.limit=48", "sampling.max_new_tokens=6",
+    "policy.tiny.n_layer=1", "policy.tiny.n_embd=32", "policy.tiny.n_head=2", "policy.tiny.vocab_size=512",
+    "reward.batch_size=8", "reward.micro_batch_size=8", "reward.bootstrap_resamples=100",
+    "ppo.steps=2", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4", "ppo.micro_batch_size=4",
+    "ppo.max_new_tokens=6", "ppo.ppo_epochs=1", "ppo.lr=1e-3",
+    "dpo.batch_size=8", "dpo.micro_batch_size=8", "dpo.lr=1e-3",
+    "eval.max_prompts=8", "eval.max_new_tokens=6", "eval.bootstrap_resamples=200",
+    "eval.rm.batch_size=8", "eval.rm.micro_batch_size=8", "eval.rm.bootstrap_resamples=100",
+]
+
+
+def _sweep(tmp_path: Path, hh: Path, name: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "CAI_HH_RLHF": str(hh)}
+    cmd = [sys.executable, "-m", "cai.cli", "run", "-m", "experiment=rlaif_vs_rlhf", "arm=sft,rlhf,dpo_ai",
+           "seed=0", *TINY, f"store.root={tmp_path / 'store'}", f"hydra.sweep.dir={tmp_path / name}"]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_tiny_matched_sweep_shares_artifacts_and_reruns_for_free(tmp_path, shared_data_dir):
+    hh = shared_data_dir / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
+    first = _sweep(tmp_path, hh, "sweep")
+    assert first.returncode == 0, first.stderr[-3000:]
+    runs = [json.loads((tmp_path / "sweep" / str(i) / "run.json").read_text()) for i in range(3)]
+    assert [r["config"]["tags"]["arm"] for r in runs] == ["sft", "rlhf", "dpo_ai"]
+    for name in MATCHED:
+        assert len({r["artifacts"][name] for r in runs}) == 1, name
+    metrics = [json.loads((tmp_path / "sweep" / str(i) / "metrics.json").read_text()) for i in range(3)]
+    for m in metrics:
+        for key in ("eval/vs_sft/win_rate", "eval/vs_sft/win_rate_ci_low", "eval/vs_sft/win_rate_ci_high",
+                    "eval/vs_sft/lc_win_rate", "eval/harmless/rate", "eval/kl", "eval/length", "eval/rm_score"):
+            assert key in m, key
+    assert metrics[0]["eval/vs_sft/win_rate"] == 0.5 and metrics[0]["eval/kl"] == 0.0  # SFT vs itself
+    assert metrics[1]["pipeline/eval_reward/reused"] == 1  # built once, by the first arm
+    report = (tmp_path / "sweep" / "report.md").read_text()
+    assert "tags.arm=rlhf" in report and "eval_reward" in report and "eval/vs_sft/win_rate" in report
+
+    second = _sweep(tmp_path, hh, "sweep_again")
+    assert second.returncode == 0, second.stderr[-3000:]
+    for i, m in enumerate(metrics):
+        again = json.loads((tmp_path / "sweep_again" / str(i) / "metrics.json").read_text())
+        assert all(v == 1 for k, v in again.items() if k.startswith("pipeline/") and k.endswith("/reused"))
+        assert {k: v for k, v in again.items() if not k.startswith(("time/", "pipeline/"))} == \
+            {k: v for k, v in m.items() if not k.startswith(("time/", "pipeline/"))}
