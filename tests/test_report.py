@@ -267,7 +267,9 @@ def test_callback_writes_into_the_sweep_folder_and_never_raises(sweep, tmp_path)
 
 
 def test_real_sweep_through_cai_run_gets_its_report(tmp_path):
-    tiny = ["data.max_prompts=4", "sampling.max_new_tokens=4", "sampling.batch_size=4", "policy.tiny.n_layer=1",
+    # the foundation stages only (the full quickstart is covered by tests/test_pipeline.py)
+    tiny = ["experiment.stages=[responses]", "data.max_prompts=4", "sampling.max_new_tokens=4",
+            "sampling.batch_size=4", "policy.tiny.n_layer=1",
             "policy.tiny.n_embd=32", "policy.tiny.n_head=2", "policy.tiny.vocab_size=512"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "cai.cli", "run", "-m", *tiny, "seed=0,1", f"hydra.sweep.dir={tmp_path}/sweep",
