@@ -110,7 +110,7 @@ def _sweep(tmp_path: Path, hh: Path, name: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
 
 
-@pytest.mark.slow
+# issue 7's acceptance, so it runs in CI's default suite (about 1-1.5 min on 2 cores)
 def test_tiny_matched_sweep_shares_artifacts_and_reruns_for_free(tmp_path, shared_data_dir):
     hh = shared_data_dir / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
     first = _sweep(tmp_path, hh, "sweep")
