@@ -58,6 +58,7 @@ from cai.train.pairs import (
     local_rows,
     loss_scale,
     micro_batches,
+    no_cache_kwargs,
     optimizer_step,
     orient,
     reduce_sums,
@@ -166,10 +167,12 @@ def keeps_logits(model) -> bool:
 
 
 def sequence_logps(model, batch: Mapping[str, torch.Tensor], device, keep_logits: bool,
-                   autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of the labelled (response) tokens per row, and their counts."""
+                   autocast=contextlib.nullcontext, extra: Mapping[str, Any] | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the labelled (response) tokens per row, and their counts.
+    ``extra``: more forward arguments (see :func:`~cai.train.pairs.no_cache_kwargs`)."""
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(extra or {})
     if keep_logits:  # the LM head only where a response token is predicted
         first = int((labels != C.IGNORE_INDEX).float().argmax(1).min())
         keep = min(ids.shape[1], ids.shape[1] - first + 1)
@@ -186,7 +189,7 @@ def pair_logps(model, pairs: Sequence[EncodedPair], pad_id: int, batch_size: int
                ) -> torch.Tensor:
     """``[N, 4]``: log-prob of a, of b, and the response token counts of a and b, per pair."""
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    keep = keeps_logits(model)
+    keep, extra = keeps_logits(model), no_cache_kwargs(model)
     was_training = model.training
     model.eval()
 
@@ -195,7 +198,8 @@ def pair_logps(model, pairs: Sequence[EncodedPair], pad_id: int, batch_size: int
         order = sorted(range(len(idx)), key=lambda j: pairs[idx[j]].n_tokens)
         for s in range(0, len(order), batch_size):
             chunk = order[s:s + batch_size]
-            lp, n = sequence_logps(model, collate_pairs([pairs[idx[j]] for j in chunk], pad_id), device, keep)
+            lp, n = sequence_logps(model, collate_pairs([pairs[idx[j]] for j in chunk], pad_id), device, keep,
+                                   extra=extra)
             k = len(chunk)
             out[chunk] = torch.stack([lp[:k], lp[k:], n[:k].float(), n[k:].float()], 1).float().cpu()
         return out
@@ -295,7 +299,7 @@ def train_dpo(
     total = steps_per_epoch(n, cfg.batch_size) * cfg.epochs
     optimizer = C.make_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = C.make_scheduler(optimizer, C.resolve_warmup(cfg.warmup, total), total, cfg.schedule)
-    keep = keeps_logits(model)
+    keep, extra = keeps_logits(model), no_cache_kwargs(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = C.load_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler)
     resumed_from = state.step if state else None
@@ -316,7 +320,7 @@ def train_dpo(
             sync = contextlib.nullcontext() if j == len(chunks) - 1 else accelerator.no_sync(model)
             with sync:
                 batch = collate_pairs([train[i] for i in chunk], pad_id)
-                lp, ntok = sequence_logps(model, batch, device, keep, accelerator.autocast)
+                lp, ntok = sequence_logps(model, batch, device, keep, accelerator.autocast, extra)
                 k = len(chunk)
                 r = ref[chunk].to(device)
                 terms = dpo_loss(lp[:k], lp[k:], r[:, 0], r[:, 1], batch["p_a"].to(device), cfg.beta, cfg.loss,

@@ -24,6 +24,7 @@ artifacts -- ``pairs.jsonl`` (:class:`cai.data.Pair`) and ``labels.jsonl``
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -236,7 +237,8 @@ def preference_data(labels_from: str, inputs: Mapping[str, Path], test_fraction:
     if labels_from == "human":
         if human is None:
             raise ConfigError(f"{prefix}: labels_from=human needs human pairs; set data.human.path")
-        pairs, labels = _need_file(human, "pairs.jsonl", "human_pairs"), _need_file(human, "labels.jsonl", "human_pairs")
+        pairs = _need_file(human, "pairs.jsonl", "human_pairs")
+        labels = _need_file(human, "labels.jsonl", "human_pairs")
     else:
         ai = inputs["ai_labels"]
         labels = _need_file(ai, "labels.jsonl", "ai_labels")
@@ -254,7 +256,8 @@ def preference_data(labels_from: str, inputs: Mapping[str, Path], test_fraction:
         human_test = split_pairs(h_items, test_fraction, salt)[1]
         metrics.update(h_stats.metrics(f"{prefix}/human_data"))
     if not train:
-        raise DataError(f"{prefix}: the train split is empty ({len(items)} usable pairs, test_fraction={test_fraction})")
+        raise DataError(f"{prefix}: the train split is empty ({len(items)} usable pairs, "
+                        f"test_fraction={test_fraction})")
     return PreferenceData(train, test, human_test, metrics)
 
 
@@ -276,7 +279,8 @@ class EncodedPair:
 def check_tokenizer(tokenizer, what: str) -> None:
     """Refuse a tokenizer that cannot pad (a batch of pairs needs padding)."""
     if tokenizer.pad_token_id is None:
-        eos = "" if tokenizer.eos_token_id is None else f" (it has an EOS token {tokenizer.eos_token!r}: set pad_token to it)"
+        eos = ("" if tokenizer.eos_token_id is None
+               else f" (it has an EOS token {tokenizer.eos_token!r}: set pad_token to it)")
         raise ConfigError(f"{what}: the tokenizer has no pad token{eos}; load it with "
                           "cai.models.load_tokenizer, which pads with EOS when there is no pad token")
 
@@ -419,6 +423,13 @@ def sharded_map(accelerator, n: int, fn: Callable[[list[int]], torch.Tensor]) ->
     local[:len(mine)] = part
     gathered = accelerator.gather(local.to(accelerator.device)).cpu().view(world, per, *part.shape[1:])
     return gathered.transpose(0, 1).reshape(world * per, *part.shape[1:])[:n]  # row j*world+rank -> index
+
+
+def no_cache_kwargs(model) -> dict[str, Any]:
+    """``{"use_cache": False}`` when the model's forward takes it (training and scoring need no
+    KV cache; building one costs memory). Call on the unwrapped model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"use_cache": False} if "use_cache" in inspect.signature(base.forward).parameters else {}
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

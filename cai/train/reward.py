@@ -56,6 +56,7 @@ from cai.train.pairs import (
     local_rows,
     loss_scale,
     micro_batches,
+    no_cache_kwargs,
     optimizer_step,
     orient,
     reduce_sums,
@@ -154,10 +155,13 @@ def reward_loss(r_a: torch.Tensor, r_b: torch.Tensor, p_a: torch.Tensor, margin:
     return loss
 
 
-def batch_rewards(model, batch: Mapping[str, torch.Tensor], device, autocast=contextlib.nullcontext):
-    """``(r_a, r_b)``, each ``[B, heads]`` in float32, from one forward over both sides."""
+def batch_rewards(model, batch: Mapping[str, torch.Tensor], device, autocast=contextlib.nullcontext,
+                  extra: Mapping[str, Any] | None = None):
+    """``(r_a, r_b)``, each ``[B, heads]`` in float32, from one forward over both sides.
+    ``extra``: more forward arguments (see :func:`~cai.train.pairs.no_cache_kwargs`)."""
     with autocast():
-        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                    **(extra or {}))
     rewards = out.logits.float()
     return rewards.chunk(2)
 
@@ -243,6 +247,7 @@ def train_reward_model(
     total = steps_per_epoch(n, cfg.batch_size) * cfg.epochs
     optimizer = C.make_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = C.make_scheduler(optimizer, C.resolve_warmup(cfg.warmup, total), total, cfg.schedule)
+    extra = no_cache_kwargs(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = C.load_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler)
     resumed_from = state.step if state else None
@@ -263,7 +268,7 @@ def train_reward_model(
             sync = contextlib.nullcontext() if j == len(chunks) - 1 else accelerator.no_sync(model)
             with sync:
                 batch = collate_pairs([train[i] for i in chunk], pad_id)
-                r_a, r_b = batch_rewards(model, batch, device, accelerator.autocast)
+                r_a, r_b = batch_rewards(model, batch, device, accelerator.autocast, extra)
                 p_a = batch["p_a"].to(device)
                 per = reward_loss(r_a, r_b, p_a, cfg.margin, cfg.center_rewards_coefficient, cfg.soft_labels)
                 w = head_weights[chunk].to(device) if head_weights is not None else torch.ones_like(per)

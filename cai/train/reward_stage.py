@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from cai.data import Prompt, write_jsonl
@@ -42,6 +41,7 @@ from cai.train.pairs import (
     preference_data,
     load_labelled_pairs,
     merged_for_saving,
+    no_cache_kwargs,
     orient,
     sharded_map,
     split_pairs,
@@ -58,13 +58,14 @@ STATS_FILE = "reward_stats.json"
 def score_rows(model, rows: Sequence[Encoded], pad_id: int, batch_size: int, device) -> torch.Tensor:
     """Rewards ``[N, heads]`` (float32, CPU) of tokenised sequences, batched by length."""
     model.eval()
+    extra = no_cache_kwargs(model)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
     out = torch.empty((len(rows), int(model.config.num_labels)), dtype=torch.float32)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = C.pad_and_mask([{"input_ids": rows[i].input_ids} for i in idx], pad_id)
         logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits
+                       attention_mask=batch["attention_mask"].to(device), **extra).logits
         out[idx] = logits.float().cpu()
     return out
 

