@@ -220,7 +220,23 @@ def group_arms(runs: list[RunRecord], varying: list[str]) -> list[Arm]:
     if len(groups) == 1:
         only = next(iter(groups.values()))
         return [Arm(str(only[0].info.get("experiment") or "run"), only)]
+    if ARM_TAG in arm_keys:  # an `arm` preset names its runs: show that, not every key it set
+        return [Arm(_tagged_name(rs, groups, arm_keys), rs) for rs in groups.values()]
     return [Arm(name, rs) for name, rs in groups.items()]
+
+
+ARM_TAG = "tags.arm"
+
+
+def _tagged_name(runs: list[RunRecord], groups: dict[str, list[RunRecord]], arm_keys: list[str]) -> str:
+    """``tags.arm=<tag>``, plus the keys that tell apart groups sharing that tag."""
+    flat = flatten(runs[0].config)
+    tag = flat.get(ARM_TAG, _MISSING)
+    siblings = [flatten(g[0].config) for g in groups.values() if flatten(g[0].config).get(ARM_TAG, _MISSING) == tag]
+    extra = [k for k in arm_keys if k != ARM_TAG
+             and len({format_value(f.get(k, _MISSING)) for f in siblings}) > 1]
+    name = f"{ARM_TAG}={format_value(tag)}"
+    return name + (" (" + ", ".join(f"{k}={format_value(flat.get(k, _MISSING))}" for k in extra) + ")" if extra else "")
 
 
 def collect(path: str | Path) -> ReportData:
