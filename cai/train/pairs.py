@@ -28,44 +28,21 @@ import inspect
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, List
+from typing import Any
 
 import torch
 
 from cai.data import Label, Pair, read_jsonl, split_by_hash
 from cai.errors import ConfigError, DataError
 from cai.train.common import Encoded, encode_example, epoch_order, pad_and_mask
+from cai.train.lora import LoraOptions  # noqa: F401 (re-exported: the loops import it from here)
 
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- config pieces
-@dataclass
-class LoraOptions:
-    """LoRA adapters for the trained model (peft); off unless ``enabled``.
-
-    target_modules: names of the linear layers to adapt; empty lets peft choose for the
-    architecture (``c_attn`` for GPT-2, attention projections for Llama/Gemma/BERT).
-    """
-
-    enabled: bool = False
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: List[str] = field(default_factory=list)
-
-    def spec(self):
-        """A :class:`cai.models.LoraSpec`, or ``None`` when disabled."""
-        from cai.models import LoraSpec
-
-        if not self.enabled:
-            return None
-        return LoraSpec(r=self.r, alpha=self.alpha, dropout=self.dropout,
-                        target_modules=tuple(self.target_modules) or None)
-
-
 def as_dataclass(cls, value: Any):
     """``cls`` from a dataclass instance or a (possibly partial) dict; unknown keys are an error."""
     if isinstance(value, cls):

@@ -13,20 +13,13 @@ from typing import Any, List, Optional
 
 from cai.errors import ConfigError
 from cai.train.judge_answers import JudgeAnswersConfig
+from cai.train.lora import LoraOptions
 
 SOURCES = ("revisions", "judge_answers")
 
 
-@dataclass
-class SFTLoraConfig:
-    """LoRA adapters for SFT (peft); off unless ``enabled``."""
-
-    enabled: bool = False
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    # empty: peft's defaults for the architecture (c_attn for GPT-2, q/v projections for Llama)
-    target_modules: List[str] = field(default_factory=list)
+# the shared LoRA options; the name stays for the code and tests that use it
+SFTLoraConfig = LoraOptions
 
 
 @dataclass
