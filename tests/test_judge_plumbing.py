@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -261,10 +262,38 @@ def test_cache_survives_concurrent_writer_processes(tmp_path):
             c.put(f"{{sys.argv[1]}}-{{i}}", {{"i": i}})
         """
     )
-    procs = [subprocess.Popen([sys.executable, "-c", code, tag]) for tag in ("p", "q")]
-    assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    # Four processes open the same *new* file at once: the WAL switch races (CI once lost it).
+    tags = ("p", "q", "r", "s")
+    procs = [subprocess.Popen([sys.executable, "-c", code, tag]) for tag in tags]
+    assert [p.wait(timeout=120) for p in procs] == [0] * len(tags)
     cache = JudgeCache(path)
-    assert len(cache) == 400 and cache.get("q-199") == {"i": 199}
+    assert len(cache) == 200 * len(tags) and cache.get("s-199") == {"i": 199}
+
+
+def test_cache_setup_retries_a_locked_database_and_gives_up_on_other_errors():
+    from cai.feedback.judges.cache import _retry_while_locked
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise sqlite3.OperationalError("database is locked")
+        return "ok"
+
+    assert _retry_while_locked(flaky) == "ok" and len(calls) == 3
+
+    def broken():
+        raise sqlite3.OperationalError("no such table: answers")
+
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        _retry_while_locked(broken)
+
+    def always_locked():
+        raise sqlite3.OperationalError("database is locked")
+
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        _retry_while_locked(always_locked, deadline_s=0.05)
 
 
 # ---- cost and budget -----------------------------------------------------------------------

@@ -108,6 +108,29 @@ def call_key(
     )
 
 
+_BUSY_TIMEOUT_S = 60.0
+
+
+def _retry_while_locked(statement, deadline_s: float = _BUSY_TIMEOUT_S):
+    """Run ``statement()``, retrying while another process holds the database.
+
+    Switching a fresh file to WAL takes an exclusive lock, and SQLite answers that switch with
+    "database is locked" at once -- without waiting out the busy timeout -- when a second
+    process is opening the same new file at that moment (two sweep jobs starting together).
+    """
+    deadline = time.monotonic() + deadline_s
+    pause = 0.005
+    while True:
+        try:
+            return statement()
+        except sqlite3.OperationalError as exc:
+            text = str(exc).lower()
+            if ("locked" not in text and "busy" not in text) or time.monotonic() > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.25)
+
+
 class JudgeCache:
     """``get``/``put`` of JSON answers by key in a SQLite file (WAL; multi-process safe)."""
 
@@ -115,11 +138,16 @@ class JudgeCache:
         self.path = Path(path).expanduser()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(str(self.path), timeout=60.0, check_same_thread=False, isolation_level=None)
-            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn = sqlite3.connect(
+                str(self.path), timeout=_BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None
+            )
+            _retry_while_locked(lambda: self._conn.execute("PRAGMA journal_mode=WAL"))
             self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute(
-                "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL NOT NULL)"
+            _retry_while_locked(
+                lambda: self._conn.execute(
+                    "CREATE TABLE IF NOT EXISTS answers "
+                    "(key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL NOT NULL)"
+                )
             )
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(
