@@ -291,3 +291,42 @@ def test_heldout_judge_monitor_warns_when_rm_rises_alone(tiny_model_dir, tmp_pat
     assert rows[-1]["ppo/heldout/judge_score"] == 5.0
     # the sampler's own log-probs as the rollout's: the same numbers up to float noise (KV cache)
     assert abs(rows[0]["ppo/objective/kl"]) < 1e-4 and rows[0]["ppo/sampler_logprob_gap"] == 0.0
+
+
+def test_command_line_trains_against_a_reward_artifact_and_rejects_bad_input(tmp_path, tiny_model_dir):
+    """``python -m cai.train.ppo`` in-process (one process): a reward artifact, prompt records, saved policy."""
+    import json
+
+    from cai.data import Prompt, write_jsonl
+    from cai.errors import ConfigError
+    from cai.testing.preference_task import task_corpus, write_task
+    from cai.tiny import TinyModelConfig, build_tiny_sequence_classifier, default_tiny_corpus
+    from cai.train.pairs import PreferenceData, load_labelled_pairs, split_pairs
+    from cai.train.ppo_stage import main
+    from cai.train.reward import RewardConfig
+    from cai.train.reward_stage import backbone_loader, run_reward
+
+    backbone = build_tiny_sequence_classifier(tmp_path / "bb", default_tiny_corpus() + task_corpus(),
+                                              TinyModelConfig(vocab_size=512, n_layer=1, n_head=2, n_embd=32))
+    items, stats = load_labelled_pairs(*write_task(tmp_path / "task", 32, seed=1))
+    train, test = split_pairs(items, 0.25)
+    rcfg = RewardConfig(backbone=str(backbone), epochs=1, batch_size=8, max_length=64, device="cpu",
+                        bootstrap_resamples=50)
+    run_reward(rcfg, PreferenceData(train, test, [], stats.metrics("rm/data")), backbone_loader(rcfg, str(backbone)),
+               seed=0, out_dir=tmp_path / "rm", state_dir=tmp_path / "rm_state")
+    write_jsonl(tmp_path / "prompts.jsonl", [Prompt.create(c, "test") for c in PROMPTS[:8]])
+    base = ["--policy", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.jsonl"), "--reward",
+            str(tmp_path / "rm"), "--chat-format", "hh"]
+    knobs = ["steps=2", "rollout_batch_size=4", "mini_batch_size=2", "micro_batch_size=1", "max_new_tokens=4",
+             "device=cpu", "value_model=head", "monitors.window=2"]
+    assert main([*base, "--out", str(tmp_path / "out"), *knobs]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["ppo/steps"] == 2 and metrics["ppo/processes"] == 1 and metrics["ppo/prompts"] == 8
+    assert (tmp_path / "out" / "model" / "config.json").is_file()
+    assert len(read_train_log(tmp_path / "out" / "state" / "train_log.jsonl")) == 2
+    with pytest.raises(ConfigError, match="monitors.nope|nope"):
+        main([*base, "--out", str(tmp_path / "bad"), "monitors.nope=1"])
+    with pytest.raises(ConfigError, match="--prompts .*missing.jsonl: no such file"):
+        main([*base[:3], str(tmp_path / "missing.jsonl"), *base[4:], "--out", str(tmp_path / "bad")])
+    with pytest.raises(ConfigError, match="d-RLAIF"):
+        main([*base, "--out", str(tmp_path / "bad"), "reward_from=judge"])

@@ -34,6 +34,7 @@ the pipeline stage ``ppo`` and the reward functions in :mod:`cai.train.ppo_stage
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -48,7 +49,7 @@ from cai.hashing import stable_hash
 from cai.sampling import SamplingEngine, SamplingParams
 from cai.train import common as C
 from cai.train import ppo_core as K
-from cai.train.pairs import LoraOptions, as_dataclass, disable_dropout, local_rows, micro_batches
+from cai.train.pairs import LoraOptions, as_dataclass, disable_dropout, local_rows, micro_batches, reduce_sums
 from cai.train.ppo_monitors import MonitorConfig, PPOMonitors, Warning_
 from cai.train.ppo_rollout import PolicyAndValue, Rollout, make_rollout
 
@@ -70,8 +71,8 @@ class PPOConfig:
     judge_principles: int = 1  # d-RLAIF: preference principles sampled per response (scores averaged)
     steps: int = 20  # PPO steps (rollout + update)
     rollout_batch_size: int = 16  # prompts per step, over all processes
-    mini_batch_size: int = 8  # rows per optimizer step
-    micro_batch_size: int = 4  # rows per forward pass (gradient accumulation inside a minibatch)
+    mini_batch_size: int = 8  # rows per optimizer step, over all processes
+    micro_batch_size: int = 4  # rows per forward pass on one process (gradient accumulation)
     ppo_epochs: int = 2  # passes over each rollout
     lr: float = 1e-5
     weight_decay: float = 0.0
@@ -196,8 +197,12 @@ class Advantages:
     values: torch.Tensor
 
 
-def compute_advantages(ro: Rollout, cfg: PPOConfig, kl_coef: float) -> Advantages:
-    """KL penalty, token rewards, GAE and whitening for one rollout (all on the rollout's masks)."""
+def compute_advantages(ro: Rollout, cfg: PPOConfig, kl_coef: float, all_reduce=None) -> Advantages:
+    """KL penalty, token rewards, GAE and whitening for one rollout (all on the rollout's masks).
+
+    ``all_reduce`` (a sum over processes; None with one process) makes the whitening use the
+    statistics of the global rollout batch rather than this process's share of it.
+    """
     mask = ro.mask
     m = mask.to(ro.logprobs.dtype)
     kl = K.kl_penalty(ro.logprobs, ro.ref_logprobs, cfg.kl_estimator) * m
@@ -205,11 +210,11 @@ def compute_advantages(ro: Rollout, cfg: PPOConfig, kl_coef: float) -> Advantage
     rewards, non_score = K.token_rewards(kl, ro.scores * ro.valid.to(m.dtype), kl_coef, end)
     rewards = rewards * m
     if cfg.whiten_rewards:
-        rewards = K.masked_whiten(rewards, mask, shift_mean=False) * m
+        rewards = K.masked_whiten(rewards, mask, shift_mean=False, all_reduce=all_reduce) * m
     values = ro.values * m
     advantages, returns = K.gae(rewards, values, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
-        advantages = K.masked_whiten(advantages, mask)
+        advantages = K.masked_whiten(advantages, mask, all_reduce=all_reduce)
     return Advantages(kl, non_score, advantages * m, returns, values)
 
 
@@ -240,6 +245,8 @@ def train_ppo(policy, tokenizer, conversations: Sequence[list[dict]], reward_fn:
                     "ratio and KL are off-policy estimates; prefer top_k=0, top_p=1")
     accelerator = accelerator or C.make_accelerator(mixed_precision=cfg.mixed_precision, device=cfg.device)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    check_world_size(cfg, world)
+    all_reduce = (lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None
     C.seed_everything(seed)
     for m in (policy, ref_model, value_backbone):
         if m is not None and cfg.disable_dropout:
@@ -276,9 +283,10 @@ def train_ppo(policy, tokenizer, conversations: Sequence[list[dict]], reward_fn:
                                 seed=_stream_seed(seed, step, rank))
         ro = make_rollout(engine, unwrapped, ref_model, [prompt_texts[i] for i in rows],
                           [conversations[i] for i in rows], params, reward_fn, cfg, accelerator)
-        adv = compute_advantages(ro, cfg, kl_ctl.value)
+        adv = compute_advantages(ro, cfg, kl_ctl.value, all_reduce)
         t0 = time.perf_counter()
-        stats = _update(container, optimizer, accelerator, ro, adv, cfg, _stream_seed(seed, step, rank, 1))
+        stats = _update(container, optimizer, accelerator, ro, adv, cfg, _stream_seed(seed, step, rank, 1),
+                        cfg.mini_batch_size // world)
         scheduler.step()
         train_s = time.perf_counter() - t0
         step += 1
@@ -305,16 +313,42 @@ def train_ppo(policy, tokenizer, conversations: Sequence[list[dict]], reward_fn:
             C.save_checkpoint(ckpt_dir, accelerator, container, optimizer, scheduler, step, epoch, pos,
                               extra={"kl_controller": kl_ctl.state_dict(), "monitors": monitors.state_dict()})
     logger.close()
+    if world > 1:
+        _check_replicas_agree(accelerator, container)
     final = {k: v for k, v in metrics.items() if not k.startswith("ppo/time/")}
     final["ppo/steps"] = step
+    final["ppo/processes"] = world
     for kind in sorted({w.kind for w in warnings}):
         final[f"ppo/warnings/{kind}"] = sum(w.kind == kind for w in warnings)
     return PPOResult(unwrapped.policy, unwrapped, final, warnings, resumed)
 
 
+def check_world_size(cfg: PPOConfig, world: int) -> None:
+    """Batch sizes are global: every process must get the same share of a rollout and minibatch."""
+    for name in ("rollout_batch_size", "mini_batch_size"):
+        if getattr(cfg, name) % world:
+            raise ConfigError(f"ppo.{name}={getattr(cfg, name)} is split over {world} processes: "
+                              f"it must be a multiple of {world}")
+
+
+def _check_replicas_agree(accelerator, container) -> None:
+    """DDP keeps every process's weights equal; a checksum per process proves it at the end."""
+    with torch.no_grad():
+        total = sum(p.detach().double().sum() for p in container.parameters() if p.requires_grad)
+    sums = accelerator.gather(torch.stack([total]).to(accelerator.device)).tolist()
+    if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
+        raise RuntimeError(f"ppo: the processes' weights diverged (checksums {sums}); data parallelism is broken")
+
+
 def _update(container, optimizer, accelerator, ro: Rollout, adv: Advantages, cfg: PPOConfig,
-            shuffle_seed: int) -> dict[str, float]:
-    """``ppo_epochs`` passes of minibatch updates; returns TRL's averaged statistics."""
+            shuffle_seed: int, mini_batch_size: int) -> dict[str, float]:
+    """``ppo_epochs`` passes of minibatch updates; returns TRL's averaged statistics.
+
+    ``mini_batch_size`` is this process's share of a minibatch: every process takes the same
+    number of rows per optimizer step, and DDP's gradient average over processes of each one's
+    minibatch mean is the mean over the global minibatch. Gradients are synchronised once per
+    minibatch (on its last micro-batch), not once per micro-batch.
+    """
     n = ro.input_ids.size(0)
     gen = torch.Generator().manual_seed(shuffle_seed)
     sums: dict[str, float] = {}
@@ -323,33 +357,41 @@ def _update(container, optimizer, accelerator, ro: Rollout, adv: Advantages, cfg
     container.train()
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(n, generator=gen).tolist()
-        for mb in micro_batches(perm, cfg.mini_batch_size):
-            for micro in micro_batches(mb, cfg.micro_batch_size):
-                idx = torch.tensor(micro, device=ro.input_ids.device)
-                with accelerator.autocast():
-                    logits, values = container(ro.input_ids[idx], ro.attention_mask[idx], ro.position_ids[idx],
-                                               ro.prompt_width)
-                mask = ro.mask[idx]
-                logp = torch.log_softmax(logits.float() / cfg.temperature, dim=-1)  # once: log-probs and entropy
-                # padding holds 0 like the rollout's log-probs, so every statistic sees ratio 1 there
-                new_lp = logp.gather(-1, ro.responses[idx].unsqueeze(-1)).squeeze(-1) * mask
-                pl = K.policy_loss(new_lp, ro.logprobs[idx], adv.advantages[idx], mask, cfg.cliprange)
-                vl = K.value_loss(values.float(), adv.values[idx], adv.returns[idx], mask, cfg.cliprange_value)
-                loss = (pl.loss + cfg.vf_coef * vl.loss) * (len(micro) / len(mb))
-                accelerator.backward(loss)
-                with torch.no_grad():
-                    ent = K.masked_mean(-(logp.exp() * logp).sum(-1), mask)
-                for k, v in (("policy/approxkl_avg", pl.approxkl), ("policy/clipfrac_avg", pl.clipfrac),
-                             ("loss/policy_avg", pl.loss), ("loss/value_avg", vl.loss),
-                             ("val/clipfrac_avg", vl.clipfrac), ("policy/entropy_avg", ent),
-                             ("val/ratio", pl.ratio_mean)):
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+        for mb in micro_batches(perm, mini_batch_size):
+            micros = micro_batches(mb, cfg.micro_batch_size)
+            for i, micro in enumerate(micros):
+                sync = contextlib.nullcontext() if i == len(micros) - 1 else accelerator.no_sync(container)
+                with sync:
+                    stats = _micro_step(container, accelerator, ro, adv, cfg, micro, len(micro) / len(mb))
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
                 count += 1
             limit = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             norms.append(float(accelerator.clip_grad_norm_(container.parameters(), limit)))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     return {**{k: v / count for k, v in sums.items()}, "grad_norm": sum(norms) / len(norms)}
+
+
+def _micro_step(container, accelerator, ro: Rollout, adv: Advantages, cfg: PPOConfig, micro: list[int],
+                weight: float) -> dict[str, float]:
+    """Forward and backward of one micro-batch (its loss weighted by its share of the minibatch)."""
+    idx = torch.tensor(micro, device=ro.input_ids.device)
+    with accelerator.autocast():
+        logits, values = container(ro.input_ids[idx], ro.attention_mask[idx], ro.position_ids[idx], ro.prompt_width)
+    mask = ro.mask[idx]
+    logp = torch.log_softmax(logits.float() / cfg.temperature, dim=-1)  # once: log-probs and entropy
+    # padding holds 0 like the rollout's log-probs, so every statistic sees ratio 1 there
+    new_lp = logp.gather(-1, ro.responses[idx].unsqueeze(-1)).squeeze(-1) * mask
+    pl = K.policy_loss(new_lp, ro.logprobs[idx], adv.advantages[idx], mask, cfg.cliprange)
+    vl = K.value_loss(values.float(), adv.values[idx], adv.returns[idx], mask, cfg.cliprange_value)
+    accelerator.backward((pl.loss + cfg.vf_coef * vl.loss) * weight)
+    with torch.no_grad():
+        ent = K.masked_mean(-(logp.exp() * logp).sum(-1), mask)
+    return {k: float(v.detach()) for k, v in (
+        ("policy/approxkl_avg", pl.approxkl), ("policy/clipfrac_avg", pl.clipfrac), ("loss/policy_avg", pl.loss),
+        ("loss/value_avg", vl.loss), ("val/clipfrac_avg", vl.clipfrac), ("policy/entropy_avg", ent),
+        ("val/ratio", pl.ratio_mean))}
 
 
 def _step_metrics(ro: Rollout, adv: Advantages, stats: Mapping[str, float], kl_coef: float, scheduler,
@@ -381,7 +423,21 @@ def _step_metrics(ro: Rollout, adv: Advantages, stats: Mapping[str, float], kl_c
         keys = sorted(local)
         t = accelerator.reduce(torch.tensor([local[k] for k in keys], device=accelerator.device), "mean")
         local = dict(zip(keys, t.tolist()))
+    counts = reduce_sums(accelerator, {"reward_failed": int((~valid).sum()), "val/num_eos_tokens": int(ro.ended.sum())})
     out = {f"ppo/{k}": v for k, v in local.items()}
-    out.update({"ppo/kl_coef": kl_coef, "ppo/lr": scheduler.get_last_lr()[0],
-                "ppo/reward_failed": int((~valid).sum()), "ppo/val/num_eos_tokens": int(ro.ended.sum())})
+    out.update({f"ppo/{k}": int(v) for k, v in counts.items()})
+    out.update({"ppo/kl_coef": kl_coef, "ppo/lr": scheduler.get_last_lr()[0]})
     return out
+
+
+if __name__ == "__main__":  # [accelerate launch] python -m cai.train.ppo --help
+    import sys
+
+    from cai.errors import CaiError
+    from cai.train.ppo_stage import main
+
+    try:
+        raise SystemExit(main())
+    except CaiError as e:  # a user mistake: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -7,7 +7,8 @@ case and ``tests/test_ppo_trl_parity.py`` checks KL terms, rewards, advantages, 
 both losses against TRL 1.12's experimental ``PPOTrainer`` on the same batch and masks.
 
 - Masked statistics: :func:`masked_mean`, :func:`masked_var` (Bessel-corrected by default, as
-  TRL does), :func:`masked_whiten` (zero mean / unit variance over the masked entries).
+  TRL does), :func:`masked_whiten` (zero mean / unit variance over the masked entries; with an
+  ``all_reduce`` over the entries of every data-parallel process).
 - KL: :func:`kl_penalty` with the ``k1`` (``log p - log q``, unbiased, can be negative per
   token) or ``k3`` (``(r - 1) - log r`` with ``r = q / p``, never negative) estimator of
   ``KL(policy || reference)`` from the sampled tokens' log-probs (J. Schulman, "Approximating
@@ -25,6 +26,8 @@ both losses against TRL 1.12's experimental ``PPOTrainer`` on the same batch and
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,12 +61,38 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return var
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """``(values - mean) / sqrt(var + 1e-8)`` over the masked entries; ``shift_mean=False`` keeps
-    the mean (scales only the spread, what reward whitening wants)."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    the mean (scales only the spread, what reward whitening wants).
+
+    ``all_reduce`` (a sum over data-parallel processes) whitens with the statistics of the
+    *global* batch: the moments ``(n, sum, sum of squares)`` of every process are summed, so two
+    processes holding halves of a batch whiten exactly as one process holding all of it.
+    """
+    if all_reduce is None:
+        mean, var = masked_mean(values, mask), masked_var(values, mask)
+    else:
+        mean, var = _global_mean_var(values, mask, all_reduce)
     out = (values - mean) * torch.rsqrt(var + 1e-8)
     return out if shift_mean else out + mean
+
+
+def masked_moments(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[n, sum, sum of squares]`` of the masked entries, float64 (summable across processes)."""
+    v = values.detach().double()
+    m = mask.to(torch.float64)
+    return torch.stack([m.sum(), (v * m).sum(), (v * v * m).sum()])
+
+
+def _global_mean_var(values: torch.Tensor, mask: torch.Tensor, all_reduce) -> tuple[torch.Tensor, torch.Tensor]:
+    n, total, squares = all_reduce(masked_moments(values, mask)).tolist()
+    if n < 2:
+        raise ValueError("masked_whiten: need at least 2 unmasked entries over all processes")
+    mean = total / n
+    var = max(squares / n - mean * mean, 0.0) * n / (n - 1)  # Bessel-corrected, as masked_var
+    as_tensor = functools.partial(torch.tensor, dtype=values.dtype, device=values.device)
+    return as_tensor(mean), as_tensor(var)
 
 
 # ----------------------------------------------------------------------------- KL and rewards

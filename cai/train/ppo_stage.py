@@ -14,15 +14,18 @@ warnings); checkpoints stay in ``ctx.state_dir`` so a killed build resumes exact
 
 from __future__ import annotations
 
+import argparse
 import functools
+import json
 import logging
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from cai.data import write_jsonl
 from cai.errors import ConfigError
+from cai.train import common as C
 from cai.train.pairs import merged_for_saving
 from cai.train.ppo import PPOConfig, coerce_ppo_config, train_ppo
 from cai.train.ppo_rewards import JudgeScoreReward, RMReward
@@ -149,3 +152,74 @@ def ppo_stage(cfg) -> Any:
                         "cache_path": str(Path(root).expanduser() / "judge_cache.sqlite")})
     fn = functools.partial(build_ppo, runtime=runtime)
     return Stage("ppo", fn, key, inputs, uses_constitution=uses_judge)
+
+
+# ----------------------------------------------------------------------------- command line
+def _nested(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"lora.r": 8}`` -> ``{"lora": {"r": 8}}`` (PPOConfig's groups: lora, monitors)."""
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {part!r} is a value, not a group")
+        node[leaf] = value
+    return out
+
+
+def read_prompt_file(path: Path) -> list[list[dict]]:
+    """Conversations from a ``prompts`` artifact directory (its train split) or a JSONL file of
+    prompt records (``{"id", "messages", "source"}``, as the ``prompts`` stage writes them)."""
+    from cai.records import Prompt, read_jsonl
+    from cai.stages import read_prompts
+
+    if path.is_dir():
+        if not (path / "train.jsonl").is_file():
+            raise ConfigError(f"--prompts {path}: a directory must be a prompts artifact (with train.jsonl)")
+        prompts = read_prompts(path, "train")
+    elif path.is_file():
+        prompts = read_jsonl(path, Prompt)
+    else:
+        raise ConfigError(f"--prompts {path}: no such file or directory")
+    return [p.messages_as_dicts() for p in prompts]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``[accelerate launch] python -m cai.train.ppo --policy M --prompts P --reward DIR --out DIR [key=value ...]``"""
+    from cai.train.reward_stage import RewardScorer, parse_overrides
+
+    p = argparse.ArgumentParser(prog="python -m cai.train.ppo", description=main.__doc__)
+    p.add_argument("--policy", required=True, help="hub name or local path of the starting policy (also the "
+                   "reference and the value backbone's initial weights)")
+    p.add_argument("--prompts", type=Path, required=True,
+                   help="a prompts artifact directory (train split) or a JSONL file of prompt records")
+    p.add_argument("--reward", type=Path, required=True, help="a reward artifact directory (the reward stage's output)")
+    p.add_argument("--out", type=Path, required=True, help="output directory (model/, train_log.jsonl, state/)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat-format", default="auto", help="auto | template | hh")
+    p.add_argument("overrides", nargs="*", help="PPOConfig fields, e.g. steps=50 kl_coef=0.1 lora.enabled=true")
+    args = p.parse_args(argv)
+    pcfg = coerce_ppo_config(_nested(parse_overrides(args.overrides)))
+    if pcfg.reward_from != "reward_model":
+        raise ConfigError("python -m cai.train.ppo trains against --reward; d-RLAIF (reward_from=judge) runs "
+                          "through `cai run ppo.reward_from=judge`")
+    conversations = read_prompt_file(args.prompts)
+    policy, ref, value, tok, chat_format = load_models({"chat_format": args.chat_format}, args.policy, pcfg, args.seed)
+    accelerator = C.make_accelerator(mixed_precision=pcfg.mixed_precision, device=pcfg.device)
+    scorer = RewardScorer.load(args.reward, device=str(accelerator.device))
+    reward_fn = RMReward(scorer, pcfg.reward_normalize, pcfg.reward_scale, pcfg.reward_clip)
+    result = train_ppo(policy, tok, conversations, reward_fn, pcfg, seed=args.seed, state_dir=args.out / "state",
+                       chat_format=chat_format, ref_model=ref, value_backbone=value, accelerator=accelerator)
+    if accelerator.is_main_process:
+        merged_for_saving(result.model).save_pretrained(args.out / "model")
+        tok.save_pretrained(args.out / "model")
+        metrics = {**result.metrics, "ppo/resumed_from_step": result.resumed_from or 0,
+                   "ppo/prompts": len(conversations)}
+        (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        write_jsonl(args.out / "warnings.jsonl", [w.to_dict() for w in result.warnings])
+        print(json.dumps({k: v for k, v in metrics.items() if k.startswith("ppo/objective/")}, indent=1))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group: gloo aborts at exit otherwise
+    return 0
