@@ -140,12 +140,13 @@ class _FakeServerBase(abc.ABC):
 
     def __init__(
         self, faults: Faults | None = None, model: FakeModel | None = None, api_key: str | None = None,
-        answer_style: str = "{label}",
+        answer_style: str = "{label}", port: int = 0,
     ) -> None:
         self.faults = faults or Faults()
         self.model = model or FakeModel(seed=self.faults.seed)
         self.api_key = api_key  # when set, any other key gets a 401 that echoes it (as some APIs do)
         self.answer_style = answer_style
+        self.requested_port = port  # 0: any free port
         self.records: list[RequestRecord] = []  # appended when the reply is sent
         self.n_received = 0  # counted on arrival (a hung request is counted before it is recorded)
         self._receipts: Counter[str] = Counter()
@@ -182,7 +183,7 @@ class _FakeServerBase(abc.ABC):
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._httpd = _Server(("127.0.0.1", 0), Handler)
+        self._httpd = _Server(("127.0.0.1", self.requested_port), Handler)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, name=type(self).__name__, daemon=True
         )
@@ -411,3 +412,30 @@ class FakeAnthropicServer(_FakeServerBase):
             "stop_reason": stop_reason, "stop_sequence": None,
             "usage": {"input_tokens": prompt_tokens(texts), "output_tokens": max(1, len(text.split()))},
         }, text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cai.testing.servers openai|anthropic [--port N]``: serve a fake API until Ctrl-C.
+
+    For trying the API-judge presets offline (``judge.base_url=<printed URL>``); the fake model
+    is the deterministic one the tests use, not a real judge.
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m cai.testing.servers", description=main.__doc__)
+    p.add_argument("protocol", choices=["openai", "anthropic"])
+    p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free port)")
+    args = p.parse_args(argv)
+    server = (FakeOpenAIServer if args.protocol == "openai" else FakeAnthropicServer)(port=args.port)
+    with server:
+        print(f"fake {args.protocol} API at {server.base_url} (Ctrl-C stops it)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
