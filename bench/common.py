@@ -8,6 +8,10 @@ Rules every benchmark here follows (so numbers are comparable between runs and m
   of the machine (other jobs, thermal state) hits every candidate alike; medians are quoted.
 - Every timed function ends with its results on the host (Python lists), which also
   synchronises CUDA.
+
+The model-FLOP estimate (``TransformerShape``, ``forward_flops``, ``ppo_step_flops``) and the
+peak table behind MFU (``peak_tflops``, ``mfu``) live here too, so every benchmark counts work
+the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +97,7 @@ def environment(device: str) -> dict:
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
         env["cuda"] = torch.version.cuda
+        env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32  # fp32 matmuls on tensor cores?
     return env
 
 
@@ -140,6 +145,110 @@ def build_bench_model(size: str, seed: int = 0) -> Path:
     cfg = TinyModelConfig(**{**cfg.__dict__, "seed": seed})
     out = Path(tempfile.mkdtemp(prefix=f"cai-bench-{size}-"))
     return build_tiny_causal_lm(out, bench_corpus(), cfg)
+
+
+# ----------------------------------------------------------------------------- model FLOPs and MFU
+@dataclass(frozen=True)
+class TransformerShape:
+    """What the FLOPs of a GPT-2-style decoder (non-gated MLP ``d_ff`` wide) depend on."""
+
+    n_layer: int
+    d_model: int
+    d_ff: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config) -> TransformerShape:
+        """From a transformers config (GPT-2 names first, then the generic ones)."""
+        d = getattr(config, "n_embd", None) or config.hidden_size
+        layers = getattr(config, "n_layer", None) or config.num_hidden_layers
+        d_ff = getattr(config, "n_inner", None) or getattr(config, "intermediate_size", None) or 4 * d
+        return cls(int(layers), int(d), int(d_ff), int(config.vocab_size))
+
+    @property
+    def block_params(self) -> int:
+        """N: the weight matrices of the blocks (attention 4·d², MLP 2·d·d_ff per layer). Embeddings,
+        biases and norms are left out: a lookup is no matmul, the rest is well under 1% of the FLOPs."""
+        return self.n_layer * (4 * self.d_model ** 2 + 2 * self.d_model * self.d_ff)
+
+
+def forward_flops(shape: TransformerShape, tokens: float, outputs: float, out_width: int) -> float:
+    """Model FLOPs of one causal forward over a sequence of ``tokens`` tokens.
+
+    ``2·N·tokens`` for the block matmuls, ``2·n_layer·d·tokens·(tokens+1)`` for attention (the
+    query at position i scores and mixes i+1 keys: 4·d·(i+1) per layer; the same with or without
+    a KV cache), and ``2·d·out_width`` per output row of the head (``vocab`` for an LM head at the
+    positions whose logits are needed, 1 for a scalar value or reward head).
+    """
+    attention = 2 * shape.n_layer * shape.d_model * tokens * (tokens + 1)
+    return 2 * shape.block_params * tokens + attention + 2 * shape.d_model * out_width * outputs
+
+
+@dataclass(frozen=True)
+class PPOFlops:
+    """Model FLOPs of one PPO step, by phase (the phases of ``cai.train.ppo``'s log)."""
+
+    generate: float
+    score: float
+    train: float
+
+    @property
+    def total(self) -> float:
+        return self.generate + self.score + self.train
+
+
+def ppo_step_flops(policy: TransformerShape, rows: Sequence[tuple[float, float]], epochs: int,
+                   value: TransformerShape | None = None, reward: TransformerShape | None = None) -> PPOFlops:
+    """Model FLOPs of one PPO step over ``rows`` = (prompt tokens, response tokens) per rollout row.
+
+    With T = prompt + response and R = response tokens of a row:
+
+    - generate: the policy reads the prompt and all but the last sampled token (T - 1 tokens,
+      prefill plus KV-cached decode) and produces R rows of logits;
+    - score: no-grad forwards over T tokens of the policy and the reference (R logit rows each),
+      the value model (R values) and the reward model (one score);
+    - train: per PPO epoch, forward and backward (3x the forward) of policy and value over T.
+
+    ``value`` and ``reward`` default to the policy's shape (the benchmark's setup). Padding is
+    not counted: it is work the hardware does, not work the algorithm needs.
+    """
+    value, reward = value or policy, reward or policy
+    gen = score = train = 0.0
+    for i, (p, r) in enumerate(rows):
+        if p < 1 or r < 1:
+            raise ValueError(f"ppo_step_flops: row {i} has {p} prompt and {r} response tokens; expected >= 1 each")
+        t = p + r
+        lm = forward_flops(policy, t, r, policy.vocab)
+        v = forward_flops(value, t, r, 1)
+        gen += forward_flops(policy, t - 1, r, policy.vocab)
+        score += 2 * lm + v + forward_flops(reward, t, 1, 1)
+        train += epochs * 3 * (lm + v)
+    return PPOFlops(gen, score, train)
+
+
+#: Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's data sheets, matched in order
+#: as case-insensitive substrings of ``torch.cuda.get_device_name`` (so "L40S" before "L4").
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
+    ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0),
+)
+
+
+def peak_tflops(gpu_name: str | None, override: float | None = None) -> float | None:
+    """The GPU's dense bf16 peak in TFLOP/s: ``override`` if given, else the table; None if unknown."""
+    if override is not None:
+        if override <= 0:
+            raise ValueError(f"--peak-tflops={override}: expected a positive number of TFLOP/s")
+        return float(override)
+    name = (gpu_name or "").lower()
+    return next((tf for key, tf in PEAK_BF16_TFLOPS if key.lower() in name), None)
+
+
+def mfu(flops: float, seconds: float, peak_tflops_: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved FLOP/s over the peak (None without a peak, e.g. on CPU)."""
+    if peak_tflops_ is None:
+        return None
+    return flops / seconds / (peak_tflops_ * 1e12)
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:

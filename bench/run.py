@@ -3,8 +3,9 @@
 Runs the benchmarks (every ``bench/bench_<name>.py``, each exposing ``run(...)`` that prints
 its tables and returns a dict), then writes one JSON file with the numbers and the
 environment they were measured in (default ``bench/results/<names>-<device>-<size>-<time>.json``).
-``run`` receives whichever of ``device``, ``quick`` and ``model_size`` it declares. On CPU the
-runner pins one thread before torch is imported, so numbers do not depend on free cores.
+``run`` receives whichever of ``device``, ``quick``, ``model_size`` and ``peak_tflops`` it
+declares. On CPU the runner pins one thread before torch is imported, so numbers do not depend
+on free cores.
 """
 
 from __future__ import annotations
@@ -32,13 +33,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     parser.add_argument("--model-size", choices=("tiny", "small"), default="tiny",
                         help="tiny: 2 layers x 128, vocab 2048; small: GPT-2-small shape, vocab 8192")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="the GPU's dense bf16 peak for MFU (default: looked up by GPU name)")
     return parser.parse_args(argv)
 
 
 def run_one(name: str, args: argparse.Namespace) -> dict:
     """Import ``bench.bench_<name>`` and call its ``run`` with the arguments it declares."""
     module = importlib.import_module(f"bench.bench_{name}")
-    offered = {"device": args.device, "quick": args.quick, "model_size": args.model_size}
+    offered = {"device": args.device, "quick": args.quick, "model_size": args.model_size,
+               "peak_tflops": args.peak_tflops}
     accepted = inspect.signature(module.run).parameters
     started = time.time()
     result = module.run(**{k: v for k, v in offered.items() if k in accepted})
