@@ -143,7 +143,8 @@ def make_rollout(engine: SamplingEngine, container: PolicyAndValue, ref_model, p
                  ) -> Rollout:
     """Sample, score and lay out one rollout (phases timed: ``generate`` and ``score``)."""
     t0 = time.perf_counter()
-    completions = engine.generate(prompt_texts, params)
+    with accelerator.autocast():  # bf16/fp16 sampling under mixed precision, as the scoring forwards
+        completions = engine.generate(prompt_texts, params)
     prompt_ids = engine.encode_prompts(prompt_texts, params.max_new_tokens)
     t1 = time.perf_counter()
     ids, amask, pos, resp, rmask, width_p = layout(prompt_ids, [c.token_ids for c in completions],

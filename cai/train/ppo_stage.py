@@ -20,6 +20,7 @@ import json
 import logging
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,9 @@ def load_models(policy_cfg: dict[str, Any], location: str, pcfg: PPOConfig, seed
     policy, tok = load_causal_lm(spec, lora_seed=seed)
     ref = None
     if spec.lora is None:  # with LoRA the reference is the policy with its adapters disabled
-        ref, _ = load_causal_lm(spec)
+        # frozen: under bf16 mixed precision its weights need not stay fp32 (half the memory)
+        ref_spec = replace(spec, dtype="bfloat16") if pcfg.mixed_precision == "bf16" else spec
+        ref, _ = load_causal_lm(ref_spec)
     value = None
     if pcfg.value_model == "separate":
         value = AutoModel.from_pretrained(spec.name_or_path, revision=spec.revision,
