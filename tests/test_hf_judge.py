@@ -40,6 +40,19 @@ def test_registry_builds_the_hf_judge_and_refuses_an_unresolved_tiny(tiny_model_
         make_judge({"backend": "hf", "model": "tiny", "cache": False})
 
 
+def test_device_dtype_and_batch_size_come_from_the_judge_config(tmp_path):
+    from cai.feedback.judges.hf import DEFAULT_BATCH_SIZE
+
+    judge = make_judge({"backend": "hf", "model": str(tmp_path), "device": "cpu", "dtype": "bfloat16",
+                        "batch_size": 3, "cache": False})
+    assert (judge.spec.device, judge.spec.dtype, judge.batch_size) == ("cpu", "bfloat16", 3)
+    assert judge._params()["dtype"] == "bfloat16"  # part of every cache key of its answers
+    default = make_judge({"backend": "hf", "model": str(tmp_path), "cache": False})
+    assert (default.spec.device, default.spec.dtype, default.batch_size) == ("auto", "auto", DEFAULT_BATCH_SIZE)
+    configured = coerce_config({"backend": "hf", "model": str(tmp_path), "batch_size": 3, "cache": False})
+    assert HFJudge(configured, batch_size=5).batch_size == 5  # an explicit argument wins over the config
+
+
 def test_batched_scoring_equals_one_request_at_a_time(tiny_model_dir, tmp_path):
     reqs = requests()
     batched = judge_for(tiny_model_dir, tmp_path, cache=False)
@@ -140,3 +153,24 @@ def test_generation_is_deterministic_and_independent_of_the_batch(tiny_model_dir
     assert len(cached.cache) == 2  # each seed is its own request and cache row
     again = cached.generate(seeds)
     assert all(r.cache_hit for r in again) and again[0].text == alone[1].text
+
+
+def test_prompts_the_judge_cuts_itself_raise_no_too_long_warning(tiny_model_dir, tmp_path, monkeypatch):
+    """A real tokenizer knows its model's length and warns about any longer text it encodes. The
+    judge's scorer and the sampling engine under its generate cut long prompts themselves, so
+    they encode without that warning."""
+    from transformers.utils import logging as hf_logging
+
+    tokenizer_warnings: list[str] = []  # what transformers' tokenizer module warns, whatever the verbosity
+    monkeypatch.setattr(hf_logging.get_logger("transformers.tokenization_utils_base"), "warning",
+                        lambda msg, *args, **kw: tokenizer_warnings.append(str(msg)))
+    judge = judge_for(tiny_model_dir, tmp_path, cache=False)
+    judge._load()
+    judge._tok.model_max_length = judge._engine.max_positions  # what a hub tokenizer would say
+    long_turns = [{"role": "user", "content": "Tell me everything about trees. " * 200}]
+    res = judge.choose([ChoiceRequest(tpl.comparison_messages(long_turns, SHORT, LONG, "Which?"), tpl.PAIR_CHOICES)])
+    gen = judge.generate([GenerateRequest(tpl.cot_request_messages(long_turns, SHORT, LONG, "Which?"), max_tokens=4)])
+    assert res[0].ok and gen[0].ok and judge.stats["prompts_truncated"] == 1
+    assert not [m for m in tokenizer_warnings if "Token indices" in m]
+    judge._tok("Tell me everything about trees. " * 200)  # asked plainly, the same tokenizer does warn
+    assert [m for m in tokenizer_warnings if "Token indices" in m]

@@ -4,6 +4,7 @@ the SQLite cache, cost and budget accounting, config validation and the backend 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import random
 import sqlite3
@@ -348,11 +349,35 @@ def test_judge_config_is_an_omegaconf_structured_config():
         ({"temprature": 0.5}, "temprature"),
         ({"max_dollars": 5.0}, "prices"),
         ({"prices": {"m": {"input": 1.0}}}, "prices"),
+        ({"backend": "hf", "dtype": "fp16"}, "'dtype'"),
+        ({"backend": "hf", "device": "gpu 0"}, "'device'"),
+        ({"backend": "hf", "batch_size": 0}, "'batch_size'"),
+        ({"backend": "openai", "dtype": "bfloat16"}, "dtype='bfloat16'.*backend hf"),
+        ({"backend": "anthropic", "device": "cuda", "batch_size": 4}, "device='cuda', batch_size=4"),
     ],
 )
 def test_config_errors_name_the_field(over, field):
     with pytest.raises(ConfigError, match=field):
         coerce_config({"model": "m", **over}, where="judges.mine")
+
+
+def test_judge_key_keeps_old_keys_and_adds_a_non_default_dtype():
+    """The key of a judge config: the answer-changing fields it always had, plus ``dtype`` only
+    when it is not ``auto`` (so configs that leave it alone keep their artifact keys); where a
+    local judge runs and how many rows it batches never enter a key."""
+    from cai.feedback.judges.config import judge_key, judge_runtime
+
+    before = ("backend", "model", "base_url", "temperature", "top_p", "max_tokens", "top_logprobs", "n_samples",
+              "fallback")  # the key's fields before device/dtype/batch_size existed
+    plain = {b: dataclasses.asdict(coerce_config({"backend": b, "model": "m"})) for b in ("hf", "openai")}
+    for cfg in plain.values():
+        assert judge_key(cfg) == {k: cfg[k] for k in before}
+        assert {**judge_key(cfg), **judge_runtime(cfg)} == {k: v for k, v in cfg.items() if k != "dtype"}
+    local = dataclasses.asdict(coerce_config({"backend": "hf", "model": "m", "device": "cpu", "batch_size": 2}))
+    assert judge_key(local) == judge_key(plain["hf"])
+    assert judge_runtime(local)["device"] == "cpu" and judge_runtime(local)["batch_size"] == 2
+    half = dataclasses.asdict(coerce_config({"backend": "hf", "model": "m", "dtype": "bfloat16"}))
+    assert judge_key(half) == {**judge_key(local), "dtype": "bfloat16"} and "dtype" not in judge_runtime(half)
 
 
 def test_missing_api_key_names_the_variable(monkeypatch):

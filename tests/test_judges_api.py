@@ -379,3 +379,41 @@ def test_anthropic_messages_are_split_into_system_and_alternating_turns():
     assert system == "s1" and [t["role"] for t in turns] == ["user", "assistant"] and turns[0]["content"] == "u1\n\nu2"
     with pytest.raises(DataError, match="pair_id"):
         split_system([{"role": "assistant", "content": "x"}], {"pair_id": "p9"})
+
+
+@pytest.mark.parametrize("backend", ["openai", "anthropic"])
+def test_both_sdk_clients_are_built_and_classified_alike(backend, monkeypatch):
+    """One builder for both SDKs: the key from the environment, the configured endpoint and
+    timeout, no retries inside the SDK, the process-wide TLS context; their errors are
+    classified alike and the key never appears in a classified message."""
+    import importlib
+
+    from cai.feedback.judges.sdk import http_library, shared_ssl_context
+
+    httpx = http_library()  # the HTTP library under the installed SDKs
+
+    key = "sk-cai-test-BUILD-0a1b2c3d4e5f60718293"
+    monkeypatch.setenv("CAI_TEST_JUDGE_KEY", key)
+    judge = make_judge({"backend": backend, "model": "m", "base_url": "http://127.0.0.1:9/v1",
+                        "api_key_env": "CAI_TEST_JUDGE_KEY", "timeout_s": 7.5, "cache": False})
+    sdk = importlib.import_module(backend)
+
+    async def build():
+        client = judge._make_client()
+        try:
+            return (type(client).__name__, client.api_key, client.max_retries, client.timeout, str(client.base_url),
+                    client._client.timeout, client._client._transport._pool._ssl_context)
+        finally:
+            await client.close()
+
+    name, api_key, retries, timeout, base_url, http_timeout, ssl_context = asyncio.run(build())
+    assert name == {"openai": "AsyncOpenAI", "anthropic": "AsyncAnthropic"}[backend]
+    assert (api_key, retries, timeout, base_url) == (key, 0, 7.5, "http://127.0.0.1:9/v1/")
+    assert http_timeout == httpx.Timeout(7.5) and ssl_context is shared_ssl_context()
+    request = httpx.Request("POST", "http://127.0.0.1:9/v1/x")
+    response = httpx.Response(429, request=request, headers={"retry-after": "2"})
+    failure = judge._classify(sdk.APIStatusError(f"slow down, {key}", response=response, body=None))
+    assert (failure.kind, failure.status, failure.retryable, failure.retry_after_s) == ("http", 429, True, 2.0)
+    assert key not in failure.message and key[-16:] not in failure.message and "slow down" in failure.message
+    assert judge._classify(sdk.APITimeoutError(request=request)).kind == "timeout"
+    assert judge._classify(sdk.APIConnectionError(request=request)).kind == "connection"

@@ -374,6 +374,19 @@ def test_hf_tiny_judge_end_to_end_and_warm_rerun(pairs_dir, tiny_artifact, tmp_p
     assert [lab.p_a for lab in labels_of(warm)] == [lab.p_a for lab in labels]
 
 
+def test_hf_judge_device_and_batch_size_are_run_time_settings(pairs_dir, tiny_artifact, tmp_path):
+    """judge.batch_size (over labels.hf_batch_size) and judge.device reach the local judge through
+    the stage's runtime; they change how it runs, not the labels."""
+    inputs = {"pairs": pairs_dir, "policy_model": tiny_artifact}
+    runs = [build(ArtifactStore(tmp_path / name), hf_cfg(max_pairs=2), inputs, runtime(tmp_path / name, **judge))
+            for name, judge in (("stage", {}), ("one_row", {"device": "cpu", "batch_size": 1}))]
+    stage, one_row = (json.loads((r.path / "judge.json").read_text()) for r in runs)
+    assert one_row["judge"]["device"] == "cpu" and one_row["judge"]["batch_size"] == 1
+    assert one_row["hf_stats"]["forward_passes"] == one_row["hf_stats"]["rows"] > stage["hf_stats"]["forward_passes"]
+    for a, b in zip(*(labels_of(r) for r in runs)):
+        assert a.p_a == pytest.approx(b.p_a, abs=1e-5)
+
+
 def test_hf_tiny_judge_cot_and_direct_scores(pairs_dir, tiny_artifact, tmp_path):
     inputs = {"pairs": pairs_dir, "policy_model": tiny_artifact}
     cot = build(ArtifactStore(tmp_path / "a"), hf_cfg(max_pairs=2, cot=True, self_consistency=2, cot_max_tokens=4),
@@ -404,3 +417,29 @@ def test_pipeline_plans_the_stage_with_the_tiny_judge_resolved():
     assert st.config["labels"]["cot"] is True and st.config["labels"]["clamp"] == [0.4, 0.6]
     assert "max_concurrency" not in st.config["judge"] and "batch_pairs" not in st.config["labels"]
     assert st.fn.keywords["runtime"]["judge"]["max_concurrency"] == 3
+
+
+def test_only_a_non_default_judge_dtype_changes_the_stage_key():
+    """The judge's dtype changes its answers, so a non-default one is in the key; the key of a
+    config that leaves it alone is the one it had before the field existed. Device and batch
+    size are run time only."""
+    from hydra import compose, initialize_config_dir
+
+    from cai.config import CONF_DIR, register_configs
+    from cai.pipeline import plan
+
+    register_configs()
+    fields = ("backend", "model", "base_url", "temperature", "top_p", "max_tokens", "top_logprobs", "n_samples",
+              "fallback")  # the judge's key fields before device/dtype/batch_size existed
+    stages = {}
+    for name, overrides in (("default", []), ("placed", ["judge.device=cpu", "judge.batch_size=4"]),
+                            ("half", ["judge.dtype=bfloat16"])):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=["experiment=label_agreement", *overrides])
+        stages[name] = next(s for s in plan(cfg) if s.name == "ai_labels")
+    default, placed, half = stages["default"], stages["placed"], stages["half"]
+    assert list(default.config["judge"]) == list(fields)
+    assert placed.config == default.config
+    assert placed.fn.keywords["runtime"]["judge"]["device"] == "cpu"
+    assert placed.fn.keywords["runtime"]["judge"]["batch_size"] == 4
+    assert half.config["judge"] == {**default.config["judge"], "dtype": "bfloat16"}

@@ -21,8 +21,9 @@ sent twice. A failed judgement (refusal, unparseable answer, HTTP error after re
 judge's dollar cap is reached, the finished pairs are journaled and the stage stops with
 "stopped at budget: N of M pairs labelled; rerun to resume" (nothing is published).
 
-Only what changes the labels is part of the artifact key: run-time settings of the judge
-(concurrency, rate limits, retries, timeouts, cache, prices, ``max_dollars``) and of the stage
+Only what changes the labels is part of the artifact key (:func:`~cai.feedback.judges.config.judge_key`):
+run-time settings of the judge (concurrency, rate limits, retries, timeouts, cache, prices,
+``max_dollars``, a local judge's device and batch size) and of the stage
 (``batch_pairs``, ``hf_batch_size``) reach it through ``runtime``, so raising a budget resumes the
 same artifact instead of starting another.
 """
@@ -58,15 +59,16 @@ from cai.feedback.judges import (
     make_judge,
     run_sync,
 )
+from cai.feedback.judges.config import SEMANTIC_FIELDS, judge_key, judge_runtime
 from cai.feedback.judges.types import BUDGET
 from cai.feedback.label_methods import LabelConfig, coerce_labels
 
 log = logging.getLogger(__name__)
 
 STAGE = "ai_labels"
-# judge fields that change the answers (the rest is how fast / how much / where cached)
-SEMANTIC_JUDGE_FIELDS = ("backend", "model", "base_url", "temperature", "top_p", "max_tokens",
-                         "top_logprobs", "n_samples", "fallback")
+# judge fields that change the answers (the rest is how fast / how much / where cached); the
+# key of a judge is judge_key(...), which adds a non-default dtype of a local judge
+SEMANTIC_JUDGE_FIELDS = SEMANTIC_FIELDS
 RUNTIME_LABEL_FIELDS = ("batch_pairs", "hf_batch_size")
 
 
@@ -334,7 +336,7 @@ def label_pairs(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any, runtime:
     info = {"backend": judge_cfg.backend, "model": model_name, "template_version": tpl.TEMPLATE_VERSION}
     ledger = CostLedger(judge_cfg.prices, judge_cfg.max_dollars)
     judge = make_judge(judge_cfg, ledger=ledger, cache_path=runtime.get("cache_path"))
-    if hasattr(judge, "batch_size"):
+    if hasattr(judge, "batch_size") and judge_cfg.batch_size is None:  # judge.batch_size, when set, wins
         judge.batch_size = lc.hf_batch_size
     labeller = Labeller(lc, constitution, judge, source, int(cfg.get("seed", 0)), info)
     t0 = time.perf_counter()
@@ -384,13 +386,13 @@ def ai_labels_stage(cfg: Any) -> Any:
         inputs["policy_model"] = "policy_model"
     root = cfg.store.root or ArtifactStore.default_root()
     runtime = {
-        "judge": {k: v for k, v in judge.items() if k not in SEMANTIC_JUDGE_FIELDS},
+        "judge": judge_runtime(judge),
         "labels": {k: labels[k] for k in RUNTIME_LABEL_FIELDS},
         "constitution": str(resolve_constitution(cfg.constitution.path, [CONSTITUTIONS_DIR])),
         "cache_path": str(Path(root).expanduser() / "judge_cache.sqlite"),
     }
     config = {
-        "judge": {k: judge.get(k) for k in SEMANTIC_JUDGE_FIELDS},
+        "judge": judge_key(judge),
         "labels": {k: v for k, v in labels.items() if k not in RUNTIME_LABEL_FIELDS},
         "seed": int(cfg.seed),
     }

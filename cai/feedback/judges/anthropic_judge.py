@@ -11,8 +11,8 @@ System messages are joined into ``system=``; consecutive messages of one role ar
 API wants user and assistant turns to alternate, starting with the user). A final assistant
 message is a prefill the answer continues from.
 
-The client is built with ``max_retries=0``: our retry loop is the only one, and with the
-process-wide TLS context of :func:`~cai.feedback.judges.api_base.shared_ssl_context`.
+The client is built by :func:`cai.feedback.judges.sdk.make_sdk_client`, as the OpenAI one is:
+``max_retries=0`` (our retry loop is the only one) and the process-wide TLS context.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 from cai.errors import DataError
-from cai.feedback.judges.api_base import ApiJudge, CallAnswer, shared_ssl_context
-from cai.feedback.judges.retry import CallFailure, MalformedResponse, classify
+from cai.feedback.judges.api_base import ApiJudge, CallAnswer
+from cai.feedback.judges.retry import MalformedResponse
 
 
 def split_system(messages: list[dict], tag: dict | None = None) -> tuple[str | None, list[dict]]:
@@ -50,15 +50,8 @@ class AnthropicJudge(ApiJudge):
     name = "anthropic"
     supports_logprobs = False
     base_url_env = "ANTHROPIC_BASE_URL"
-
-    def _make_client(self) -> Any:
-        import anthropic
-
-        http_client = anthropic.DefaultAsyncHttpxClient(verify=shared_ssl_context(), timeout=self.cfg.timeout_s)
-        return anthropic.AsyncAnthropic(
-            api_key=self._key, base_url=self.base_url, max_retries=0, timeout=self.cfg.timeout_s,
-            http_client=http_client,
-        )
+    sdk = "anthropic"
+    client_class = "AsyncAnthropic"
 
     def _check_request(self, req: Any) -> None:
         split_system(req.messages, req.tag)
@@ -91,15 +84,4 @@ class AnthropicJudge(ApiJudge):
         return CallAnswer(
             text=text, positions=[], tokens_in=tokens_in, tokens_out=int(usage.output_tokens or 0),
             finish_reason=stop, refusal=stop == "refusal",
-        )
-
-    def _classify(self, exc: BaseException) -> CallFailure:
-        import anthropic
-
-        return classify(
-            exc,
-            status_error=anthropic.APIStatusError,
-            timeout_error=anthropic.APITimeoutError,
-            connection_error=anthropic.APIConnectionError,
-            secret=self._key,
         )

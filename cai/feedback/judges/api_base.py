@@ -12,12 +12,13 @@ retries them and pays only for what is missing).
 The warm path is kept lean: before the workers start, the cache keys of every call the batch
 can make are looked up in a few batched queries; the SDK client is built only when a call
 misses the cache (a fully cached batch builds none), and its TLS context is built once per
-process (loading the CA bundle costs tens of milliseconds per client otherwise).
+process (:func:`~cai.feedback.judges.sdk.shared_ssl_context`).
 
 A choice request is answered, in order of preference, from log-probs (one call), from the
 parsed text (one call), or from ``n_samples`` sampled answers at temperature 1 (k calls, one
-cache row each). A backend subclass only says how to build its SDK client, how to send one
-call and turn the response into a :class:`CallAnswer`, and how to classify its SDK's errors.
+cache row each). A backend subclass names its SDK and client class, and says how to send one
+call and turn the response into a :class:`CallAnswer`; the client is built and the SDK's errors
+are classified the same way for every SDK (:mod:`cai.feedback.judges.sdk`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import json
 import logging
 import os
 import random
-import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -44,6 +44,7 @@ from cai.feedback.judges.cost import CostLedger, estimate_tokens
 from cai.feedback.judges.parsing import Position, empirical_probs, parse_choice, probs_from_logprobs
 from cai.feedback.judges.ratelimit import RateLimiter
 from cai.feedback.judges.retry import CallFailure, Outcome, RetryPolicy, call_with_retries
+from cai.feedback.judges.sdk import classify_sdk_error, make_sdk_client
 from cai.feedback.judges.types import (
     BUDGET,
     FAILED,
@@ -123,39 +124,14 @@ class _Batch:
         return self.client
 
 
-_SSL_CONTEXT: Any = None
-_SSL_LOCK = threading.Lock()
-
-
-def shared_ssl_context() -> Any:
-    """The TLS context every SDK client of this process verifies with, built once.
-
-    It is what the SDKs' own HTTP clients would build (``create_ssl_context()`` of the same
-    HTTP library, honouring ``SSL_CERT_FILE``/``SSL_CERT_DIR``); sharing it is safe, an
-    ``ssl.SSLContext`` may wrap sockets for many connections, threads and event loops.
-    """
-    global _SSL_CONTEXT
-    with _SSL_LOCK:
-        if _SSL_CONTEXT is None:
-            _SSL_CONTEXT = http_library().create_ssl_context()
-        return _SSL_CONTEXT
-
-
-def http_library() -> Any:
-    """The HTTP library the installed ``openai``/``anthropic`` SDKs are built on."""
-    try:
-        import httpx2 as httpx
-    except ModuleNotFoundError:
-        import httpx  # type: ignore[no-redef]
-    return httpx
-
-
 class ApiJudge(SyncJudgeMixin, abc.ABC):
-    """Base of the API backends; subclasses fill in the four provider-specific hooks."""
+    """Base of the API backends; subclasses name their SDK and fill in the two request hooks."""
 
     name = "api"
     supports_logprobs = False
     base_url_env = ""  # the SDK's environment variable for the endpoint when base_url is None
+    sdk = ""  # the SDK's module ("openai", "anthropic"); see cai.feedback.judges.sdk
+    client_class = ""  # its async client class ("AsyncOpenAI", "AsyncAnthropic")
 
     def __init__(
         self,
@@ -180,18 +156,19 @@ class ApiJudge(SyncJudgeMixin, abc.ABC):
         )
 
     # ---- provider hooks ---------------------------------------------------------------
-    @abc.abstractmethod
     def _make_client(self) -> Any:
         """A fresh SDK client (built inside the batch's event loop on its first cache miss,
-        closed after the batch)."""
+        closed after the batch): our key, endpoint and timeout, no SDK retries."""
+        return make_sdk_client(self.sdk, self.client_class, api_key=self._key, base_url=self.base_url,
+                               timeout_s=self.cfg.timeout_s)
+
+    def _classify(self, exc: BaseException) -> CallFailure:
+        """Classify an exception raised by :meth:`_send` (the key is redacted from its message)."""
+        return classify_sdk_error(self.sdk, exc, self._key)
 
     @abc.abstractmethod
     async def _send(self, client: Any, messages: list[dict], params: dict) -> CallAnswer:
         """Send one request; raise the SDK's errors or MalformedResponse."""
-
-    @abc.abstractmethod
-    def _classify(self, exc: BaseException) -> CallFailure:
-        """Classify an exception raised by :meth:`_send`."""
 
     @abc.abstractmethod
     def _choice_params(self, logprobs: bool, sampled: bool, sample_index: int) -> dict:

@@ -6,6 +6,10 @@ composes them. :func:`coerce_config` accepts the dataclass, a ``DictConfig`` or 
 and checks the values, raising :class:`~cai.errors.ConfigError` with the field and what was
 expected.
 
+Which fields change a judge's answers (and so belong in the artifact key of every stage that
+asks the judge) and which only say how fast, where or at what cost it runs is said here once:
+:func:`judge_key` and :func:`judge_runtime` split a judge config into the two.
+
 API keys never live in config: ``api_key_env`` names the environment variable that holds it.
 :func:`redact` scrubs a key out of any text before it reaches a result, a log line or an error
 (what a secret is and how it is redacted is :mod:`cai.secrets`'s to say, for the whole package).
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +32,17 @@ BACKENDS = ("openai", "anthropic", "hf")
 DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 # sent when ``api_key_env`` is null: local OpenAI-compatible servers accept any key
 PLACEHOLDER_KEY = "no-key-needed"
+HF_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DEVICE = re.compile(r"^[a-z]+(:\d+)?$")  # auto, cpu, mps, cuda, cuda:1, ...
+
+# judge fields that change the answers: part of the artifact key of every stage asking the judge
+SEMANTIC_FIELDS = ("backend", "model", "base_url", "temperature", "top_p", "max_tokens", "top_logprobs",
+                   "n_samples", "fallback")
+# answer-changing fields added after keys were in use, with their defaults: in a key only when
+# set to something else, so the key of a config that leaves them alone stays what it was
+SEMANTIC_UNLESS_DEFAULT = {"dtype": "auto"}
+# the fields of a local (hf) judge's model, with their defaults (other backends leave them so)
+_LOCAL_DEFAULTS = {"device": "auto", "dtype": "auto", "batch_size": None}
 
 
 @dataclass
@@ -88,6 +104,14 @@ class JudgeConfig:
     template_version: str = "v1"
     # seeds the retry jitter (and nothing the answers depend on)
     seed: int = 0
+    # hf backend only: where the local model runs: auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:1 | mps
+    device: str = "auto"
+    # hf backend only: weights dtype: auto (bfloat16 on CUDA, float32 elsewhere) | float32 | bfloat16 |
+    # float16; it changes the answers, so a value other than auto is part of the artifact keys
+    dtype: str = "auto"
+    # hf backend only: rows per forward pass; None: the asking stage's own setting
+    # (labels.hf_batch_size, eval.hf_batch_size; 16 outside a stage)
+    batch_size: Optional[int] = None
 
 
 _POSITIVE_INT = ("max_tokens", "n_samples", "max_concurrency")
@@ -173,12 +197,43 @@ def coerce_config(obj: Any, where: str = "judge") -> JudgeConfig:
         _check_number(where, "top_p", cfg.top_p, float, 0.0, strict=True)
     if cfg.base_url is not None and not str(cfg.base_url).startswith(("http://", "https://")):
         raise ConfigError(f"{where}: field 'base_url' must start with http:// or https://, got {cfg.base_url!r}")
+    _check_local(where, cfg)
     if cfg.max_dollars is not None and cfg.backend != "hf" and cfg.model not in cfg.prices:
         raise ConfigError(
             f"{where}: max_dollars is set but 'prices' has no entry for model {cfg.model!r}; "
             "add prices: {<model>: {input_per_mtok: ..., output_per_mtok: ...}}"
         )
     return cfg
+
+
+def _check_local(where: str, cfg: JudgeConfig) -> None:
+    """The settings of a local (hf) judge's model: valid values, and set only for that backend."""
+    if cfg.dtype not in HF_DTYPES:
+        raise ConfigError(f"{where}: field 'dtype' must be one of {HF_DTYPES}, got {cfg.dtype!r}")
+    if not isinstance(cfg.device, str) or not _DEVICE.match(cfg.device):
+        raise ConfigError(f"{where}: field 'device' must be auto or a torch device (cpu, cuda, cuda:1, mps), "
+                          f"got {cfg.device!r}")
+    if cfg.batch_size is not None:
+        _check_number(where, "batch_size", cfg.batch_size, int, 0, strict=True)
+    changed = [f"{k}={getattr(cfg, k)!r}" for k, default in _LOCAL_DEFAULTS.items() if getattr(cfg, k) != default]
+    if changed and cfg.backend != "hf":
+        raise ConfigError(f"{where}: {', '.join(changed)}: these fields place a local model (backend hf); "
+                          f"backend {cfg.backend!r} runs its model on the server (set them there)")
+
+
+def judge_key(judge: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a judge config (a plain mapping) that changes its answers: what an artifact
+    key holds. :data:`SEMANTIC_FIELDS` always; :data:`SEMANTIC_UNLESS_DEFAULT` fields only when
+    they differ from their default."""
+    key = {k: judge.get(k) for k in SEMANTIC_FIELDS}
+    key.update({k: judge[k] for k, default in SEMANTIC_UNLESS_DEFAULT.items() if judge.get(k, default) != default})
+    return key
+
+
+def judge_runtime(judge: Mapping[str, Any]) -> dict[str, Any]:
+    """The rest of a judge config: how fast, where and at what cost it runs (never in a key).
+    ``{**judge_key(j), **judge_runtime(j)}`` gives back every field of ``j`` not at an omitted default."""
+    return {k: v for k, v in judge.items() if k not in SEMANTIC_FIELDS and k not in SEMANTIC_UNLESS_DEFAULT}
 
 
 def api_key_env_name(cfg: JudgeConfig) -> str | None:

@@ -34,6 +34,11 @@ seed derived from the request's ``seed`` and messages, so a sample never depends
 requests were pending (a resumed run draws what an uninterrupted one would). In HH format
 ``"\\n\\nHuman:"`` is added as a stop string.
 
+Where and how the model runs comes from the judge config: ``device`` and ``batch_size`` (run
+time only: they do not change an answer beyond float noise) and ``dtype`` (it does: the resolved
+dtype is part of every cache key, and a non-default one of every artifact key, see
+:func:`~cai.feedback.judges.config.judge_key`).
+
 Answers are cached in the same :class:`~cai.feedback.judges.cache.JudgeCache` as the API judges
 (the same key scheme; ``backend="hf"``), tokens are counted, the cost is 0. The model is loaded
 on first use, so a run answered entirely from the cache never loads it. ``model: tiny`` is
@@ -75,6 +80,7 @@ SCORING = "logprob-prefix-tree/1"  # part of the cache key: bump when the scorin
 SPELLINGS = ("", " ")  # prefixes of the scored spellings of each choice
 TAIL_CHARS = 64  # prompt tail used to tokenize a spelling in context
 HH_STOP = "\n\nHuman:"
+DEFAULT_BATCH_SIZE = 16  # rows per forward when neither the config nor the asking stage sets one
 
 Prefix = tuple[int, ...]
 
@@ -144,11 +150,13 @@ class HFJudge(SyncJudgeMixin):
         *,
         ledger: CostLedger | None = None,
         cache_path: str | Path | None = None,
-        batch_size: int = 16,
-        device: str = "auto",
-        dtype: str = "auto",
+        batch_size: int | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
         chat_format: str = "auto",
     ) -> None:
+        """``batch_size``, ``device``, ``dtype``: override the config's (``None``: ``cfg.batch_size``
+        or :data:`DEFAULT_BATCH_SIZE`, ``cfg.device``, ``cfg.dtype``)."""
         from cai.models import ModelSpec
 
         if cfg.model == "tiny":
@@ -158,8 +166,8 @@ class HFJudge(SyncJudgeMixin):
             )
         self.cfg = cfg
         self.model = cfg.model
-        self.spec = ModelSpec(cfg.model, dtype=dtype, device=device, chat_format=chat_format)
-        self.batch_size = batch_size
+        self.spec = ModelSpec(cfg.model, dtype=dtype or cfg.dtype, device=device or cfg.device, chat_format=chat_format)
+        self.batch_size = batch_size or cfg.batch_size or DEFAULT_BATCH_SIZE
         self.ledger = ledger if ledger is not None else CostLedger(cfg.prices, cfg.max_dollars)
         path = cfg.cache_path or cache_path or default_cache_path()
         self.cache = JudgeCache(path) if cfg.cache else None
@@ -274,7 +282,8 @@ class HFJudge(SyncJudgeMixin):
         ids, cut = [], []
         limit = self._engine.max_positions
         for text, res in zip(texts, reserve):
-            row = self._tok(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+            # verbose=False: no "longer than the maximum" warning for a prompt that is cut just below
+            row = self._tok(text, add_special_tokens=not (bos and text.startswith(bos)), verbose=False)["input_ids"]
             row = list(row) or [self._engine.start_id]
             budget = (limit - res) if limit else len(row)
             over = max(0, len(row) - budget)

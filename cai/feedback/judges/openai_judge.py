@@ -7,7 +7,8 @@ real answer token; a server that returns no log-probs falls back to parsing the 
 :mod:`cai.feedback.judges.api_base`). Sampled answers (``n_samples > 1``) are sent at
 temperature 1 with ``seed`` = sample index, so each sample is its own reproducible request.
 
-The client is built with ``max_retries=0``: our retry loop is the only one.
+The client is built by :func:`cai.feedback.judges.sdk.make_sdk_client` (``max_retries=0``: our
+retry loop is the only one).
 
 A request goes out through the SDK's generic ``client.post(path, body=..., cast_to=Response)``
 (the SDK's documented way to make a raw request), so auth, headers, timeouts and the SDK's error
@@ -22,9 +23,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from cai.feedback.judges.api_base import SAMPLE_TEMPERATURE, ApiJudge, CallAnswer, http_library, shared_ssl_context
+from cai.feedback.judges.api_base import SAMPLE_TEMPERATURE, ApiJudge, CallAnswer
 from cai.feedback.judges.cost import estimate_tokens
-from cai.feedback.judges.retry import CallFailure, MalformedResponse, classify
+from cai.feedback.judges.retry import MalformedResponse
+from cai.feedback.judges.sdk import http_library
 
 
 def _omit_none(params: dict) -> dict:
@@ -59,15 +61,8 @@ class OpenAIJudge(ApiJudge):
     name = "openai"
     supports_logprobs = True
     base_url_env = "OPENAI_BASE_URL"
-
-    def _make_client(self) -> Any:
-        import openai
-
-        http_client = openai.DefaultAsyncHttpxClient(verify=shared_ssl_context(), timeout=self.cfg.timeout_s)
-        return openai.AsyncOpenAI(
-            api_key=self._key, base_url=self.base_url, max_retries=0, timeout=self.cfg.timeout_s,
-            http_client=http_client,
-        )
+    sdk = "openai"
+    client_class = "AsyncOpenAI"
 
     def _choice_params(self, logprobs: bool, sampled: bool, sample_index: int) -> dict:
         return {
@@ -109,15 +104,4 @@ class OpenAIJudge(ApiJudge):
             tokens_out=tokens_out,
             finish_reason=choice.get("finish_reason"),
             refusal=bool(refusal),
-        )
-
-    def _classify(self, exc: BaseException) -> CallFailure:
-        import openai
-
-        return classify(
-            exc,
-            status_error=openai.APIStatusError,
-            timeout_error=openai.APITimeoutError,
-            connection_error=openai.APIConnectionError,
-            secret=self._key,
         )
