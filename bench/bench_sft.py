@@ -74,7 +74,8 @@ def _load(model_dir: Path, device: str):
 
 
 def _ours(model, tok, examples, batch: int, device: str, state_dir: Path):
-    cfg = SFTConfig(lr=LR, warmup=0, epochs=1, batch_size=batch, max_length=256, checkpoint_every=0)
+    cfg = SFTConfig(lr=LR, warmup=0, epochs=1, batch_size=batch, micro_batch_size=batch, max_length=256,
+                    checkpoint_every=0)
 
     def run():
         result = train_sft(model, tok, examples, cfg, state_dir=state_dir, seed=0, chat_format="hh",

@@ -146,3 +146,34 @@ def test_pipeline_reward_and_dpo_stages_on_human_pairs(tmp_path, shared_data_dir
     reward = tmp_path / "store" / "reward" / keys["reward"]
     assert (reward / "model" / "config.json").is_file() and (reward / "reward_stats.json").is_file()
     assert (tmp_path / "store" / "dpo" / keys["dpo"] / "model" / "config.json").is_file()
+
+
+def test_dpo_and_reward_plan_the_same_label_inputs(tmp_path):
+    """Both preference stages take their labels through one planning rule, and a human arm
+    without human pairs fails naming the stage whose setting asked for them."""
+    from hydra import compose, initialize_config_dir
+
+    from cai.config import CONF_DIR, register_configs
+    from cai.errors import ConfigError
+    from cai.pipeline import plan
+
+    register_configs()
+    hh = tmp_path / "hh.jsonl"
+    label_inputs = {"ai_labels", "ai_pairs", "human_pairs"}
+    expected = {"human": {"human_pairs": "human_pairs"},
+                "ai": {"ai_labels": "ai_labels", "ai_pairs": "policy_pairs", "human_pairs": "human_pairs"}}
+    for arm, want in expected.items():
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[
+                "experiment.stages=[reward,dpo]", f"reward.labels_from={arm}", f"dpo.labels_from={arm}",
+                "labels.source=policy_pairs", f"data.human.path={hh}"])
+        stages = {s.name: s for s in plan(cfg)}
+        for name in ("reward", "dpo"):
+            assert {k: v for k, v in stages[name].inputs.items() if k in label_inputs} == want, (arm, name)
+            assert "device" not in stages[name].config[name]
+    for stage in ("reward", "dpo"):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[f"experiment.stages=[{stage}]",
+                                                           f"{stage}.labels_from=human"])
+        with pytest.raises(ConfigError, match=rf"^{stage}\.labels_from=human needs data\.human\.path"):
+            plan(cfg)

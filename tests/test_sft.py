@@ -15,7 +15,7 @@ from cai.errors import ConfigError, DataError
 from cai.models import ModelSpec, format_example, load_causal_lm
 from cai.train import common as C
 from cai.train.sft import SFTConfig, batch_nll, encode_examples, evaluate_nll, save_sft_model, sft, train_sft
-from cai.train.sft_config import SFTLoraConfig
+from cai.train.sft_config import SFTLoraConfig, coerce_sft_config
 from cai.train.sft_data import SFTExample, helpful_examples, mix_helpful, revision_examples
 
 REPLIES = ("I would rather not help with that, but I can suggest a safer alternative.",
@@ -85,6 +85,24 @@ def test_loss_is_on_response_tokens_only(tiny_model_dir):
     assert float(ours) == pytest.approx(float(ref), rel=1e-5)
 
 
+def test_batch_size_is_per_optimizer_step_and_micro_batches_only_split_it(tiny_model_dir, tmp_path):
+    """As for the reward model and DPO: ``batch_size`` examples per optimizer step (over all
+    processes), ``micro_batch_size`` per forward; accumulating micro-batches gives the same
+    steps and the same loss curve as one big forward (up to float summation order)."""
+    curves = {}
+    for micro in (8, 3):
+        model, tok = _load(tiny_model_dir)
+        result = train_sft(model, tok, _examples(), _cfg(epochs=1, micro_batch_size=micro),
+                           state_dir=tmp_path / str(micro), seed=0, chat_format="hh", device="cpu")
+        assert result.steps == result.metrics["sft/steps_per_epoch"] == 3  # 24 examples, 8 per step
+        curves[micro] = [r["sft/loss"] for r in C.read_train_log(tmp_path / str(micro) / "train_log.jsonl")]
+    assert curves[8] == pytest.approx(curves[3], abs=1e-5)
+    with pytest.raises(ConfigError, match="sft.grad_accum is gone.*batch_size"):
+        coerce_sft_config({"batch_size": 4, "grad_accum": 2})
+    with pytest.raises(ConfigError, match="sft.micro_batch_size"):
+        coerce_sft_config({"micro_batch_size": 0})
+
+
 # ----------------------------------------------------------------------------- exact resume
 
 
@@ -94,7 +112,7 @@ class _Killed(RuntimeError):
 
 def test_killed_run_resumes_on_the_exact_loss_curve(tiny_model_dir, tmp_path):
     # dropout on: the resumed run matches only if the RNG states come back too
-    cfg = _cfg(epochs=2, batch_size=2, grad_accum=2, checkpoint_every=4, warmup=2, schedule="cosine", lr=1e-3)
+    cfg = _cfg(epochs=2, batch_size=4, micro_batch_size=2, checkpoint_every=4, warmup=2, schedule="cosine", lr=1e-3)
     model, tok = _load(tiny_model_dir, dropout=0.1)
     full = train_sft(model, tok, _examples(), cfg, state_dir=tmp_path / "a", seed=5, chat_format="hh", device="cpu")
     assert full.steps == 12
@@ -318,9 +336,11 @@ def test_pipeline_plans_both_sft_arms():
 
 @pytest.mark.slow
 def test_two_processes_follow_the_one_process_loss_curve(tmp_path):
-    """``accelerate launch`` with 2 CPU processes (DDP over gloo), micro-batch 2 each, against one
-    process with micro-batch 4: every step sees the same 4 examples, so the curves agree up to
-    float summation order. Stated tolerance 1e-4 (measured: 6e-7)."""
+    """``accelerate launch`` with 2 CPU processes (DDP over gloo) against one process, both with
+    ``batch_size=7`` examples per optimizer step: 22 examples give steps of 7, 7, 7 and 1, so the
+    processes take uneven shares (4 and 3, cut into micro-batches of 2) and in the last step one
+    of them has none (it joins with a zero-weight row). Every step trains on the same examples,
+    so the curves agree up to float summation order. Stated tolerance 1e-4 (measured: 1e-6)."""
     import os
     import socket
     import subprocess
@@ -332,7 +352,7 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path):
                                                                             n_embd=32))
     data = tmp_path / "examples.jsonl"
     write_jsonl(data, [{"messages": [{"role": "user", "content": f"Question {i}: how do I bake bread?"}],
-                        "response": REPLIES[i % 3]} for i in range(24)])
+                        "response": REPLIES[i % 3]} for i in range(22)])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -341,13 +361,15 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path):
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(port)]
     common = ["-m", "cai.train.sft", "--policy", str(model), "--examples", str(data), "--device", "cpu",
-              "--chat-format", "hh", "epochs=2", "lr=1e-3", "warmup=0"]
-    for name, prefix, batch in (("one", [sys.executable], 4), ("two", launch, 2)):
-        res = subprocess.run([*prefix, *common, "--out", str(tmp_path / name), f"batch_size={batch}"],
+              "--chat-format", "hh", "epochs=2", "lr=1e-3", "warmup=0", "batch_size=7"]
+    for name, prefix, micro in (("one", [sys.executable], 7), ("two", launch, 2)):
+        res = subprocess.run([*prefix, *common, "--out", str(tmp_path / name), f"micro_batch_size={micro}"],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-4000:]
     a = C.read_train_log(tmp_path / "one" / "train_log.jsonl")
     b = C.read_train_log(tmp_path / "two" / "train_log.jsonl")
-    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["sft/processes"] == 2
-    assert len(a) == len(b) == 12
+    metrics = [json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("one", "two")]
+    assert [m["sft/processes"] for m in metrics] == [1, 2]
+    assert metrics[0]["sft/tokens_seen"] == metrics[1]["sft/tokens_seen"]
+    assert len(a) == len(b) == 8
     assert max(abs(x["sft/loss"] - y["sft/loss"]) for x, y in zip(a, b)) < 1e-4

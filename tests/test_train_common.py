@@ -289,7 +289,7 @@ def test_metrics_logger_fresh_and_resumed(tmp_path):
 
 def test_metrics_logger_without_tensorboard_keeps_going(tmp_path, caplog):
     logger = C.MetricsLogger(tmp_path / "log.jsonl", console_every=1, tensorboard_dir=tmp_path / "tb")
-    with caplog.at_level("INFO", logger="cai.train.common"):
+    with caplog.at_level("INFO", logger="cai.train.train_log"):
         logger.log(1, {"sft/loss": 2.5})
     logger.close()
     assert "sft/loss=2.5" in caplog.text
@@ -303,3 +303,37 @@ def test_throughput_counts_tokens_and_samples():
     assert window["tokens_per_s"] > 0 and window["tokens_per_s"] == pytest.approx(100 * window["samples_per_s"])
     assert meter.rates()["tokens_per_s"] == 0.0  # a new, empty window
     assert meter.overall()["tokens_per_s"] > 0
+
+
+def test_encode_example_cuts_long_texts_without_a_too_long_warning(tiny_model_dir, monkeypatch):
+    """The loader gives the tokenizer the model's max_length, so encoding a longer text makes
+    transformers warn; encode_example cuts the text itself and must not set that warning off."""
+    from transformers.utils import logging as hf_logging
+
+    from cai.models import ModelSpec, format_example, load_tokenizer
+
+    tokenizer_warnings: list[str] = []  # what transformers' tokenizer module warns, whatever the verbosity
+    monkeypatch.setattr(hf_logging.get_logger("transformers.tokenization_utils_base"), "warning",
+                        lambda msg, *args, **kw: tokenizer_warnings.append(str(msg)))
+    tok = load_tokenizer(ModelSpec(str(tiny_model_dir), max_length=16))
+    prompt, full = format_example(tok, [{"role": "user", "content": "Tell me about trees. " * 20}],
+                                  "Trees are tall plants with a woody stem. " * 5, "hh")
+    enc = C.encode_example(tok, prompt, full, max_length=16)
+    assert enc.truncated and len(enc.input_ids) == 16
+    assert not [m for m in tokenizer_warnings if "Token indices" in m]
+    tok(full)  # asked plainly, the same tokenizer does warn
+    assert [m for m in tokenizer_warnings if "Token indices" in m]
+
+
+def test_common_still_exports_what_the_loops_import_from_it():
+    """The logs and throughput moved to cai.train.train_log; cai.train.common re-exports them
+    with the rest, so the loops (``C.MetricsLogger``, ``C.make_optimizer``...) keep working."""
+    from cai.train import checkpoint, train_log
+
+    for name in ("make_optimizer", "make_scheduler", "resolve_warmup", "make_accelerator", "seed_everything",
+                 "epoch_order", "encode_example", "pad_and_mask", "masked_nll", "token_logprobs", "count_parameters"):
+        assert callable(getattr(C, name)), name
+    assert (C.MetricsLogger, C.Throughput, C.read_train_log) == (
+        train_log.MetricsLogger, train_log.Throughput, train_log.read_train_log)
+    assert (C.TrainState, C.load_checkpoint, C.save_checkpoint) == (
+        checkpoint.TrainState, checkpoint.load_checkpoint, checkpoint.save_checkpoint)

@@ -12,26 +12,23 @@ held-out split of the training labels, ``dpo/human/*`` on held-out human pairs).
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cai.errors import ConfigError
 from cai.train import common as C
 from cai.train.dpo import DPOConfig, coerce_dpo_config, train_dpo
-from cai.train.pairs import (
-    PreferenceData,
-    encode_pairs,
-    load_labelled_pairs,
-    merged_for_saving,
-    preference_data,
-    split_pairs,
+from cai.train.pairs import PreferenceData, encode_pairs, merged_for_saving, preference_data
+from cai.train.reward_stage import (
+    cli_data,
+    cli_parser,
+    finish_cli,
+    parse_overrides,
+    preference_inputs,
+    split_device,
 )
-from cai.train.reward_stage import ai_inputs, parse_overrides
 
 
 def load_policy(policy_cfg: dict[str, Any], location: str, dcfg: DPOConfig, seed: int):
@@ -98,45 +95,28 @@ def dpo_stage(cfg) -> Any:
 
     d = OmegaConf.to_container(cfg.dpo, resolve=True)
     dcfg = coerce_dpo_config(d)  # a bad value fails at planning, before any stage runs
-    inputs = ai_inputs(cfg) if dcfg.labels_from == "ai" else {}
-    if cfg.data.human.path:
-        inputs["human_pairs"] = "human_pairs"
-    elif dcfg.labels_from == "human":
-        raise ConfigError("dpo.labels_from=human needs data.human.path (HH-RLHF pairs with human labels)")
+    inputs = preference_inputs(cfg, "dpo", dcfg.labels_from)
     if "sft" in cfg.experiment.stages:
         inputs["sft"] = "sft"
     elif cfg.policy.name_or_path == "tiny":
         inputs["policy_model"] = "policy_model"
-    policy = {k: v for k, v in OmegaConf.to_container(cfg.policy, resolve=True).items() if k != "device"}
-    key = {k: v for k, v in d.items() if k != "device"}  # where it runs is not what it computes
-    fn = functools.partial(build_dpo, runtime={"device": d["device"]})
-    return Stage("dpo", fn, {"dpo": key, "policy": policy, "seed": int(cfg.seed)}, inputs)
+    policy, _ = split_device(OmegaConf.to_container(cfg.policy, resolve=True))
+    key, runtime = split_device(d)
+    return Stage("dpo", functools.partial(build_dpo, runtime=runtime),
+                 {"dpo": key, "policy": policy, "seed": int(cfg.seed)}, inputs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``[accelerate launch] python -m cai.train.dpo --pairs P --labels L --policy M --out DIR [key=value ...]``"""
-
-    p = argparse.ArgumentParser(prog="python -m cai.train.dpo", description=main.__doc__)
-    p.add_argument("--pairs", type=Path, required=True, help="pairs.jsonl")
-    p.add_argument("--labels", type=Path, required=True, help="labels.jsonl (human or AI)")
-    p.add_argument("--policy", required=True, help="hub name or local path of the starting policy")
-    p.add_argument("--out", type=Path, required=True, help="output directory (model/, train_log.jsonl, ...)")
-    p.add_argument("--seed", type=int, default=0)
+    p = cli_parser("python -m cai.train.dpo", main.__doc__, ("--policy", "the starting policy"),
+                   "model/, train_log.jsonl, ...", "DPOConfig fields, e.g. beta=0.1 loss=ipo")
     p.add_argument("--chat-format", default="auto", help="auto | template | hh")
-    p.add_argument("overrides", nargs="*", help="DPOConfig fields, e.g. beta=0.1 loss=ipo")
     args = p.parse_args(argv)
     dcfg = coerce_dpo_config(parse_overrides(args.overrides))
-    items, stats = load_labelled_pairs(args.pairs, args.labels)
-    train, test = split_pairs(items, dcfg.test_fraction, dcfg.split_salt)
-    data = PreferenceData(train, test, [], stats.metrics("dpo/data"))
+    data = cli_data(args.pairs, args.labels, dcfg.test_fraction, dcfg.split_salt, "dpo")
     accelerator = C.make_accelerator(mixed_precision=dcfg.mixed_precision, device=dcfg.device)
     model, tok, chat_format = load_policy({"chat_format": args.chat_format, "max_length": dcfg.max_length},
                                           args.policy, dcfg, args.seed)
     metrics = run_dpo(dcfg, data, model, tok, chat_format, seed=args.seed, out_dir=args.out,
                       state_dir=args.out / "state", accelerator=accelerator)
-    if accelerator.is_main_process:
-        (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        print(json.dumps({k: v for k, v in metrics.items() if "/eval/" in k or k == "dpo/final_loss"}, indent=1))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # destroys the process group: gloo aborts at exit otherwise
-    return 0
+    return finish_cli(accelerator, args.out, metrics, "dpo")

@@ -11,7 +11,9 @@
   with them -- plus what a scorer needs), ``train_log.jsonl``, ``heldout_scores.jsonl``.
 - :class:`RewardScorer`: load that artifact and score (conversation, response) texts.
 - Stage ``reward`` (:func:`build_reward`, builder :func:`reward_stage`) and a command line for
-  ``accelerate launch -m cai.train.reward ...`` (:func:`main`).
+  ``accelerate launch -m cai.train.reward ...`` (:func:`main`). The pieces the ``dpo`` stage and
+  command line share with them live here once: :func:`preference_inputs` (which label artifacts
+  a stage reads), :func:`split_device`, :func:`cli_parser`, :func:`cli_data`, :func:`finish_cli`.
 """
 
 from __future__ import annotations
@@ -330,22 +332,38 @@ def reward_stage(cfg) -> Any:
 
     rm = OmegaConf.to_container(cfg.reward, resolve=True)
     rcfg = coerce_reward_config(rm)  # a bad value fails at planning, before any stage runs
-    inputs = ai_inputs(cfg) if rcfg.labels_from == "ai" else {}
-    if cfg.data.human.path:
-        inputs["human_pairs"] = "human_pairs"
-    elif rcfg.labels_from == "human":
-        raise ConfigError("reward.labels_from=human needs data.human.path (HH-RLHF pairs with human labels)")
+    inputs = preference_inputs(cfg, "reward", rcfg.labels_from)
     if rcfg.backbone == "tiny" and cfg.policy.name_or_path == "tiny":
         inputs["policy_model"] = "policy_model"
-    key = {k: v for k, v in rm.items() if k != "device"}  # where it runs is not what it computes
-    fn = functools.partial(build_reward, runtime={"device": rm["device"]})
-    return Stage("reward", fn, {"reward": key, "seed": int(cfg.seed)}, inputs)
+    key, runtime = split_device(rm)
+    return Stage("reward", functools.partial(build_reward, runtime=runtime), {"reward": key, "seed": int(cfg.seed)},
+                 inputs)
 
 
 def ai_inputs(cfg) -> dict[str, str]:
     """Inputs of an AI-label arm: the labels and the artifact whose pairs the judge labelled."""
     source = cfg.labels.source if "labels" in cfg and "source" in cfg.labels else "human_pairs"
     return {"ai_labels": "ai_labels", "ai_pairs": str(source)}
+
+
+def preference_inputs(cfg, stage: str, labels_from: str) -> dict[str, str]:
+    """The label inputs of a stage trained on preferences (``reward``, ``dpo``).
+
+    AI labels: :func:`ai_inputs`. The human pairs whenever ``data.human.path`` is set: they are
+    the training labels of the human arm and the held-out human evaluation of the AI arm.
+    """
+    inputs = ai_inputs(cfg) if labels_from == "ai" else {}
+    if cfg.data.human.path:
+        inputs["human_pairs"] = "human_pairs"
+    elif labels_from == "human":
+        raise ConfigError(f"{stage}.labels_from=human needs data.human.path (HH-RLHF pairs with human labels)")
+    return inputs
+
+
+def split_device(stage_cfg: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(key part, runtime part)`` of a training stage's config: where it runs (``device``) is
+    not what it computes, so the device stays out of the artifact key."""
+    return {k: v for k, v in stage_cfg.items() if k != "device"}, {"device": stage_cfg.get("device", "auto")}
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
@@ -363,24 +381,45 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``[accelerate launch] python -m cai.train.reward --pairs P --labels L --backbone B --out DIR [key=value ...]``"""
-    p = argparse.ArgumentParser(prog="python -m cai.train.reward", description=main.__doc__)
-    p.add_argument("--pairs", type=Path, required=True, help="pairs.jsonl")
-    p.add_argument("--labels", type=Path, required=True, help="labels.jsonl (human or AI)")
-    p.add_argument("--backbone", required=True, help="hub name or local path of the backbone")
-    p.add_argument("--out", type=Path, required=True, help="output directory (model/, reward_stats.json, ...)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("overrides", nargs="*", help="RewardConfig fields, e.g. epochs=2 lr=1e-4")
+    p = cli_parser("python -m cai.train.reward", main.__doc__, ("--backbone", "the backbone"),
+                   "model/, reward_stats.json, ...", "RewardConfig fields, e.g. epochs=2 lr=1e-4")
     args = p.parse_args(argv)
     rcfg = coerce_reward_config({**parse_overrides(args.overrides), "backbone": args.backbone})
-    items, stats = load_labelled_pairs(args.pairs, args.labels)
-    train, test = split_pairs(items, rcfg.test_fraction, rcfg.split_salt)
-    data = PreferenceData(train, test, [], stats.metrics("rm/data"))
+    data = cli_data(args.pairs, args.labels, rcfg.test_fraction, rcfg.split_salt, "rm")
     accelerator = C.make_accelerator(mixed_precision=rcfg.mixed_precision, device=rcfg.device)
     metrics = run_reward(rcfg, data, backbone_loader(rcfg, args.backbone), seed=args.seed, out_dir=args.out,
                          state_dir=args.out / "state", accelerator=accelerator)
+    return finish_cli(accelerator, args.out, metrics, "rm")
+
+
+def cli_parser(prog: str, doc: str | None, model: tuple[str, str], outputs: str, overrides: str,
+               ) -> argparse.ArgumentParser:
+    """The arguments of both preference command lines: ``--pairs``, ``--labels``, the model to
+    start from (``model``: flag, what it is), ``--out``, ``--seed`` and ``key=value`` overrides."""
+    p = argparse.ArgumentParser(prog=prog, description=doc)
+    p.add_argument("--pairs", type=Path, required=True, help="pairs.jsonl")
+    p.add_argument("--labels", type=Path, required=True, help="labels.jsonl (human or AI)")
+    p.add_argument(model[0], required=True, help=f"hub name or local path of {model[1]}")
+    p.add_argument("--out", type=Path, required=True, help=f"output directory ({outputs})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", help=overrides)
+    return p
+
+
+def cli_data(pairs: Path, labels: Path, test_fraction: float, salt: str, prefix: str) -> PreferenceData:
+    """The command lines' data: one pairs/labels file pair, split by prompt; no human held-out set."""
+    items, stats = load_labelled_pairs(pairs, labels)
+    train, test = split_pairs(items, test_fraction, salt)
+    return PreferenceData(train, test, [], stats.metrics(f"{prefix}/data"))
+
+
+def finish_cli(accelerator, out: Path, metrics: Mapping[str, Any], prefix: str) -> int:
+    """End a command-line run: the main process writes ``metrics.json`` and prints the held-out
+    metrics and the final loss; then every process leaves the process group together."""
     if accelerator.is_main_process:
-        (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        print(json.dumps({k: v for k, v in metrics.items() if "/eval/" in k or k == "rm/final_loss"}, indent=1))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        shown = {k: v for k, v in metrics.items() if "/eval/" in k or k == f"{prefix}/final_loss"}
+        print(json.dumps(shown, indent=1))
     accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys the process group: gloo aborts at exit otherwise
     return 0

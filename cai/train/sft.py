@@ -6,11 +6,14 @@ The loop, top to bottom (:func:`train_sft`):
    sampling engine reads a prompt (:func:`cai.train.common.encode_example`): the prompt alone,
    then the response, then EOS. Labels are ``-100`` on prompt tokens, so the loss is on the
    response only.
-2. One optimizer step consumes ``batch_size * grad_accum`` examples (per process) in the order
-   :func:`~cai.train.common.epoch_order` fixes for ``(seed, epoch)``. Within a step the
-   examples are sorted by length and cut into micro-batches of ``batch_size`` (less padding).
-   The loss of a step is the summed token NLL of all its micro-batches divided by their total
-   number of response tokens: gradient accumulation gives the gradient of one big batch.
+2. One optimizer step consumes ``batch_size`` examples -- over all processes, as for the reward
+   model and DPO -- in the order :func:`~cai.train.common.epoch_order` fixes for
+   ``(seed, epoch)`` (:func:`cai.train.pairs.iter_steps`). Each process takes a round-robin
+   share, sorts it by length and cuts it into micro-batches of ``micro_batch_size`` (less
+   padding). The loss of a step is the summed token NLL of all its micro-batches divided by
+   their total number of response tokens: gradient accumulation and data parallelism give the
+   gradient of one big batch, so one process and ``accelerate launch --num_processes 2``
+   follow the same loss curve.
 3. Batches are left-padded with ``position_ids`` from the mask, so every response sits at the
    end of its row and the LM head runs only on the last ``max response + 1`` positions
    (``logits_to_keep``): prompt positions need no vocabulary projection.
@@ -18,10 +21,9 @@ The loop, top to bottom (:func:`train_sft`):
    way). A checkpoint every ``checkpoint_every`` steps holds everything needed to continue the
    loss curve exactly (weights, optimizer, scheduler, RNG states, data position).
 
-Simplifications: examples longer than ``max_length`` are truncated (counted), not packed;
-with several processes the last step of an epoch drops the few examples that do not give every
-process one (counted). With LoRA the trained adapters are merged into the saved model, so
-every later stage loads it as a plain causal LM.
+Simplifications: examples longer than ``max_length`` are truncated (counted), not packed.
+With LoRA the trained adapters are merged into the saved model, so every later stage loads it
+as a plain causal LM.
 
 Stage ``sft`` (:func:`sft`): reads examples from the ``revisions`` or the ``judge_answers``
 artifact (``SFTConfig.source``), optionally mixes in helpful data, trains the policy and writes
@@ -33,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import math
 import shutil
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -46,6 +47,7 @@ import torch
 from cai.errors import ConfigError, DataError
 from cai.train import common as C
 from cai.train.sft_config import SOURCES, SFTConfig, SFTLoraConfig, coerce_sft_config  # noqa: F401 (re-export)
+from cai.train.pairs import iter_steps, local_rows, merged_for_saving, micro_batches, optimizer_step, steps_per_epoch
 from cai.train.sft_data import SFTExample, answer_examples, helpful_examples, mix_helpful, revision_examples
 
 log = logging.getLogger(__name__)
@@ -131,29 +133,35 @@ class SFTResult:
     resumed_from: int | None
 
 
-def plan_steps(n: int, cfg: SFTConfig, world: int = 1) -> tuple[int, int]:
-    """``(steps_per_epoch, total_steps)`` for ``n`` examples."""
-    per_step = cfg.batch_size * cfg.grad_accum * world
-    steps_per_epoch = max(1, math.ceil(n / per_step))
-    total = cfg.max_steps if cfg.max_steps is not None else steps_per_epoch * cfg.epochs
-    return steps_per_epoch, total
+def plan_steps(n: int, cfg: SFTConfig) -> tuple[int, int]:
+    """``(steps_per_epoch, total_steps)`` for ``n`` examples: ``batch_size`` examples per
+    optimizer step, however many processes share them."""
+    per_epoch = steps_per_epoch(n, cfg.batch_size)
+    total = cfg.max_steps if cfg.max_steps is not None else per_epoch * cfg.epochs
+    return per_epoch, total
 
 
-def _attach_lora(model, cfg: SFTConfig, seed: int):
-    from cai.models import LoraSpec, apply_lora
-
-    lora = cfg.lora
-    spec = LoraSpec(r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                    target_modules=tuple(lora.target_modules) or None)
-    return apply_lora(model, spec, seed=seed)
-
-
-def _optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float) -> float:
-    norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+def step_gradients(accelerator, model, rows: list[C.Encoded], step_ids: list[int], micro_batch_size: int,
+                   pad_id: int, keep_logits: bool) -> float:
+    """Backward for one optimizer step over the examples ``step_ids``: this process takes its
+    round-robin share, sorted by length and cut into micro-batches. The gradient (after DDP's
+    average over processes) is that of the step's summed NLL divided by its number of response
+    tokens, which is also the loss returned (over all processes, detached)."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n_targets = sum(_n_targets(rows[i]) for i in step_ids)
+    mine, weight = local_rows(step_ids, rank, world), 1.0
+    if not mine:  # fewer examples than processes: join the collective with a zero-weight row
+        mine, weight = step_ids[:1], 0.0
+    chunks = micro_batches(sorted(mine, key=lambda i: len(rows[i].input_ids)), micro_batch_size)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for j, chunk in enumerate(chunks):
+        with contextlib.nullcontext() if j == len(chunks) - 1 else accelerator.no_sync(model):
+            nll = batch_nll(model, [rows[i] for i in chunk], pad_id, accelerator.device, keep_logits)
+            accelerator.backward(nll * (weight * world / n_targets))
+        loss_sum += nll.detach() * weight
+    if world > 1:
+        loss_sum = accelerator.reduce(loss_sum, reduction="sum")
+    return float(loss_sum) / n_targets
 
 
 def train_sft(
@@ -173,19 +181,20 @@ def train_sft(
     ``state_dir`` holds the checkpoint and ``train_log.jsonl`` (kept across kills).
     ``on_step(step, metrics)`` is called after every optimizer step (and its checkpoint).
     """
+    from cai.models import apply_lora
+
     cfg = coerce_sft_config(cfg)
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     C.seed_everything(seed)
     accelerator = C.make_accelerator(mixed_precision=cfg.mixed_precision, device=device)
     encoded = encode_examples(tokenizer, examples, cfg.max_length, chat_format)
-    rows = encoded.rows
+    rows, n = encoded.rows, len(encoded.rows)
     if not rows:
         raise DataError(f"sft: no trainable examples ({len(examples)} given; left out: {dict(encoded.counts)})")
     if cfg.lora.enabled:
-        model = _attach_lora(model, cfg, seed)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    steps_per_epoch, total_steps = plan_steps(len(rows), cfg, world)
+        model = apply_lora(model, cfg.lora.spec(), seed=seed)
+    steps_per_epoch, total_steps = plan_steps(n, cfg)
     optimizer = C.make_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = C.make_scheduler(optimizer, C.resolve_warmup(cfg.warmup, total_steps), total_steps, cfg.schedule)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -197,60 +206,42 @@ def train_sft(
                              tensorboard_dir=state_dir / "tensorboard" if cfg.tensorboard else None,
                              wandb_project=cfg.wandb_project, run_name=state_dir.parent.name, config=asdict(cfg))
     keep_logits = _keeps_logits(accelerator.unwrap_model(model))
-    pad_id = tokenizer.pad_token_id
-    meter = C.Throughput()
-    counts = Counter({**encoded.counts, "dropped_tail": 0})
+    meter, step = C.Throughput(), state.step
     tokens_seen = int(state.extra.get("tokens_seen", 0))
-    per_step = cfg.batch_size * cfg.grad_accum * world
     model.train()
-    step, epoch, pos = state.step, state.epoch, state.data_position
-    while step < total_steps:
-        order = C.epoch_order(len(rows), seed, epoch)
-        while pos < len(order) and step < total_steps:
-            step_ids = order[pos:pos + per_step]
-            pos += len(step_ids)
-            usable = len(step_ids) - len(step_ids) % world
-            counts["dropped_tail"] += len(step_ids) - usable
-            if usable == 0:
-                continue
-            mine = sorted((rows[i] for i in step_ids[:usable][rank::world]), key=lambda r: len(r.input_ids))
-            n_targets = sum(_n_targets(rows[i]) for i in step_ids[:usable])
-            micro = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for j, chunk in enumerate(micro):
-                sync = j == len(micro) - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    nll = batch_nll(model, chunk, pad_id, accelerator.device, keep_logits)
-                    accelerator.backward(nll * (world / n_targets))
-                loss_sum += nll.detach()
-            lr = scheduler.get_last_lr()[0]
-            grad_norm = _optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
-            step += 1
-            n_tokens = sum(len(r.input_ids) for r in mine)
-            tokens_seen += n_tokens * world
-            meter.update(n_tokens * world, len(mine) * world)
-            if world > 1:
-                loss_sum = accelerator.reduce(loss_sum, reduction="sum")
-            metrics = {"sft/loss": float(loss_sum) / n_targets, "sft/lr": lr, "sft/grad_norm": grad_norm,
-                       "sft/epoch": epoch + pos / len(order)}
-            if step % cfg.log_every == 0 or step == total_steps:
-                metrics.update({f"sft/{k}": v for k, v in meter.rates().items()})
-                logger.log(step, metrics)
-            next_epoch, next_pos = (epoch + 1, 0) if pos >= len(order) else (epoch, pos)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                C.save_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler,
-                                  step, next_epoch, next_pos, {"tokens_seen": tokens_seen})
-            if on_step is not None:
-                on_step(step, metrics)
-        epoch, pos = epoch + 1, 0
+    epochs = -(-total_steps // steps_per_epoch)  # max_steps may stop inside an epoch, or run past `epochs`
+    for sb in iter_steps(n, cfg.batch_size, epochs, seed, state.epoch, state.data_position):
+        if step >= total_steps:
+            break
+        loss = step_gradients(accelerator, model, rows, sb.indices, cfg.micro_batch_size, tokenizer.pad_token_id,
+                              keep_logits)
+        lr = scheduler.get_last_lr()[0]
+        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
+        step += 1
+        n_tokens = sum(len(rows[i].input_ids) for i in sb.indices)
+        tokens_seen += n_tokens
+        meter.update(n_tokens, len(sb.indices))
+        next_pos = sb.position + len(sb.indices)
+        metrics = {"sft/loss": loss, "sft/lr": lr, "sft/grad_norm": grad_norm,
+                   "sft/epoch": sb.epoch + next_pos / n}
+        if step % cfg.log_every == 0 or step == total_steps:
+            metrics.update({f"sft/{k}": v for k, v in meter.rates().items()})
+            logger.log(step, metrics)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
+            next_epoch, next_pos = (sb.epoch + 1, 0) if next_pos >= n else (sb.epoch, next_pos)
+            C.save_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler,
+                              step, next_epoch, next_pos, {"tokens_seen": tokens_seen})
+        if on_step is not None:
+            on_step(step, metrics)
     logger.close()
     trainable, total = C.count_parameters(accelerator.unwrap_model(model))
     overall = meter.overall()
     summary = {
-        "sft/examples": len(rows), "sft/steps": step, "sft/steps_per_epoch": steps_per_epoch,
-        "sft/tokens_seen": tokens_seen, "sft/tokens_per_s": overall["tokens_per_s"],
-        "sft/samples_per_s": overall["samples_per_s"], "sft/trainable_params": trainable,
-        "sft/total_params": total, **{f"sft/{k}": v for k, v in counts.items()},
+        "sft/examples": n, "sft/steps": step, "sft/steps_per_epoch": steps_per_epoch,
+        "sft/processes": accelerator.num_processes, "sft/tokens_seen": tokens_seen,
+        "sft/tokens_per_s": overall["tokens_per_s"], "sft/samples_per_s": overall["samples_per_s"],
+        "sft/trainable_params": trainable, "sft/total_params": total,
+        **{f"sft/{k}": v for k, v in encoded.counts.items()},
     }
     return SFTResult(accelerator.unwrap_model(model), step, summary, resumed_from)
 
@@ -258,9 +249,7 @@ def train_sft(
 def save_sft_model(model, tokenizer, out_dir: str | Path) -> Path:
     """``save_pretrained`` the model (LoRA adapters merged) and its tokenizer into ``out_dir``."""
     out_dir = Path(out_dir)
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    model.save_pretrained(out_dir)
+    merged_for_saving(model).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 
@@ -366,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chat-format", default="auto")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("overrides", nargs="*", help="SFTConfig fields, e.g. lr=1e-4 batch_size=4")
+    parser.add_argument("overrides", nargs="*", help="SFTConfig fields, e.g. lr=1e-4 batch_size=16 micro_batch_size=4")
     args = parser.parse_intermixed_args(argv)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(SFTConfig), OmegaConf.from_dotlist(args.overrides))
@@ -388,8 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     if PartialState().is_main_process:
         save_sft_model(result.model, tok, args.out / "model")
         shutil.copyfile((args.state_dir or args.out / "state") / "train_log.jsonl", args.out / "train_log.jsonl")
-        metrics = {**{f"sft/source_{k}": v for k, v in counts.items()}, **result.metrics,
-                   "sft/processes": PartialState().num_processes}
+        metrics = {**{f"sft/source_{k}": v for k, v in counts.items()}, **result.metrics}
         (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 from cai.errors import ConfigError
 from cai.train.judge_answers import JudgeAnswersConfig
@@ -47,10 +47,10 @@ class SFTConfig:
     epochs: int = 1
     # when set, train exactly this many optimizer steps (cycling through epochs) instead of `epochs`
     max_steps: Optional[int] = None
-    # examples per micro-batch (per process)
+    # examples per optimizer step, over all processes (as reward.batch_size and dpo.batch_size)
     batch_size: int = 8
-    # micro-batches per optimizer step
-    grad_accum: int = 1
+    # examples per forward pass on one process (gradient accumulation below batch_size)
+    micro_batch_size: int = 8
     # longest example in tokens (prompt + response + EOS); longer ones are truncated and counted
     max_length: int = 512
     # no | bf16 | fp16 (fp16 on CUDA only)
@@ -76,6 +76,10 @@ def coerce_sft_config(cfg: SFTConfig | Mapping[str, Any]) -> SFTConfig:
         raw = dict(cfg)
         known = set(SFTConfig.__dataclass_fields__)
         unknown = sorted(set(raw) - known)
+        if "grad_accum" in unknown:
+            raise ConfigError("sft.grad_accum is gone: sft.batch_size is the examples per optimizer step over all "
+                              "processes, sft.micro_batch_size the examples per forward (set batch_size to the old "
+                              "batch_size * grad_accum * processes)")
         if unknown:
             raise ConfigError(f"sft: unknown field(s) {unknown}; expected some of {sorted(known)}")
         try:
@@ -86,7 +90,7 @@ def coerce_sft_config(cfg: SFTConfig | Mapping[str, Any]) -> SFTConfig:
         cfg = SFTConfig(**raw)
     if cfg.source not in SOURCES:
         raise ConfigError(f"sft.source={cfg.source!r}, expected one of {', '.join(SOURCES)}")
-    for name in ("epochs", "batch_size", "grad_accum", "max_length", "log_every"):
+    for name in ("epochs", "batch_size", "micro_batch_size", "max_length", "log_every"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
             raise ConfigError(f"sft.{name} must be an integer >= 1, got {getattr(cfg, name)!r}")
     if cfg.max_steps is not None and cfg.max_steps < 1:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,16 @@ def _need_field(row: Any, name: str, kind: type | tuple[type, ...], where: str, 
     return value
 
 
+def _conversations(path: Path, counts: Counter) -> Iterator[tuple[str, Any, str, tuple[dict[str, str], ...]]]:
+    """``(where, row, prompt_id, messages)`` of every row of a stage's ``.jsonl`` (counted as
+    ``read``); a row without a prompt id or valid messages raises naming its file and line."""
+    for line, row in iter_jsonl_numbered(path):
+        where = _where(path, line)
+        counts["read"] += 1
+        prompt_id = _need_field(row, "prompt_id", str, where, "the prompt's id (a string)")
+        yield where, row, prompt_id, _check_messages(row.get("messages"), where)
+
+
 # ----------------------------------------------------------------------------- revisions
 
 
@@ -110,14 +120,9 @@ def revision_examples(path: str | Path, round_: int | None = None) -> tuple[list
     """SFT examples from ``revisions.jsonl`` (see the module docstring) and the skip counts."""
     if round_ is not None and round_ < 1:
         raise ConfigError(f"sft.revision_round must be >= 1 (or null for the final revision), got {round_}")
-    path = Path(path)
     examples: list[SFTExample] = []
     counts = Counter({"read": 0, "no_usable_revision": 0, "empty_response": 0})
-    for line, row in iter_jsonl_numbered(path):
-        where = _where(path, line)
-        counts["read"] += 1
-        prompt_id = _need_field(row, "prompt_id", str, where, "the prompt's id (a string)")
-        messages = _check_messages(row.get("messages"), where)
+    for where, row, prompt_id, messages in _conversations(Path(path), counts):
         text = revision_after(row, round_, where)
         if text is None:
             counts["no_usable_revision"] += 1
@@ -133,14 +138,9 @@ def revision_examples(path: str | Path, round_: int | None = None) -> tuple[list
 
 def answer_examples(path: str | Path) -> tuple[list[SFTExample], Counter]:
     """SFT examples from the ``judge_answers`` stage's ``answers.jsonl`` and the skip counts."""
-    path = Path(path)
     examples: list[SFTExample] = []
     counts = Counter({"read": 0, "failed_answer": 0, "empty_response": 0})
-    for line, row in iter_jsonl_numbered(path):
-        where = _where(path, line)
-        counts["read"] += 1
-        prompt_id = _need_field(row, "prompt_id", str, where, "the prompt's id (a string)")
-        messages = _check_messages(row.get("messages"), where)
+    for where, row, prompt_id, messages in _conversations(Path(path), counts):
         status = _need_field(row, "status", str, where, "'ok' or 'failed'")
         if status != "ok":
             counts["failed_answer"] += 1
