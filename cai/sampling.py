@@ -220,7 +220,9 @@ class SamplingEngine:
         for special in (True, False):  # add the tokenizer's BOS unless the text starts with it
             group = [i for i, b in enumerate(has_bos) if b != special]
             if group:
-                enc = self.tokenizer([prompts[i] for i in group], add_special_tokens=special)["input_ids"]
+                # verbose=False: prompts longer than the model are cut below, not an error to warn of
+                enc = self.tokenizer([prompts[i] for i in group], add_special_tokens=special,
+                                     verbose=False)["input_ids"]
                 for i, row in zip(group, enc):
                     ids[i] = list(row)
         reserves = [reserve] * len(prompts) if isinstance(reserve, int) else list(reserve)
