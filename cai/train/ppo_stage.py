@@ -125,7 +125,7 @@ def ppo_stage(cfg) -> Any:
     from cai.artifacts import ArtifactStore
     from cai.config import CONSTITUTIONS_DIR
     from cai.constitution import resolve_constitution
-    from cai.feedback.label import SEMANTIC_JUDGE_FIELDS
+    from cai.feedback.judges.config import judge_key, judge_runtime
     from cai.pipeline import Stage
 
     p = OmegaConf.to_container(cfg.ppo, resolve=True)
@@ -148,9 +148,9 @@ def ppo_stage(cfg) -> Any:
     if uses_judge:
         if not cfg.constitution.path:
             raise ConfigError("ppo with a judge (reward_from=judge or heldout_judge_every > 0) needs constitution.path")
-        key["judge"] = {k: judge.get(k) for k in SEMANTIC_JUDGE_FIELDS}
+        key["judge"] = judge_key(judge)
         root = cfg.store.root or ArtifactStore.default_root()
-        runtime.update({"judge": {k: v for k, v in judge.items() if k not in SEMANTIC_JUDGE_FIELDS},
+        runtime.update({"judge": judge_runtime(judge),
                         "constitution": str(resolve_constitution(cfg.constitution.path, [CONSTITUTIONS_DIR])),
                         "cache_path": str(Path(root).expanduser() / "judge_cache.sqlite")})
     fn = functools.partial(build_ppo, runtime=runtime)
