@@ -138,26 +138,34 @@ def test_trl_arguments_on_cuda_are_bf16_without_use_cpu(tmp_path):
     assert (cpu["bf16"], cpu["use_cpu"]) == (False, True)
 
 
-@needs_trl
-def test_trl_accepts_the_arguments(tmp_path, monkeypatch):
-    """Every key is a real PPOConfig field (the CUDA variant needs a bf16 GPU to be built)."""
-    monkeypatch.setenv("CAI_TRL112_PATH", TRL_PATH)
-    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
-    config_cls = B._import_trl()[0]
-    args = config_cls(**B.trl_kwargs(B.precision_for("cpu", "bf16"), B.ISSUE_SHAPE, tmp_path))
-    assert (args.bf16, args.gradient_checkpointing, args.num_mini_batches) == (True, False, 2)
+_TRL_CHECK = """
+import sys
+from pathlib import Path
+from bench import bench_ppo as B
+from cai.train.common import make_accelerator
+from accelerate.state import AcceleratorState
+
+model_dir, tmp = Path(sys.argv[1]), Path(sys.argv[2])
+# every key is a real PPOConfig field (the CUDA variant needs a bf16 GPU to be built)
+config_cls = B._import_trl()[0]
+args = config_cls(**B.trl_kwargs(B.precision_for("cpu", "bf16"), B.ISSUE_SHAPE, tmp / "args"))
+assert (args.bf16, args.gradient_checkpointing, args.num_mini_batches) == (True, False, 2), args
+# TRL 1.12 builds its Accelerator without a precision: bf16=True alone would not reach it
+make_accelerator(mixed_precision="no", device="cpu")  # a state left by an fp32 loop
+B._trl(model_dir, B.precision_for("cpu", "bf16"), B.Shape(4, 2, 2, 4), tmp, gc_off=True)
+assert AcceleratorState().mixed_precision == "bf16", AcceleratorState().mixed_precision
+print("ok")
+"""
 
 
 @needs_trl
-def test_trl_trainer_really_runs_bf16_when_asked(tiny_model_dir, tmp_path, monkeypatch):
-    """TRL 1.12 builds its Accelerator without a precision: bf16=True alone would not reach it."""
-    monkeypatch.setenv("CAI_TRL112_PATH", TRL_PATH)
-    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
-    from cai.train.common import make_accelerator
+def test_trl_accepts_the_arguments_and_really_runs_bf16(tiny_model_dir, tmp_path):
+    """In a fresh process: TRL 1.12 must be the first ``trl`` imported (other tests import the
+    installed, newer TRL, which has no PPO)."""
+    import subprocess
 
-    make_accelerator(mixed_precision="no", device="cpu")  # a state left by an fp32 loop
-    B._trl(tiny_model_dir, B.precision_for("cpu", "bf16"), B.Shape(4, 2, 2, 4), tmp_path, gc_off=True)
-    from accelerate.state import AcceleratorState
-
-    assert AcceleratorState().mixed_precision == "bf16"
-    make_accelerator(mixed_precision="no", device="cpu")  # leave fp32 for the tests after this one
+    env = {**os.environ, "CAI_TRL112_PATH": TRL_PATH, "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([TRL_PATH, str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-c", _TRL_CHECK, str(tiny_model_dir), str(tmp_path)], env=env,
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
