@@ -9,8 +9,11 @@ trains PPO or DPO on top of its own ``sft`` (the CAI recipe of the quickstart) i
 that SFT policy instead, which is also PPO's reference. On the TEST split of ``prompts`` (cut to
 ``eval.max_prompts``) the stage:
 
-1. samples one response per prompt from the arm and from the baseline (same seeds; for the SFT
-   arm both are the same policy, so its win rate is exactly 0.5 by construction);
+1. takes the baseline's samples (and its harmlessness verdicts) from stage ``eval_baseline``
+   (:mod:`cai.evaluate_baseline`), built once per seed and shared by every arm, and samples one
+   response per prompt from the arm with the same seeds; when the arm IS the baseline (the SFT
+   arm) its samples are the baseline's, so its win rate is exactly 0.5 and its KL 0 by
+   construction;
 2. asks the held-out judge (``eval.judge``, a :class:`JudgeConfig` distinct from the labeller's
    ``judge``) to compare them in both orders (:mod:`cai.evaluate_requests`): win rate with
    ties and invalid answers counted apart, never as losses, and the length-controlled win rate,
@@ -31,6 +34,10 @@ Metrics: ``eval/vs_sft/{win_rate,lc_win_rate,...}`` (+ ``_ci_low``/``_ci_high``,
 1 when the held-out judge's answer-changing fields equal the labeller's (the tiny offline
 default), so a report can say the evaluation is not held out. ``samples.jsonl`` keeps every
 prompt's two responses, log-probs and judgements.
+
+Resumable: the arm's samples are journaled per batch and the judge's answers per request batch
+(``eval.judge_batch``, run time only), as in ``eval_baseline``, so a killed evaluation rerun
+re-samples and re-asks nothing already done and reports what an uninterrupted run reports.
 """
 
 from __future__ import annotations
@@ -38,7 +45,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import random
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,18 +52,23 @@ from typing import Any, List, Optional
 
 import numpy as np
 
-from cai.data import Prompt, write_jsonl
-from cai.errors import ConfigError
+from cai.data import write_jsonl
+from cai.errors import ConfigError, DataError
+from cai.evaluate_baseline import (
+    JudgeSession,
+    arm_policy,
+    baseline_kind,
+    check_eval_config,
+    eval_prompts,
+    eval_runtime,
+    harmless_indices,
+    read_baseline,
+    sample_policy,
+)
 from cai.feedback.judges.config import JudgeConfig
 from cai.train.reward import RewardConfig
 
 log = logging.getLogger(__name__)
-
-ARM_ORDER = ("ppo", "dpo", "sft")  # the first of these the run trains is the evaluated policy
-HARMLESS_MODES = ("harmful", "all")
-BASELINES = ("initial", "sft")
-RUNTIME_JUDGE = ("max_concurrency", "rpm", "tpm", "burst_s", "max_retries", "malformed_retries", "timeout_s",
-                 "backoff_base_s", "backoff_max_s", "cache", "cache_path", "max_dollars", "prices", "api_key_env")
 
 
 def _tiny_judge() -> JudgeConfig:
@@ -92,6 +103,7 @@ class EvalConfig:
     rm_seed_offset: int = 1000  # the held-out RM's seed is seed + this
     rm: RewardConfig = field(default_factory=_eval_rm)
     hf_batch_size: int = 8  # rows per forward of a local (hf) judge; run time only
+    judge_batch: int = 64  # judge requests per call and per journal write; run time only
     # initial: the initial policy (the matched study's "SFT" arm); sft: the run's sft artifact when the
     # run trains beyond it (PPO/DPO from SL-CAI, as in the quickstart), else the initial policy
     baseline: str = "initial"
@@ -104,31 +116,31 @@ class Policy:
     location: str
 
 
-def _sample(policy_cfg: dict, location: str, device: str, prompts: list[Prompt], ecfg: dict, seed: int):
-    """``(texts, completions, engine, chat_format)``: one sample per prompt, seeded per batch."""
-    from cai.models import format_prompt, load_causal_lm
-    from cai.sampling import SamplingEngine, SamplingParams
-    from cai.stages import model_spec
+def _seq_logprobs(engine: Any, policy_cfg: dict, location: str, device: str, batch_size: int,
+                  texts: list[str], token_ids: list[list[int]]) -> list[float]:
+    """Sequence log-probs (temperature 1) of given samples; loads the policy when ``engine`` is None."""
+    from cai.stages import load_engine
 
-    spec = model_spec({**policy_cfg, "device": device}, location)
-    model, tok = load_causal_lm(spec)
-    bs = int(ecfg["batch_size"])
-    engine = SamplingEngine(model, tok, batch_size=bs)
-    texts = [format_prompt(tok, p.messages_as_dicts(), spec.chat_format) for p in prompts]
-    outs = []
-    for start in range(0, len(texts), bs):
-        params = SamplingParams(max_new_tokens=int(ecfg["max_new_tokens"]), temperature=float(ecfg["temperature"]),
-                                top_p=float(ecfg["top_p"]), stop=tuple(ecfg["stop"]),
-                                seed=random.Random(f"eval:{seed}:{start}").getrandbits(63))
-        outs += engine.generate(texts[start : start + bs], params)
-    return texts, outs, engine
+    if engine is None:
+        engine, _ = load_engine(policy_cfg, location, device, batch_size)
+    return [float(sum(lp)) for lp in engine.score(texts, token_ids)]
 
 
-def _kl(arm_engine, base_engine, texts: list[str], token_ids: list[list[int]]) -> list[float]:
-    """Per prompt: sequence log-prob of the arm's sample under the arm minus under the baseline."""
-    lp_arm = arm_engine.score(texts, token_ids)
-    lp_base = base_engine.score(texts, token_ids)
-    return [float(sum(a) - sum(b)) for a, b in zip(lp_arm, lp_base)]
+def _sample_arm(ctx: Any, cfg: dict[str, Any], prompts: list, arm: Policy, base: Policy,
+                device: str) -> tuple[list[dict], list[float]]:
+    """The arm's samples (journaled per batch) and, per prompt, ``log pi_arm(y) - log pi_base(y)``
+    for its own sample ``y`` (zeros without ``eval.kl``). One model is in memory at a time."""
+    ecfg, bs = cfg["eval"], int(cfg["eval"]["batch_size"])
+    rows, engine = sample_policy(ctx, prompts, cfg["policy"], arm.location, device, ecfg, int(cfg["seed"]),
+                                 arm.name, token_ids=True)
+    if not ecfg["kl"]:
+        return rows, [0.0] * len(rows)
+    texts, ids = [r["prompt"] for r in rows], [r["token_ids"] for r in rows]
+    with ctx.phase("kl"):
+        lp_arm = _seq_logprobs(engine, cfg["policy"], arm.location, device, bs, texts, ids)
+        del engine
+        lp_base = _seq_logprobs(None, cfg["policy"], base.location, device, bs, texts, ids)
+    return rows, [a - b for a, b in zip(lp_arm, lp_base)]
 
 
 def _mean_ci(values: list[float], n_boot: int, seed: int) -> tuple[float, float, float]:
@@ -141,30 +153,7 @@ def _mean_ci(values: list[float], n_boot: int, seed: int) -> tuple[float, float,
 
 
 # ----------------------------------------------------------------------------- judging
-def _judge(ecfg: dict, inputs: Mapping[str, Path], runtime: Mapping[str, Any]):
-    from cai.feedback.judges import CostLedger, coerce_config, make_judge
-
-    judge = {**ecfg["judge"], **dict(runtime.get("judge") or {})}
-    if judge.get("model") == "tiny":
-        if "policy_model" not in inputs:
-            raise ConfigError("eval.judge.model 'tiny' is the tiny policy model, but the run has none "
-                              "(policy.name_or_path is not 'tiny'); give eval.judge a hub name or local path")
-        judge["model"] = str(Path(inputs["policy_model"]) / "model")
-    jcfg = coerce_config(judge, "eval.judge")
-    ledger = CostLedger(jcfg.prices, jcfg.max_dollars)
-    backend = make_judge(jcfg, ledger=ledger, cache_path=runtime.get("cache_path"), where="eval.judge")
-    if hasattr(backend, "batch_size"):
-        backend.batch_size = int(runtime.get("hf_batch_size", 8))
-    return backend, ledger
-
-
-def _ask(backend, requests: list) -> list:
-    from cai.feedback.judges import run_sync
-
-    return list(run_sync(backend.choose_many(requests, progress=False))) if requests else []
-
-
-def _win_rates(backend, prompts, arm_texts, base_texts, arm_len, base_len, arm_name, ecfg, seed):
+def _win_rates(judge: JudgeSession, prompts, arm_texts, base_texts, arm_len, base_len, arm_name, ecfg, seed):
     from cai.evaluate import Judgement, length_controlled_win_rate, win_rate
     from cai.evaluate_requests import DEFAULT_COMPARISON_QUESTION, comparison_requests, judgements_from_results
 
@@ -172,10 +161,12 @@ def _win_rates(backend, prompts, arm_texts, base_texts, arm_len, base_len, arm_n
     # identical responses cannot differ in quality: a tie by definition, not a question for the judge
     # (its two orders would sum to 1 only up to rounding, which a zero tie margin reads as a win or loss)
     same = {p.id for p, a, b in zip(prompts, arm_texts, base_texts) if a.strip() == b.strip()}
-    requests = [r for p, a, b in zip(prompts, arm_texts, base_texts) if p.id not in same
-                for r in comparison_requests(p, a, b, arm=arm_name, baseline="sft", question=question)]
+    asks = [(f"cmp:{r.tag['order']}:{p.id}", r) for p, a, b in zip(prompts, arm_texts, base_texts)
+            if p.id not in same
+            for r in comparison_requests(p, a, b, arm=arm_name, baseline="sft", question=question)]
+    results = judge.ask(asks)
     judged = {j.prompt_id: j for j in
-              judgements_from_results(requests, _ask(backend, requests)).get((arm_name, "sft"), [])}
+              judgements_from_results([r for _, r in asks], results).get((arm_name, "sft"), [])}
     judgements = [judged[p.id] if p.id not in same else Judgement(p.id, 0.5, 0.5) for p in prompts]
     n_boot, ties, margin = int(ecfg["bootstrap_resamples"]), ecfg["ties"], float(ecfg["tie_margin"])
     wr = win_rate(judgements, ties=ties, tie_margin=margin, n_boot=n_boot, seed=seed)
@@ -186,16 +177,31 @@ def _win_rates(backend, prompts, arm_texts, base_texts, arm_len, base_len, arm_n
     return metrics, {j.prompt_id: j for j in judgements}
 
 
-def _harmless(backend, prompts, arm_texts, base_texts, arm_name, ecfg, seed) -> dict[str, float]:
+def _baseline_harmless(prompts, base_rows: list[dict], chosen: list[int]) -> list:
+    from cai.feedback.judges import ChoiceResult
+
+    missing = [prompts[i].id for i in chosen if not base_rows[i].get("harmless")]
+    if missing:
+        raise DataError(f"eval_baseline samples.jsonl: prompt {missing[0]!r} has no harmlessness answer "
+                        f"(field 'harmless', {len(missing)} prompt(s)); delete the artifact to rebuild it")
+    return [ChoiceResult(**base_rows[i]["harmless"]) for i in chosen]
+
+
+def _harmless(judge: JudgeSession, prompts, arm_texts, base_rows, arm_is_base: bool, arm_name, ecfg,
+              seed) -> dict[str, float]:
+    """Harmless rates of the arm and the baseline (whose answers ``eval_baseline`` holds)."""
     from cai.evaluate_requests import DEFAULT_HARMLESS_QUESTION, harmless_rate, harmlessness_request
 
     question = ecfg.get("harmless_question") or DEFAULT_HARMLESS_QUESTION
-    chosen = [i for i, p in enumerate(prompts) if ecfg["harmless_prompts"] == "all" or "harmful" in p.tags]
+    chosen = harmless_indices(prompts, ecfg)
+    base = _baseline_harmless(prompts, base_rows, chosen)
+    arm = base if arm_is_base else judge.ask(
+        [(f"harm:{prompts[i].id}", harmlessness_request(prompts[i], arm_texts[i], arm=arm_name, question=question))
+         for i in chosen])
+    n_boot = int(ecfg["bootstrap_resamples"])
     metrics: dict[str, float] = {"eval/harmless_prompts": len(chosen)}
-    for prefix, texts, name in (("eval/harmless", arm_texts, arm_name), ("eval/harmless_sft", base_texts, "sft")):
-        requests = [harmlessness_request(prompts[i], texts[i], arm=name, question=question) for i in chosen]
-        rate = harmless_rate(_ask(backend, requests), n_boot=int(ecfg["bootstrap_resamples"]), seed=seed)
-        metrics.update(rate.to_metrics(prefix))
+    metrics.update(harmless_rate(arm, n_boot=n_boot, seed=seed).to_metrics("eval/harmless"))
+    metrics.update(harmless_rate(base, n_boot=n_boot, seed=seed).to_metrics("eval/harmless_sft"))
     return metrics
 
 
@@ -218,64 +224,53 @@ def _rm_scores(artifact: Path, prompts, arm_texts, base_texts, ecfg, seed, devic
 
 
 # ----------------------------------------------------------------------------- the stage
+def _sample_metrics(cfg: dict[str, Any], prompts, n_test: int, base: Policy, arm_rows, base_rows, kl,
+                    n_boot: int, seed: int) -> dict[str, Any]:
+    arm_len = [float(r["n_tokens"]) for r in arm_rows]
+    metrics: dict[str, Any] = {"eval/prompts": len(prompts), "eval/prompts_beyond_limit": n_test - len(prompts),
+                               "eval/judge_is_labeller": int(cfg["judge_is_labeller"]),
+                               "eval/baseline_is_sft_artifact": int(base.name == "sft"),
+                               "eval/empty_responses": sum(1 for r in arm_rows if not r["response"].strip())}
+    mean, low, high = _mean_ci(arm_len, n_boot, seed)
+    metrics.update({"eval/length": mean, "eval/length_ci_low": low, "eval/length_ci_high": high,
+                    "eval/sft_length": float(np.mean([r["n_tokens"] for r in base_rows]))})
+    if cfg["eval"]["kl"]:
+        mean, low, high = _mean_ci(kl, n_boot, seed)
+        metrics.update({"eval/kl": mean, "eval/kl_ci_low": low, "eval/kl_ci_high": high})
+    return metrics
+
+
 def evaluate(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any, runtime: Mapping[str, Any] | None = None) -> None:
     """Stage ``evaluate`` (see the module docstring). ``cfg``: ``{"eval", "policy", "arm", "seed",
-    "judge_is_labeller"}``; ``runtime``: judge run-time fields, cache path, device."""
-    from cai.data import read_jsonl
+    "judge_is_labeller"}``; ``runtime``: judge run-time fields, cache path, device, batch sizes."""
     from cai.stages import policy_location
 
     runtime = dict(runtime or {})
     ecfg, seed, device = cfg["eval"], int(cfg["seed"]), runtime.get("device", "auto")
     with ctx.phase("load_data"):
-        prompts = [Prompt.from_dict(d) for d in read_jsonl(Path(inputs["prompts"]) / "test.jsonl")]
-        n_test = len(prompts)
-        if ecfg.get("max_prompts") is not None:
-            prompts = prompts[: int(ecfg["max_prompts"])]
-    if not prompts:
-        raise ConfigError("evaluate: the test split of prompts is empty; raise data.test_fraction "
-                          "or add prompts (the evaluation never uses training prompts)")
+        prompts, n_test = eval_prompts(inputs["prompts"], ecfg)
+        base_rows = read_baseline(inputs["eval_baseline"], prompts)
     base = (Policy("sft", str(Path(inputs["baseline"]) / "model")) if "baseline" in inputs
             else Policy("initial", policy_location({"policy": cfg["policy"]}, inputs)))
     arm = Policy(cfg["arm"], str(Path(inputs["arm"]) / "model")) if "arm" in inputs else base
-    with ctx.phase("sample"):
-        texts, base_out, base_engine = _sample(cfg["policy"], base.location, device, prompts, ecfg, seed)
-        if arm is base:
-            arm_out, arm_engine = base_out, base_engine
-        else:
-            _, arm_out, arm_engine = _sample(cfg["policy"], arm.location, device, prompts, ecfg, seed)
-    arm_texts, base_texts = [c.text for c in arm_out], [c.text for c in base_out]
-    arm_len, base_len = [len(c.token_ids) for c in arm_out], [len(c.token_ids) for c in base_out]
+    if arm is base:  # the arm IS the baseline: the same samples, so KL 0 and every prompt a tie
+        arm_rows, kl = base_rows, [0.0] * len(prompts)
+    else:
+        arm_rows, kl = _sample_arm(ctx, cfg, prompts, arm, base, device)
+    arm_texts, base_texts = [r["response"] for r in arm_rows], [r["response"] for r in base_rows]
+    arm_len, base_len = [r["n_tokens"] for r in arm_rows], [r["n_tokens"] for r in base_rows]
     n_boot = int(ecfg["bootstrap_resamples"])
-    metrics: dict[str, Any] = {"eval/prompts": len(prompts), "eval/prompts_beyond_limit": n_test - len(prompts),
-                               "eval/judge_is_labeller": int(cfg["judge_is_labeller"]),
-                               "eval/baseline_is_sft_artifact": int(base.name == "sft"),
-                               "eval/empty_responses": sum(1 for t in arm_texts if not t.strip())}
-    mean, low, high = _mean_ci([float(x) for x in arm_len], n_boot, seed)
-    metrics.update({"eval/length": mean, "eval/length_ci_low": low, "eval/length_ci_high": high,
-                    "eval/sft_length": float(np.mean(base_len))})
-    kl = [0.0] * len(prompts)
-    if ecfg["kl"] and arm is not base:
-        with ctx.phase("kl"):
-            kl = _kl(arm_engine, base_engine, texts, [c.token_ids for c in arm_out])
-    if ecfg["kl"]:
-        mean, low, high = _mean_ci(kl, n_boot, seed)
-        metrics.update({"eval/kl": mean, "eval/kl_ci_low": low, "eval/kl_ci_high": high})
-    del base_engine, arm_engine
-    backend, ledger = _judge(ecfg, inputs, runtime)
-    try:
+    metrics = _sample_metrics(cfg, prompts, n_test, base, arm_rows, base_rows, kl, n_boot, seed)
+    with JudgeSession(ctx, ecfg, inputs, runtime, "evaluate") as judge:
         with ctx.phase("judge"):
-            wr, judgements = _win_rates(backend, prompts, arm_texts, base_texts, arm_len, base_len,
+            wr, judgements = _win_rates(judge, prompts, arm_texts, base_texts, arm_len, base_len,
                                         arm.name, ecfg, seed)
             metrics.update(wr)
             if ecfg["harmless"]:
-                metrics.update(_harmless(backend, prompts, arm_texts, base_texts, arm.name, ecfg, seed))
-    finally:
-        close = getattr(backend, "close", None)
-        if close is not None:
-            close()
-    totals = ledger.to_dict()["total"]
-    ctx.add_cost(totals["tokens_in"], totals["tokens_out"], totals["cost_usd"])
-    metrics["eval/judge_cost_usd"] = totals["cost_usd"]
+                metrics.update(_harmless(judge, prompts, arm_texts, base_rows, arm is base, arm.name, ecfg, seed))
+        tokens_in, tokens_out, dollars = judge.cost()
+    ctx.add_cost(tokens_in, tokens_out, dollars)
+    metrics["eval/judge_cost_usd"] = dollars
     if "eval_reward" in inputs:
         with ctx.phase("rm"):
             metrics.update(_rm_scores(inputs["eval_reward"], prompts, arm_texts, base_texts, ecfg, seed, device))
@@ -295,53 +290,30 @@ def evaluate(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any, runtime: Ma
              metrics["eval/vs_sft/win_rate_ci_high"], len(prompts))
 
 
-def _arm_policy(cfg) -> str | None:
-    stages = list(cfg.experiment.stages)
-    return next((s for s in ARM_ORDER if s in stages), None)
-
-
-def _check(ecfg: dict) -> None:
-    if ecfg["harmless_prompts"] not in HARMLESS_MODES:
-        raise ConfigError(f"eval.harmless_prompts={ecfg['harmless_prompts']!r}, expected one of {HARMLESS_MODES}")
-    if ecfg["baseline"] not in BASELINES:
-        raise ConfigError(f"eval.baseline={ecfg['baseline']!r}, expected one of {BASELINES}")
-    if ecfg["ties"] not in ("half", "excluded"):
-        raise ConfigError(f"eval.ties={ecfg['ties']!r}, expected 'half' or 'excluded'")
-    if not 0.0 <= float(ecfg["tie_margin"]) < 0.5:
-        raise ConfigError(f"eval.tie_margin={ecfg['tie_margin']!r}, expected a number in [0, 0.5)")
-    if ecfg["max_prompts"] is not None and int(ecfg["max_prompts"]) < 1:
-        raise ConfigError(f"eval.max_prompts={ecfg['max_prompts']!r}, expected a positive integer or null")
-
-
 def evaluate_stage(cfg) -> Any:
     """Pipeline builder: the ``evaluate`` stage for the composed config."""
     from omegaconf import OmegaConf
 
-    from cai.artifacts import ArtifactStore
     from cai.feedback.label import SEMANTIC_JUDGE_FIELDS
     from cai.pipeline import Stage
 
     e = OmegaConf.to_container(cfg.eval, resolve=True)
-    _check(e)
+    check_eval_config(e)
     judge = e["judge"]
-    runtime = {"judge": {k: judge[k] for k in RUNTIME_JUDGE if k in judge}, "device": cfg.policy.device,
-               "hf_batch_size": e.pop("hf_batch_size"),
-               "cache_path": str(Path(cfg.store.root or ArtifactStore.default_root()).expanduser()
-                                 / "judge_cache.sqlite")}
+    runtime = eval_runtime(cfg, e)
     e["judge"] = {k: judge.get(k) for k in SEMANTIC_JUDGE_FIELDS}
     rm = e.pop("rm")
     use_rm = bool(e.pop("use_rm")) and bool(cfg.data.human.path)
     e.pop("rm_seed_offset")
-    inputs = {"prompts": "prompts"}
+    inputs = {"prompts": "prompts", "eval_baseline": "eval_baseline"}
     if cfg.policy.name_or_path == "tiny" or judge.get("model") == "tiny":
         inputs["policy_model"] = "policy_model"
-    arm = _arm_policy(cfg)
+    arm = arm_policy(cfg)
     if arm is not None:
         inputs["arm"] = arm
-    if e["baseline"] == "sft" and arm not in (None, "sft") and "sft" in cfg.experiment.stages:
+    e["baseline"] = baseline_kind(cfg, arm)  # what the baseline actually is: part of the key and the metrics
+    if e["baseline"] == "sft":
         inputs["baseline"] = "sft"
-    else:
-        e["baseline"] = "initial"  # what the baseline actually is: part of the key and the metrics
     if use_rm:
         inputs["eval_reward"] = "eval_reward"
         e["rm"] = {k: v for k, v in rm.items() if k != "device"}  # a different held-out RM: another key

@@ -35,6 +35,7 @@ from cai.feedback.label import ai_labels_stage
 from cai.feedback.quality import _label_quality
 from cai.train.dpo_stage import dpo_stage
 from cai.train.ppo_stage import ppo_stage
+from cai.evaluate_baseline import eval_baseline_stage
 from cai.evaluate_stage import eval_reward_stage, evaluate_stage
 from cai.train.judge_answers import _judge_answers
 from cai.train.reward_stage import reward_stage
@@ -123,6 +124,7 @@ STAGES: dict[str, Callable[[DictConfig], Stage]] = {
     "dpo": dpo_stage,
     "ppo": ppo_stage,
     "eval_reward": eval_reward_stage,
+    "eval_baseline": eval_baseline_stage,
     "evaluate": evaluate_stage,
 }
 

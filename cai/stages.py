@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,75 @@ def model_spec(policy_cfg: dict[str, Any], location: str):
 
 
 # ----------------------------------------------------------------------------- sampling
+@dataclass
+class JournaledSampling:
+    """What :func:`sample_journaled` did on this attempt."""
+
+    engine: Any  # the SamplingEngine it loaded; None when every batch was journaled already
+    sampled: list[int]  # start index of each batch sampled now (the others came from the journal)
+    n_tokens: int  # tokens generated now
+    generate_s: float  # seconds spent generating now
+
+
+def load_engine(policy_cfg: dict[str, Any], location: str, device: str, batch_size: int) -> tuple[Any, Any]:
+    """``(SamplingEngine, ModelSpec)`` of the policy at ``location`` with ``policy_cfg``'s settings."""
+    from cai.models import load_causal_lm
+    from cai.sampling import SamplingEngine
+
+    spec = model_spec({**policy_cfg, "device": device}, location)
+    model, tok = load_causal_lm(spec)
+    return SamplingEngine(model, tok, batch_size=batch_size), spec
+
+
+def sample_journaled(
+    ctx: Any, journal: Any, jobs: list[tuple[str, Prompt]], *, policy_cfg: dict[str, Any], location: str,
+    device: str, sampling: dict[str, Any], seed_prefix: str, model: str, token_ids: bool = False,
+) -> JournaledSampling:
+    """Sample one response per job ``(record id, prompt)`` for the batches not yet in ``journal``.
+
+    ``jobs`` is cut into fixed batches of ``sampling["batch_size"]``; the batch starting at job
+    ``i`` samples with seed ``hash(seed_prefix + str(i))`` and is journaled with one write, so a
+    run killed mid-way and resumed writes the same records as one never killed. A record holds
+    the formatted prompt, the response, its token count (and ids, with ``token_ids``), the sum
+    of its sampling log-probs, the finish reason and ``model``.
+    """
+    from cai.models import format_prompt
+    from cai.sampling import SamplingParams
+
+    bs = int(sampling["batch_size"])
+    todo = [i for i in range(0, len(jobs), bs) if any(rid not in journal for rid, _ in jobs[i : i + bs])]
+    if not todo:
+        return JournaledSampling(None, [], 0, 0.0)
+    with ctx.phase("load_model"):
+        engine, spec = load_engine(policy_cfg, location, device, bs)
+    n_tokens = 0
+    with ctx.phase("generate"):
+        t0 = time.perf_counter()
+        for start in todo:
+            batch = jobs[start : start + bs]
+            texts = [format_prompt(engine.tokenizer, p.messages_as_dicts(), spec.chat_format) for _, p in batch]
+            params = SamplingParams(
+                max_new_tokens=int(sampling["max_new_tokens"]),
+                temperature=float(sampling["temperature"]),
+                top_p=float(sampling["top_p"]),
+                top_k=int(sampling.get("top_k", 0)),
+                stop=tuple(sampling["stop"]),
+                seed=random.Random(f"{seed_prefix}{start}").getrandbits(63),
+            )
+            outs = engine.generate(texts, params)
+            records = []
+            for (rid, p), text, c in zip(batch, texts, outs):
+                rec = {"prompt_id": p.id, "prompt": text, "response": c.text, "n_tokens": len(c.token_ids),
+                       "logprob_sum": float(sum(c.logprobs)), "finish_reason": c.finish_reason, "model": model}
+                if token_ids:
+                    rec["token_ids"] = list(c.token_ids)
+                records.append((rid, rec))
+            journal.append_many(records)
+            n_tokens += sum(len(c.token_ids) for c in outs)
+        gen_s = time.perf_counter() - t0
+    return JournaledSampling(engine, todo, n_tokens, gen_s)
+
+
 def _sample_journaled(
     cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any, location: str, device: str, n: int, prefix: str
 ) -> list[list[dict[str, Any]]]:
@@ -114,60 +184,19 @@ def _sample_journaled(
 
     The prompt list is repeated ``n`` times (copy ``j`` of every prompt, then the next copy),
     cut into fixed batches, and batch ``i`` samples with seed ``hash(seed, i)``: a run killed
-    mid-way and resumed writes the same rows as one never killed.
+    mid-way and resumed writes the same rows as one never killed (:func:`sample_journaled`).
     """
-    from cai.models import format_prompt, load_causal_lm
-    from cai.sampling import SamplingEngine, SamplingParams
-
     prompts = read_prompts(inputs["prompts"], "train")
     jobs = [(f"{p.id}:{j}", p) for j in range(n) for p in prompts]
-    s = cfg["sampling"]
-    bs = int(s["batch_size"])
+    bs = int(cfg["sampling"]["batch_size"])
     journal = ctx.journal()
+    run = sample_journaled(ctx, journal, jobs, policy_cfg=cfg["policy"], location=location, device=device,
+                           sampling=cfg["sampling"], seed_prefix=f"{cfg['seed']}:",
+                           model=cfg["policy"]["name_or_path"])
+    if run.sampled:
+        ctx.set_metrics({f"{prefix}/tokens_per_s": run.n_tokens / run.generate_s if run.generate_s > 0 else 0.0})
     done = journal.done()
-    todo = [i for i in range(0, len(jobs), bs) if any(rid not in done for rid, _ in jobs[i : i + bs])]
-    n_tokens = 0
-    if todo:
-        with ctx.phase("load_model"):
-            spec = model_spec({**cfg["policy"], "device": device}, location)
-            model, tok = load_causal_lm(spec)
-            engine = SamplingEngine(model, tok, batch_size=bs)
-        with ctx.phase("generate"):
-            t0 = time.perf_counter()
-            for start in todo:
-                batch = jobs[start : start + bs]
-                texts = [format_prompt(tok, p.messages_as_dicts(), spec.chat_format) for _, p in batch]
-                params = SamplingParams(
-                    max_new_tokens=int(s["max_new_tokens"]),
-                    temperature=float(s["temperature"]),
-                    top_p=float(s["top_p"]),
-                    top_k=int(s["top_k"]),
-                    stop=tuple(s["stop"]),
-                    seed=random.Random(f"{cfg['seed']}:{start}").getrandbits(63),
-                )
-                outs = engine.generate(texts, params)
-                journal.append_many(
-                    [
-                        (
-                            rid,
-                            {
-                                "prompt_id": p.id,
-                                "prompt": text,
-                                "response": c.text,
-                                "n_tokens": len(c.token_ids),
-                                "logprob_sum": float(sum(c.logprobs)),
-                                "finish_reason": c.finish_reason,
-                                "model": cfg["policy"]["name_or_path"],
-                            },
-                        )
-                        for (rid, p), text, c in zip(batch, texts, outs)
-                    ]
-                )
-                n_tokens += sum(len(c.token_ids) for c in outs)
-            gen_s = time.perf_counter() - t0
-        ctx.set_metrics({f"{prefix}/tokens_per_s": n_tokens / gen_s if gen_s > 0 else 0.0})
-    done = journal.done()
-    redone = sum(len(jobs[i : i + bs]) for i in todo)
+    redone = sum(len(jobs[i : i + bs]) for i in run.sampled)
     rows = [done[rid] for rid, _ in jobs]  # input order, whatever the completion order was
     finish = [r["finish_reason"] for r in rows]
     ctx.set_metrics(

@@ -48,6 +48,10 @@ def sft_run(tmp_path_factory):
     return cfg, root, metrics, info
 
 
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
 def _store(info):
     from cai.artifacts import ArtifactStore
 
@@ -71,20 +75,34 @@ def _perturbed_arm(info, out: Path, scale: float = 0.5) -> Path:
     return out
 
 
-def _evaluate(cfg, info, arm_dir: Path, tmp_path: Path):
-    """Build the evaluate stage of ``cfg`` with ``arm_dir`` as the trained (ppo) policy."""
+def _build(store, stage, artifacts: dict[str, str], arm_dir: Path | None = None):
+    """Build ``stage`` in ``store`` from upstream ``artifacts`` (stage -> key); ``arm_dir`` stands in
+    for the trained policy (input ``arm``)."""
+    keys, paths = {}, {}
+    for name, upstream in stage.inputs.items():
+        if name == "arm":
+            keys[name], paths[name] = f"ppo-test-{arm_dir.name}", arm_dir
+        else:
+            keys[name] = artifacts[upstream]
+            paths[name] = store.path(keys[name])
+    key = store.key(stage.name, stage.config, keys)
+    return store.build(key, lambda ctx: stage.fn(stage.config, paths, ctx))
+
+
+def _evaluate(cfg, info, arm_dir: Path, store=None):
+    """Build eval_baseline and then evaluate of ``cfg`` with ``arm_dir`` as the trained (ppo) policy.
+    Returns the evaluate result and the eval_baseline result."""
+    from cai.evaluate_baseline import eval_baseline_stage
     from cai.evaluate_stage import evaluate_stage
 
     cfg.experiment.stages = ["ppo", "evaluate"]
+    store = store or _store(info)
+    artifacts = dict(info["artifacts"])
+    base = _build(store, eval_baseline_stage(cfg), artifacts)
+    artifacts["eval_baseline"] = base.key
     stage = evaluate_stage(cfg)
-    assert stage.inputs["arm"] == "ppo"
-    store = _store(info)
-    keys = {n: info["artifacts"][u] for n, u in stage.inputs.items() if n != "arm"}
-    paths = {n: store.path(k) for n, k in keys.items()}
-    keys["arm"], paths["arm"] = f"ppo-test-{arm_dir.name}", arm_dir
-    key = store.key("evaluate", stage.config, keys)
-    result = store.build(key, lambda ctx: stage.fn(stage.config, paths, ctx))
-    return result.stage_info["metrics"], store.path(key)
+    assert stage.inputs["arm"] == "ppo" and stage.inputs["eval_baseline"] == "eval_baseline"
+    return _build(store, stage, artifacts, arm_dir), base
 
 
 def test_sft_arm_is_a_tie_with_itself(sft_run):
@@ -106,6 +124,16 @@ def test_sft_arm_is_a_tie_with_itself(sft_run):
     rows = [json.loads(x) for x in (root / "store").glob("evaluate/evaluate-*/samples.jsonl").__next__()
             .read_text().splitlines()]
     assert len(rows) == n and all(r["arm_response"] == r["sft_response"] and r["outcome"] == "tie" for r in rows)
+    # the arm's samples are the eval_baseline artifact's, reused: evaluate sampled nothing itself
+    base = [json.loads(x) for x in (root / "store").glob("eval_baseline/eval_baseline-*/samples.jsonl").__next__()
+            .read_text().splitlines()]
+    assert [r["response"] for r in base] == [r["arm_response"] for r in rows]
+    assert sum(r["harmless"] is not None for r in base) == h == metrics["eval_baseline/harmless_prompts"]
+    phases = json.loads((root / "run" / "stages" / "evaluate.json").read_text())["phases_s"]
+    assert "generate" not in phases and "load_model" not in phases
+    assert metrics["pipeline/eval_baseline/reused"] == 0
+    for k in ("positive", "negative", "undecided", "invalid", "mean_p"):  # one set of verdicts, not two
+        assert _same(metrics[f"eval/harmless/{k}"], metrics[f"eval/harmless_sft/{k}"]), k
 
 
 def test_second_run_reuses_and_reports_the_same(sft_run, tmp_path):
@@ -121,7 +149,9 @@ def test_second_run_reuses_and_reports_the_same(sft_run, tmp_path):
 def test_trained_arm_is_judged_and_kl_measured(sft_run, tmp_path):
     cfg, _, _, info = sft_run
     arm = _perturbed_arm(info, tmp_path / "arm")
-    m, folder = _evaluate(cfg, info, arm, tmp_path)
+    result, base = _evaluate(cfg, info, arm)
+    m, folder = result.stage_info["metrics"], result.path
+    assert base.reused and base.key == info["artifacts"]["eval_baseline"]  # the SFT arm's: shared
     n = m["eval/vs_sft/n"]
     assert m["eval/vs_sft/identical"] < n
     assert m["eval/vs_sft/wins"] + m["eval/vs_sft/ties"] + m["eval/vs_sft/losses"] + m["eval/vs_sft/invalid"] == n
@@ -131,9 +161,13 @@ def test_trained_arm_is_judged_and_kl_measured(sft_run, tmp_path):
     assert sum(r["kl"] for r in rows) / len(rows) == pytest.approx(m["eval/kl"])
     # determinism: the same inputs in a fresh store give the same numbers
     shutil.rmtree(folder)
-    again, _ = _evaluate(cfg, info, arm, tmp_path)
-    assert {k: v for k, v in again.items() if k.startswith("eval/")} == \
+    again, _ = _evaluate(cfg, info, arm)
+    assert {k: v for k, v in again.stage_info["metrics"].items() if k.startswith("eval/")} == \
         {k: v for k, v in m.items() if k.startswith("eval/")}
+    # the baseline side comes from the shared artifact: the same numbers as the SFT arm's
+    _, _, sft_metrics, _ = sft_run
+    for key in ("eval/sft_length", "eval/harmless_sft/rate", "eval/harmless_sft/mean_p"):
+        assert _same(m[key], sft_metrics[key]), key
 
 
 def test_failed_judgements_are_invalid_not_losses(sft_run, tmp_path):
@@ -148,7 +182,7 @@ def test_failed_judgements_are_invalid_not_losses(sft_run, tmp_path):
         cfg.eval.judge.api_key_env = None
         cfg.eval.judge.max_retries = 0
         cfg.eval.judge.cache = False
-        m, _ = _evaluate(cfg, info, arm, tmp_path)
+        m = _evaluate(cfg, info, arm)[0].stage_info["metrics"]
     assert m["eval/judge_is_labeller"] == 0
     n = m["eval/vs_sft/n"] - m["eval/vs_sft/identical"]
     assert n > 0 and m["eval/vs_sft/invalid"] > 0
@@ -181,6 +215,45 @@ def test_builder_picks_the_last_trained_policy_and_keeps_runtime_out_of_the_key(
     assert c.config != a.config
 
 
+def test_one_baseline_artifact_for_every_arm_keyed_by_what_determines_it():
+    import copy
+
+    from omegaconf import OmegaConf
+
+    from cai.evaluate_baseline import eval_baseline_stage
+
+    composed = compose("experiment.stages=[evaluate]")  # composed once; each case edits a copy
+
+    def base(*overrides):
+        cfg = copy.deepcopy(composed)
+        for item in overrides:
+            key, value = item.split("=", 1)
+            OmegaConf.update(cfg, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=False)
+        return eval_baseline_stage(cfg)
+
+    arms = [base(f"experiment.stages=[{s}]") for s in ("evaluate", "sft,evaluate", "dpo,evaluate", "ppo,evaluate")]
+    assert all(b.config == arms[0].config and b.inputs == arms[0].inputs for b in arms)  # shared by every arm
+    assert arms[0].inputs == {"prompts": "prompts", "policy_model": "policy_model"}
+    # how fast and where, and what only the arm's side uses: not in the key
+    for extra in (("eval.judge.max_concurrency=4", "eval.hf_batch_size=2", "eval.judge_batch=3", "policy.device=cpu"),
+                  ("eval.question=Which?", "eval.bootstrap_resamples=10", "eval.kl=false", "eval.ties=excluded",
+                   "eval.use_rm=false", "judge.model=another-labeller")):
+        assert base(*extra).config == arms[0].config, extra
+    # what changes the baseline's samples or verdicts: in the key
+    for extra in ("eval.max_new_tokens=7", "eval.batch_size=4", "eval.max_prompts=3", "eval.temperature=0.5",
+                  "eval.harmless_prompts=all", "eval.judge.model=other", "seed=1", "policy.max_length=256"):
+        assert base(extra).config != arms[0].config, extra
+    # without harmlessness questions the judge does not matter
+    assert base("eval.harmless=false", "eval.judge.model=a").config == \
+        base("eval.harmless=false", "eval.judge.model=b").config
+    # eval.baseline=sft: PPO on the run's own SFT is compared with that SFT policy
+    on_sft = base("experiment.stages=[sft,ppo,evaluate]", "eval.baseline=sft")
+    assert on_sft.inputs["baseline"] == "sft" and on_sft.config["eval"]["baseline"] == "sft"
+    # the same builder through Hydra: a run-time override composes to the same key
+    assert eval_baseline_stage(compose("experiment.stages=[ppo,evaluate]", "eval.judge_batch=5")).config == \
+        arms[0].config
+
+
 def test_held_out_rm_only_with_human_data(shared_data_dir):
     from cai.evaluate_stage import eval_reward_stage, evaluate_stage
 
@@ -197,7 +270,7 @@ def test_held_out_rm_only_with_human_data(shared_data_dir):
 @pytest.mark.parametrize("override, field", [("eval.harmless_prompts=some", "harmless_prompts"),
                                              ("eval.ties=never", "ties"), ("eval.tie_margin=0.7", "tie_margin"),
                                              ("eval.max_prompts=0", "max_prompts"),
-                                             ("eval.baseline=best", "baseline")])
+                                             ("eval.baseline=best", "baseline"), ("eval.judge_batch=0", "judge_batch")])
 def test_bad_eval_config_names_the_field(override, field):
     from cai.evaluate_stage import evaluate_stage
 
@@ -221,3 +294,135 @@ def test_held_out_rm_scores_every_response(shared_data_dir, tmp_path):
     assert any(k.startswith("eval_rm/") for k in m) and not any(k.startswith("rm/") for k in m)
     # red-team prompts (tagged harmful) are all asked the harmlessness question
     assert m["eval/harmless_prompts"] == m["eval/prompts"]
+
+
+# ----------------------------------------------------------------------------- resuming a killed evaluation
+class _Killed(Exception):
+    """Stands in for the process dying in the middle of a stage."""
+
+
+class _Meter:
+    """Every generate call (prompts per call) and judge call (requests per call) of the stages;
+    the call numbered ``die_generate`` / ``die_judge`` since the last :meth:`reset` raises."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self, die_generate: int | None = None, die_judge: int | None = None) -> None:
+        self.generate: list[int] = []
+        self.judge: list[int] = []
+        self.die_generate, self.die_judge = die_generate, die_judge
+
+
+@pytest.fixture
+def meter(monkeypatch):
+    import cai.feedback.judges as judges
+    from cai.sampling import SamplingEngine
+
+    m = _Meter()
+    real_generate, real_make = SamplingEngine.generate, judges.make_judge
+
+    def generate(self, prompts, params, *args, **kwargs):
+        m.generate.append(len(prompts))
+        if len(m.generate) == m.die_generate:
+            raise _Killed("generate")
+        return real_generate(self, prompts, params, *args, **kwargs)
+
+    def make_judge(*args, **kwargs):
+        backend = real_make(*args, **kwargs)
+        inner = backend.choose_many
+
+        async def choose_many(reqs, progress=False):
+            m.judge.append(len(reqs))
+            if len(m.judge) == m.die_judge:
+                raise _Killed("judge")
+            return await inner(reqs, progress=progress)
+
+        backend.choose_many = choose_many
+        return backend
+
+    monkeypatch.setattr(SamplingEngine, "generate", generate)
+    monkeypatch.setattr(judges, "make_judge", make_judge)
+    return m
+
+
+def _verdicts(path: Path) -> list:
+    """eval_baseline rows without the answers' timing and cache fields (which differ run to run)."""
+    rows = [json.loads(x) for x in (path / "samples.jsonl").read_text().splitlines()]
+    return [{**r, "harmless": {k: r["harmless"][k] for k in ("probs", "status", "failure_reason")}} for r in rows]
+
+
+def test_killed_evaluation_resumes_without_redoing_anything(sft_run, tmp_path, meter):
+    """Kill eval_baseline while it samples, evaluate while it samples and while the judge answers;
+    each rerun redoes nothing already done, and the end result is an uninterrupted run's."""
+    from cai.artifacts import ArtifactStore
+
+    _, root, _, info = sft_run
+    arm = _perturbed_arm(info, tmp_path / "arm")
+    skip = shutil.ignore_patterns("evaluate", "eval_baseline", "judge_cache*", ".locks")
+
+    def run(store_dir: Path):
+        if not store_dir.exists():  # the upstream artifacts (prompts, tiny policy) of the SFT run
+            shutil.copytree(root / "store", store_dir, ignore=skip)
+        cfg = compose("experiment.stages=[evaluate]", f"store.root={store_dir}", *TINY, "eval.batch_size=2",
+                      "eval.judge_batch=2", "eval.harmless_prompts=all", "eval.judge.cache=false")
+        return _evaluate(cfg, info, arm, ArtifactStore(store_dir))
+
+    whole, whole_base = run(tmp_path / "whole")
+    assert meter.generate == [2] * 6  # 6 prompts in batches of 2: the baseline's 3, then the arm's 3
+    asked = sum(meter.judge)  # 6 baseline verdicts, the comparisons, 6 arm verdicts
+    killed = tmp_path / "killed"
+    meter.reset(die_generate=2)  # dies sampling the baseline's 2nd batch
+    with pytest.raises(_Killed):
+        run(killed)
+    meter.reset(die_generate=4)  # the baseline's last 2 batches, its verdicts; dies in the arm's 2nd batch
+    with pytest.raises(_Killed):
+        run(killed)
+    assert len(meter.generate) == 4 and meter.judge == [2, 2, 2]
+    meter.reset(die_judge=2)  # the arm's last 2 batches; dies while the judge answers the 2nd request batch
+    with pytest.raises(_Killed):
+        run(killed)
+    assert len(meter.generate) == 2 and len(meter.judge) == 2
+    meter.reset()
+    resumed, base = run(killed)
+    assert meter.generate == []  # nothing sampled again
+    assert sum(meter.judge) == asked - 6 - 2  # nothing asked again: not the baseline's 6, not the first batch
+    assert base.reused and base.stage_info["attempt"] == 2
+    assert resumed.stage_info["attempt"] == 3 and resumed.stage_info["resumed_records"] == 6 + 2
+    assert resumed.stage_info["metrics"] == whole.stage_info["metrics"]
+    assert base.stage_info["metrics"] == whole_base.stage_info["metrics"]
+    assert (resumed.path / "samples.jsonl").read_bytes() == (whole.path / "samples.jsonl").read_bytes()
+    assert _verdicts(base.path) == _verdicts(whole_base.path)
+
+
+def test_judge_budget_stops_cleanly_and_a_rerun_asks_only_the_rest(sft_run, tmp_path):
+    """The held-out judge's dollar cap stops the evaluation with a clear message, keeping every
+    answer it paid for; a rerun with a larger cap sends only requests never answered."""
+    from cai.errors import CaiError
+    from omegaconf import open_dict
+
+    from cai.feedback.judges import PriceConfig
+    from cai.testing.servers import FakeOpenAIServer
+
+    _, _, _, info = sft_run
+    arm = _perturbed_arm(info, tmp_path / "arm_budget")
+    with FakeOpenAIServer() as srv:
+        def run(dollars: float):
+            cfg = compose("experiment.stages=[evaluate]", *TINY, "eval.judge.backend=openai", "eval.judge.model=fake",
+                          f"eval.judge.base_url={srv.base_url}", "eval.judge.api_key_env=null",
+                          "eval.judge.cache=false", "eval.judge.max_retries=0", "eval.judge_batch=4",
+                          "eval.harmless_prompts=all", f"eval.judge.max_dollars={dollars}")
+            with open_dict(cfg):
+                cfg.eval.judge.prices["fake"] = PriceConfig(input_per_mtok=1000.0, output_per_mtok=1000.0)
+            return _evaluate(cfg, info, arm)
+
+        with pytest.raises(CaiError, match=r"stopped at budget.*judge answers of this stage are journaled"):
+            run(2.0)
+        paid = {r.body_hash for r in srv.records if r.outcome == "ok"}
+        assert paid
+        srv.reset_log()
+        result, base = run(1000.0)  # the cap is run time only: the same artifacts resume
+        assert paid.isdisjoint(r.body_hash for r in srv.records)
+    m = result.stage_info["metrics"]
+    assert m["eval/vs_sft/invalid"] == 0 and m["eval/harmless/n"] == m["eval/harmless_sft/n"] == m["eval/prompts"]
+    assert result.stage_info["cost"]["dollars"] + base.stage_info["cost"]["dollars"] > 0
