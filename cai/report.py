@@ -14,9 +14,10 @@ interval its stage wrote (``<metric>_ci_low`` / ``<metric>_ci_high``), if any.
 
 Sections (:mod:`cai.report_sections`): runs, arms (headline metrics with intervals; every
 metric under a fold), win rates, training curves, label agreement per principle, cost,
-constitution, config differences, artifacts shared by all runs. A section whose data no run has
-yet says so in one line instead of being drawn empty. Rendering (Markdown, HTML, plots) lives
-in :mod:`cai.report_html`.
+constitution, config differences, and artifacts: per stage, which runs share which artifact, by
+arm and seed, and what makes keys differ (:mod:`cai.report_artifacts`). A section whose data no
+run has yet says so in one line instead of being drawn empty. Rendering (Markdown, HTML, plots)
+lives in :mod:`cai.report_html`.
 
 Entry points: :func:`write_report` (``-> (md_path, html_path)``), :func:`main` (``cai report``),
 and the Hydra callback :class:`cai.callbacks.ReportCallback`.

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cai.evaluate import seed_summary
+from cai.report_artifacts import artifacts_section
 from cai.report_html import Bar, Figure, Section, Table, bar_chart, line_panels
 
 if TYPE_CHECKING:
@@ -309,32 +310,6 @@ def config_section(data: ReportData) -> Section:
     s.paragraphs.append(f"{len(data.varying)} config value(s) differ between runs (from each run.json). "
                         "Arms group runs that differ only in seed and store location.")
     s.tables.append(Table(["config key"] + [r.name for r in data.runs], rows))
-    return s
-
-
-def artifacts_section(data: ReportData) -> Section:
-    s = Section("Artifacts")
-    stages: list[str] = []
-    for r in data.runs:
-        stages += [st for st in (r.info.get("artifacts") or {}) if st not in stages]
-    if not stages:
-        s.notes.append("No artifact keys in run.json.")
-        return s
-    keys = {st: [(r.info.get("artifacts") or {}).get(st) for r in data.runs] for st in stages}
-    shared = [st for st in stages if len(set(keys[st])) == 1 and keys[st][0]]
-    if len(data.runs) == 1:
-        s.tables.append(Table(["stage", "artifact key"], [[st, keys[st][0] or "—"] for st in stages]))
-        return s
-    s.paragraphs.append(f"{len(shared)} of {len(stages)} stages are the same artifact in all "
-                        f"{len(data.runs)} runs (same key in every run.json): matching is verified, not assumed.")
-    if shared:
-        s.tables.append(Table(["stage", "artifact key shared by all runs"], [[st, keys[st][0]] for st in shared],
-                              caption="Shared by all runs"))
-    differing = [st for st in stages if st not in shared]
-    if differing:
-        s.tables.append(Table(["stage"] + [r.name for r in data.runs],
-                              [[st] + [k or "(absent)" for k in keys[st]] for st in differing],
-                              caption="Built separately per run"))
     return s
 
 

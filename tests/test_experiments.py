@@ -14,8 +14,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ("sft", "sl_cai", "rlhf", "rlaif", "dpo_human", "dpo_ai", "d_rlaif", "distil_judge")
 EXPERIMENTS = ("rlaif_vs_rlhf", "constitution_ablation", "judge_ablation", "revisions_ablation")
-# stages every arm of the matched study builds from identical configs (so one artifact each)
-MATCHED = ("prompts", "policy_model", "human_pairs", "eval_reward")
+# stages every arm of the matched study builds from identical configs (so one artifact each); eval_baseline
+# holds the baseline's samples and harmlessness verdicts, computed once per seed instead of once per arm
+MATCHED = ("prompts", "policy_model", "human_pairs", "eval_reward", "eval_baseline")
 
 
 def compose(*overrides: str):
@@ -125,9 +126,16 @@ def test_tiny_matched_sweep_shares_artifacts_and_reruns_for_free(tmp_path, share
                     "eval/vs_sft/lc_win_rate", "eval/harmless/rate", "eval/kl", "eval/length", "eval/rm_score"):
             assert key in m, key
     assert metrics[0]["eval/vs_sft/win_rate"] == 0.5 and metrics[0]["eval/kl"] == 0.0  # SFT vs itself
-    assert metrics[1]["pipeline/eval_reward/reused"] == 1  # built once, by the first arm
+    for m in metrics[1:]:  # built once, by the first arm
+        assert m["pipeline/eval_reward/reused"] == 1 and m["pipeline/eval_baseline/reused"] == 1
+    stage = [json.loads((tmp_path / "sweep" / str(i) / "stages" / "evaluate.json").read_text()) for i in range(3)]
+    assert "generate" not in stage[0]["phases_s"]  # the sft arm IS the baseline: its samples are reused
+    assert all("generate" in st["phases_s"] for st in stage[1:])  # the others sample only their own policy
     report = (tmp_path / "sweep" / "report.md").read_text()
-    assert "tags.arm=rlhf" in report and "eval_reward" in report and "eval/vs_sft/win_rate" in report
+    assert "tags.arm=rlhf" in report and "eval/vs_sft/win_rate" in report
+    key = runs[0]["artifacts"]["eval_baseline"].rsplit("-", 1)[1][:10]
+    assert f"| eval_baseline | 3 | 1 | one artifact for all 3 runs ({key}…) | — |" in report
+    assert "| dpo | 1 | 1 | only dpo_ai uses it (" in report
 
     second = _sweep(tmp_path, hh, "sweep_again")
     assert second.returncode == 0, second.stderr[-3000:]

@@ -73,6 +73,10 @@ def _evaluate(cfg, inputs, ctx):
     ctx.set_metrics(win_rate(js, n_boot=300, seed=cfg["seed"]).to_metrics("eval/vs_sft"))
 
 
+def _baseline(cfg, inputs, ctx):
+    ctx.set_metrics({"baseline/prompts": 60})
+
+
 def _stage(name, fn, inputs, config_of, uses_constitution=False):
     return lambda cfg: pipeline.Stage(name, fn, config_of(cfg), inputs, uses_constitution)
 
@@ -81,7 +85,9 @@ FAKE_STAGES = {
     "labels": _stage("labels", _labels, {"prompts": "prompts"}, lambda c: {"source": c.tags.labels}, True),
     "reward": _stage("reward", _reward, {"labels": "labels"}, lambda c: {"arm": c.tags.labels, "seed": c.seed}),
     "ppo": _stage("ppo", _ppo, {"reward": "reward"}, lambda c: {"arm": c.tags.labels, "seed": c.seed}),
-    "evaluate": _stage("evaluate", _evaluate, {"ppo": "ppo"}, lambda c: {"arm": c.tags.labels, "seed": c.seed}),
+    "baseline": _stage("baseline", _baseline, {"prompts": "prompts"}, lambda c: {"seed": c.seed}),
+    "evaluate": _stage("evaluate", _evaluate, {"ppo": "ppo", "baseline": "baseline"},
+                       lambda c: {"arm": c.tags.labels, "seed": c.seed}),
 }
 
 
@@ -98,7 +104,7 @@ def make_sweep(root: Path, store: Path) -> Path:
                 cfg.seed, cfg.store.root = seed, str(store)
                 cfg.data.max_prompts = 8
                 cfg.experiment.name = "rlaif_vs_rlhf"
-                cfg.experiment.stages = ["prompts", "labels", "reward", "ppo", "evaluate"]
+                cfg.experiment.stages = ["prompts", "labels", "reward", "ppo", "baseline", "evaluate"]
                 cfg.tags = {"labels": arm}
                 run_dir = sweep / str(job)
                 pipeline.run_experiment(cfg, run_dir)
@@ -141,12 +147,26 @@ def test_markdown_has_every_section_with_real_numbers(sweep):
     for pid in PRINCIPLES:
         assert f"| {pid} |" in md
     assert "| tags.labels | ai | ai | human | human |" in md
-    # matching verified from run.json: prompts shared by all four runs, labels only within an arm
+    # matching verified from run.json: prompts shared by all four runs, labels within an arm, the
+    # baseline within a seed; where keys differ, the stage.json field that makes them differ
     keys = [json.loads((sweep / str(i) / "run.json").read_text())["artifacts"] for i in range(4)]
-    shared = md.split("*Shared by all runs*")[1].split("*Built separately per run*")[0]
-    assert keys[0]["prompts"] in shared and keys[0]["labels"] not in shared
-    assert "1 of 5 stages are the same artifact in all 4 runs" in md
     assert keys[0]["labels"] == keys[1]["labels"] != keys[2]["labels"]
+    assert keys[0]["baseline"] == keys[2]["baseline"] != keys[1]["baseline"] == keys[3]["baseline"]
+    short = {st: [k.rsplit("-", 1)[1][:10] + "…" for k in (r[st] for r in keys)] for st in keys[0]}
+    artifacts = md.split("## Artifacts")[1]
+    table, folded = artifacts.split("*Every artifact and the runs that use it*")
+    assert "1 of 6 stages are the same artifact in all 4 runs" in table
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert f"| 4 | 1 | one artifact for all 4 runs ({short['prompts'][0]}) | — |" in rows["prompts"]
+    assert f"| all arms: one per seed (0: {short['baseline'][0]}, 1: {short['baseline'][1]}) | config: seed |" \
+        in rows["baseline"]
+    assert (f"| tags.labels=ai: one artifact for all seeds ({short['labels'][0]}); tags.labels=human: one artifact "
+            f"for all seeds ({short['labels'][2]}) | config: source |") in rows["labels"]
+    assert "| 4 | 4 | none: one per run (all arms; seeds 0, 1) | config: arm, seed; inputs: labels |" in rows["reward"]
+    assert "inputs: baseline, ppo" in rows["evaluate"]
+    assert list(rows)[1:] == ["prompts", "baseline", "labels", "reward", "ppo", "evaluate"]  # upstream first
+    # the folded list has every full key and the runs that use it
+    assert f"| labels | {keys[0]['labels']} | 0 (tags.labels=ai, seed 0), 1 (tags.labels=ai, seed 1) |" in folded
     # cost: the ai arm paid for its labels once (the second seed reused them)
     assert "| tags.labels=ai | 2 |" in md and "$0.1250" in md
     const = json.loads((sweep / "0" / "run.json").read_text())["constitution_hash"]
@@ -154,6 +174,39 @@ def test_markdown_has_every_section_with_real_numbers(sweep):
     for name in ("win_rates", "curves_ppo", "curves_reward", "principle_agreement"):
         png = sweep / "report_assets" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"report_assets/{name}.png" in md
+
+
+def test_artifact_sharing_is_described_per_arm_and_seed(tmp_path):
+    """The sharing line of each pattern, from hand-made run records (no stage.json: said so)."""
+    from cai.report import Arm, ReportData, RunRecord
+    from cai.report_artifacts import artifacts_section
+
+    def key(stage, n):  # a well-formed key whose digest starts with n's two hex digits, repeated
+        return f"{stage}-{f'{n:02x}' * 10}"
+
+    def short(n):
+        return f"{n:02x}" * 5 + "…"
+
+    runs = []
+    for arm in ("a", "b"):
+        for seed in (0, 1, 2):
+            artifacts = {"x": key("x", 1 if seed < 2 else 2) if arm == "a" else key("x", 10 + seed),
+                         "y": key("y", 7)}
+            if arm == "b":
+                artifacts["z"] = key("z", 3)
+            info = {"seed": seed, "artifacts": artifacts, "config": {"seed": seed, "tags": {"arm": arm}}}
+            runs.append(RunRecord(tmp_path, f"{arm}{seed}", info, {}, {}))
+    data = ReportData(tmp_path, runs, [Arm("tags.arm=a", runs[:3]), Arm("tags.arm=b", runs[3:])], ["seed"])
+    section = artifacts_section(data)
+    rows = {r[0]: r[1:] for r in section.tables[0].rows}
+    assert rows["x"] == ["6", "5", f"a: 2 artifacts (seeds 0, 1: {short(1)}; seed 2: {short(2)}); "
+                         f"b: one per seed (0: {short(10)}, 1: {short(11)}, 2: {short(12)})",
+                         "(a run has no stages/x.json)"]
+    assert rows["y"][2:] == [f"one artifact for all 6 runs ({short(7)})", "—"]
+    assert rows["z"][2] == f"one artifact for the 3 runs that use it: b ({short(3)})"
+    folded = {(r[0], r[1]): r[2] for r in section.details[0].rows}
+    assert folded[("x", key("x", 1))] == "a0 (a, seed 0), a1 (a, seed 1)"
+    assert folded[("y", key("y", 7))] == "all 6 runs"
 
 
 def test_html_is_self_contained(sweep):
