@@ -128,6 +128,9 @@ class ExperimentConfig:
     name: str = "quickstart"
     description: str = ""
     stages: List[str] = field(default_factory=lambda: ["prompts", "responses"])
+    # overrides ("reward.labels_from=human", ...) of the human-label arm a run adds, in
+    # <run>/arms/human, when data.human.path is set; empty: no such arm
+    human_arm: List[str] = field(default_factory=list)
 
 
 @dataclass

@@ -17,6 +17,7 @@ New stages plug in by adding a builder to ``STAGES``: a function of the config r
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -170,6 +171,9 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     (run_dir / "stages").mkdir(parents=True, exist_ok=True)
     store = ArtifactStore(cfg.store.root or ArtifactStore.default_root())
     stages = plan(cfg)
+    arm = human_arm_config(cfg)
+    if arm is not None:
+        plan(arm)  # a bad arm fails now, before any stage of this run is built
     constitution = _constitution_hash(cfg) if any(s.uses_constitution for s in stages) else None
     log.info("experiment %s: %d stages, store %s", cfg.experiment.name, len(stages), store.root)
 
@@ -216,4 +220,38 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         )
     )
     log.info("run directory: %s", run_dir)
+    if arm is not None:
+        log.info("human-label arm (%s): %s", " ".join(cfg.experiment.human_arm), run_dir / HUMAN_ARM_DIR)
+        run_experiment(arm, run_dir / HUMAN_ARM_DIR)
     return metrics
+
+
+HUMAN_ARM_DIR = Path("arms") / "human"
+
+
+def human_arm_config(cfg: DictConfig) -> DictConfig | None:
+    """The config of the human-label arm ``cfg`` adds (``experiment.human_arm`` overrides applied),
+    or None when it adds none (no overrides, or no human data configured).
+
+    The arm is a second run in ``<run>/arms/human``: every stage whose config the overrides leave
+    alone has the same key and is reused from the store, so only what the labels change is built
+    (reward model, DPO, PPO, evaluation); the report reads it as one more arm.
+    """
+    overrides = list(cfg.experiment.get("human_arm") or [])
+    if not overrides or not cfg.data.human.path:
+        return None
+    arm = copy.deepcopy(cfg)
+    for item in overrides:
+        key, sep, text = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"experiment.human_arm: {item!r} is not key=value")
+        key = key.strip()
+        if OmegaConf.select(arm, key, default=_ABSENT) is _ABSENT and not key.startswith("tags."):
+            raise ConfigError(f"experiment.human_arm: {key!r} is not a config key")
+        value = OmegaConf.from_dotlist([f"v={text}"]).v  # YAML typing, as on the command line
+        OmegaConf.update(arm, key, value, merge=False, force_add=key.startswith("tags."))
+    arm.experiment.human_arm = []
+    return arm
+
+
+_ABSENT = object()

@@ -40,6 +40,7 @@ from cai.report_html import Document, Section, render_html, render_markdown
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+ARMS_DIR = "arms"  # arms a run added beside itself (cai.pipeline.HUMAN_ARM_DIR)
 TRAIN_LOG = "train_log.jsonl"
 ARM_IGNORED = ("seed", "store.root")  # differences that do not make another arm
 MAX_DEPTH = 3  # how deep below PATH to look for run directories
@@ -112,19 +113,22 @@ def _natural_key(path: Path) -> list[Any]:
 
 
 def find_run_dirs(path: Path) -> list[Path]:
-    """``path`` itself if it is a run directory, else run directories up to MAX_DEPTH below it."""
+    """``path`` itself if it is a run directory, else run directories up to MAX_DEPTH below it;
+    with each run, the arms it added (``<run>/arms/<name>/``, e.g. the human-label arm)."""
     if (path / RUN_FILE).is_file():
-        return [path]
-    found: list[Path] = []
-    frontier = [path]
-    for _ in range(MAX_DEPTH):
-        nxt = []
-        for d in frontier:
-            for child in sorted(d.iterdir()):
-                if not child.is_dir() or child.name.startswith("."):
-                    continue
-                (found if (child / RUN_FILE).is_file() else nxt).append(child)
-        frontier = nxt
+        found = [path]
+    else:
+        found = []
+        frontier = [path]
+        for _ in range(MAX_DEPTH):
+            nxt = []
+            for d in frontier:
+                for child in sorted(d.iterdir()):
+                    if not child.is_dir() or child.name.startswith("."):
+                        continue
+                    (found if (child / RUN_FILE).is_file() else nxt).append(child)
+            frontier = nxt
+    found += [arm.parent for run in list(found) for arm in sorted((run / ARMS_DIR).glob(f"*/{RUN_FILE}"))]
     return sorted(found, key=lambda p: _natural_key(p.relative_to(path)))
 
 

@@ -80,3 +80,54 @@ def test_unknown_stage_is_rejected(tmp_path: Path):
               cwd=tmp_path, store=tmp_path / "store")
     assert res.returncode == 2
     assert "nope" in res.stderr and "known stages" in res.stderr
+
+
+# ---- the quickstart's human-label arm ---------------------------------------------------------
+def _compose(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from cai.config import CONF_DIR, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_human_arm_only_with_human_data_and_bad_keys_are_named(shared_data_dir):
+    from cai.errors import ConfigError
+    from cai.pipeline import human_arm_config
+
+    assert human_arm_config(_compose()) is None  # the offline default has no human data
+    hh = str(shared_data_dir / "hh-rlhf" / "harmless-base-dev.jsonl.gz")
+    cfg = _compose("data=hh_rlhf", f"data.human.path={hh}")
+    arm = human_arm_config(cfg)
+    assert (arm.reward.labels_from, arm.dpo.labels_from, arm.tags.arm) == ("human", "human", "human_labels")
+    assert (cfg.reward.labels_from, list(arm.experiment.human_arm)) == ("ai", [])  # the run's own config is untouched
+    assert human_arm_config(_compose("data=hh_rlhf", f"data.human.path={hh}", "experiment.human_arm=[]")) is None
+    with pytest.raises(ConfigError, match="'reward.label_from' is not a config key"):
+        human_arm_config(_compose("data=hh_rlhf", f"data.human.path={hh}",
+                                  "experiment.human_arm=['reward.label_from=human']"))
+    with pytest.raises(ConfigError, match="'ppo.steps' is not key=value"):
+        human_arm_config(_compose("data=hh_rlhf", f"data.human.path={hh}", "experiment.human_arm=['ppo.steps']"))
+    arm = human_arm_config(_compose("data=hh_rlhf", f"data.human.path={hh}", "experiment.human_arm=['ppo.steps=3']"))
+    assert arm.ppo.steps == 3  # typed like a command-line override
+
+
+def test_quickstart_with_human_data_adds_the_human_label_arm(tmp_path: Path, shared_data_dir):
+    hh = shared_data_dir / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
+    res = cai("run", "data=hh_rlhf", f"data.human.path={hh}", "data.human.limit=48", *TINY,
+              "critique.max_new_tokens=6", "ppo.steps=2", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4",
+              "ppo.max_new_tokens=6", "eval.max_new_tokens=6", "eval.max_prompts=6", f"hydra.run.dir={tmp_path}/run",
+              cwd=tmp_path, store=tmp_path / "store")
+    assert res.returncode == 0, res.stderr[-3000:]
+    run, arm = tmp_path / "run", tmp_path / "run" / "arms" / "human"
+    info, arm_info = (json.loads((d / "run.json").read_text()) for d in (run, arm))
+    assert arm_info["config"]["reward"]["labels_from"] == "human"
+    assert arm_info["config"]["tags"]["arm"] == "human_labels"
+    m = json.loads((arm / "metrics.json").read_text())
+    differs = {"reward", "dpo", "ppo", "evaluate"}  # what the label source changes; the rest is reused
+    assert {s for s in info["artifacts"] if info["artifacts"][s] != arm_info["artifacts"][s]} == differs
+    assert all(m[f"pipeline/{s}/reused"] == (s not in differs) for s in arm_info["artifacts"])
+    assert "eval/vs_sft/win_rate" in m and "rm/human/accuracy" in m
+    report = (run / "report.md").read_text()  # written after the run, both arms side by side
+    assert "2 run(s) in 2 arm(s): tags.arm=ai_labels (1 run); tags.arm=human_labels (1 run)" in report
