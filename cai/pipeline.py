@@ -155,6 +155,8 @@ def plan(cfg: DictConfig) -> list[Stage]:
         wanted.append("human_pairs")  # a configured human dataset adds the human-label arm's data
     for name in wanted:
         visit(name, ())
+    if "ai_labels" in seen and str(cfg.labels.source) == "human_pairs" and "label_quality" not in seen:
+        visit("label_quality", ())  # AI labels of human-labelled pairs: always measure their agreement
     return ordered
 
 

@@ -82,6 +82,9 @@ def test_arms_are_matched(extra):
     assert plans["rlaif"]["ai_labels"] == plans["dpo_ai"]["ai_labels"]
     source = "policy_pairs" if extra else "human_pairs"
     assert plans["rlaif"]["ai_labels"]["inputs"]["pairs"] == source
+    # AI labels of the human-labelled pairs get their agreement with humans measured (and only those)
+    with_quality = {arm for arm, p in plans.items() if "label_quality" in p}
+    assert with_quality == (set() if extra else {arm for arm, p in plans.items() if "ai_labels" in p})
     # each arm evaluates its own final policy, with one evaluation config
     expected = {"sft": "initial", "sl_cai": "sft", "rlhf": "ppo", "rlaif": "ppo", "dpo_human": "dpo",
                 "dpo_ai": "dpo", "d_rlaif": "ppo", "distil_judge": "sft"}
