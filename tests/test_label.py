@@ -333,10 +333,15 @@ def test_cot_self_consistency_and_clamp_through_the_fake(pairs_dir, tmp_path):
     with FakeOpenAIServer() as srv:
         cfg = fake_cfg(srv, cot=True, self_consistency=2, clamp=[0.4, 0.6], max_pairs=6, few_shot=True)
         res = build(ArtifactStore(tmp_path / "s"), cfg, {"pairs": pairs_dir}, runtime(tmp_path))
+        srv.settle()
         steps = Counter("reasoning" if "Your reasoning so far" not in r.prompt else "answer" for r in srv.records)
+        answers = {r.body_hash for r in srv.records if "Your reasoning so far" in r.prompt}
     labels = labels_of(res)
     assert len(labels) == 6 and all(lab.status == "ok" for lab in labels)
-    assert steps == {"reasoning": 6 * 2 * 2, "answer": 6 * 2 * 2}
+    assert steps["reasoning"] == 6 * 2 * 2 and set(steps) == {"reasoning", "answer"}
+    # an answer step identical to one already answered (two samples that reasoned alike) may come
+    # from the judge cache instead of the server: whether it does depends on timing
+    assert len(answers) <= steps["answer"] <= 6 * 2 * 2
     for lab in labels:
         assert 0.4 <= lab.p_a <= 0.6 and lab.meta["requests"] == 8
         raw = (lab.meta["p_a_by_order"]["ab"] + lab.meta["p_a_by_order"]["ba"]) / 2

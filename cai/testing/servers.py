@@ -195,6 +195,13 @@ class _FakeServerBase(abc.ABC):
             self._httpd.server_close()
             self._httpd = None
 
+    def settle(self, timeout: float = 10.0) -> None:
+        """Wait until every request received has been recorded (a reply is recorded after it is
+        sent, so a client can hold its answer a moment before the record exists)."""
+        end = time.monotonic() + timeout
+        while len(self.records) < self.n_received and time.monotonic() < end:
+            time.sleep(0.002)
+
     @property
     def port(self) -> int:
         assert self._httpd is not None, "server not started"
