@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from cai.feedback.critique import CritiqueConfig
-from cai.feedback.judges.config import JudgeConfig
+from cai.feedback.judges.config import JudgeConfig, open_price_tables
 from cai.feedback.label import LabelConfig
 from cai.feedback.quality import QualityConfig
 from cai.train.dpo import DPOConfig
@@ -156,6 +157,11 @@ class Config:
 
 
 def register_configs() -> None:
-    """Register the schemas so ``conf/config.yaml`` can extend ``base_config``."""
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
+    """Register the schemas so ``conf/config.yaml`` can extend ``base_config``.
+
+    Every judge's ``prices`` table stays open to new model names (``judge.prices={gpt-4o: {...}}``
+    on the command line); its entries are checked when a stage is planned.
+    """
+    schema = OmegaConf.structured(Config)
+    open_price_tables(schema)
+    ConfigStore.instance().store(name="base_config", node=schema)

@@ -9,8 +9,11 @@ determines it: the prompts artifact and ``eval.max_prompts``; the baseline polic
 config, plus the run's ``sft`` artifact under ``eval.baseline: sft``); the sampling settings
 (``max_new_tokens``, ``temperature``, ``top_p``, ``stop``, ``batch_size``); the seed; and, when
 harmlessness is asked, the judge's answer-changing fields, the harmlessness question and which
-prompts are asked. Run-time settings (device, judge transport, concurrency, cache, batch sizes
-of the judge) stay out of it.
+prompts are asked. The judge's part of a key is :func:`~cai.feedback.judges.config.judge_key`
+and its run-time part :func:`~cai.feedback.judges.config.judge_runtime`, as for the labeller:
+run-time settings (device, transport, concurrency, cache, prices, batch sizes of the judge) stay
+out of the key. Both builders validate ``eval.judge`` when the run is planned, so a bad setting
+fails before any stage of the run is built.
 
 ``samples.jsonl`` has one row per evaluation prompt, in prompt order: the formatted prompt, the
 response, its token count, the sum of its sampling log-probs, the finish reason, and
@@ -42,8 +45,6 @@ log = logging.getLogger(__name__)
 ARM_ORDER = ("ppo", "dpo", "sft")  # the first of these the run trains is the evaluated policy
 HARMLESS_MODES = ("harmful", "all")
 BASELINES = ("initial", "sft")
-RUNTIME_JUDGE = ("max_concurrency", "rpm", "tpm", "burst_s", "max_retries", "malformed_retries", "timeout_s",
-                 "backoff_base_s", "backoff_max_s", "cache", "cache_path", "max_dollars", "prices", "api_key_env")
 RUNTIME_EVAL = ("hf_batch_size", "judge_batch")  # how fast, not what: never in a key
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "stop", "batch_size")
 SAMPLES_FILE = "samples.jsonl"
@@ -127,7 +128,7 @@ class JudgeSession:
         jcfg = coerce_config(judge, "eval.judge")
         backend = make_judge(jcfg, ledger=CostLedger(jcfg.prices, jcfg.max_dollars),
                              cache_path=self._runtime.get("cache_path"), where="eval.judge")
-        if hasattr(backend, "batch_size"):
+        if hasattr(backend, "batch_size") and jcfg.batch_size is None:  # eval.judge.batch_size, when set, wins
             backend.batch_size = int(self._runtime.get("hf_batch_size", 8))
         self._backend = backend
         return backend
@@ -238,7 +239,10 @@ def baseline_kind(cfg: Any, arm: str | None) -> str:
 
 
 def check_eval_config(ecfg: Mapping[str, Any]) -> None:
-    """Refuse an ``eval`` config that cannot mean anything, naming the field."""
+    """Refuse an ``eval`` config that cannot mean anything, naming the field (``eval.judge``'s
+    fields too: :func:`~cai.feedback.judges.config.coerce_config`)."""
+    from cai.feedback.judges.config import coerce_config
+
     if ecfg["harmless_prompts"] not in HARMLESS_MODES:
         raise ConfigError(f"eval.harmless_prompts={ecfg['harmless_prompts']!r}, expected one of {HARMLESS_MODES}")
     if ecfg["baseline"] not in BASELINES:
@@ -252,15 +256,22 @@ def check_eval_config(ecfg: Mapping[str, Any]) -> None:
     for name in ("batch_size", "judge_batch", "hf_batch_size"):
         if int(ecfg[name]) < 1:
             raise ConfigError(f"eval.{name}={ecfg[name]!r}, expected a positive integer")
+    coerce_config(ecfg["judge"], "eval.judge")
 
 
 def eval_runtime(cfg: Any, e: dict[str, Any]) -> dict[str, Any]:
-    """The run-time settings of an evaluation stage; pops them from ``e`` (the key's eval slice)."""
+    """The run-time settings of an evaluation stage, taken out of ``e`` (the key's eval slice):
+    ``e``'s run-time fields are popped and ``e["judge"]`` is cut to its key
+    (:func:`~cai.feedback.judges.config.judge_key`); the rest of the judge
+    (:func:`~cai.feedback.judges.config.judge_runtime`: device, batch size, transport, prices...)
+    is returned under ``"judge"``."""
     from cai.artifacts import ArtifactStore
+    from cai.feedback.judges.config import judge_key, judge_runtime
 
     judge = e["judge"]
+    e["judge"] = judge_key(judge)
     runtime = {k: e.pop(k) for k in RUNTIME_EVAL}
-    return {**runtime, "judge": {k: judge[k] for k in RUNTIME_JUDGE if k in judge}, "device": cfg.policy.device,
+    return {**runtime, "judge": judge_runtime(judge), "device": cfg.policy.device,
             "cache_path": str(Path(cfg.store.root or ArtifactStore.default_root()).expanduser()
                               / "judge_cache.sqlite")}
 
@@ -269,18 +280,17 @@ def eval_baseline_stage(cfg: Any) -> Any:
     """Pipeline builder: the baseline's samples and harmless judgements, shared by every arm."""
     from omegaconf import OmegaConf
 
-    from cai.feedback.label import SEMANTIC_JUDGE_FIELDS
     from cai.pipeline import Stage
 
     e = OmegaConf.to_container(cfg.eval, resolve=True)
-    check_eval_config(e)
+    check_eval_config(e)  # a bad value (eval.judge's too) fails at planning, before any stage runs
     runtime = eval_runtime(cfg, e)
     baseline = baseline_kind(cfg, arm_policy(cfg))
     key = {"max_prompts": e["max_prompts"], **{k: e[k] for k in SAMPLING_FIELDS}, "harmless": bool(e["harmless"]),
            "baseline": baseline}
     if e["harmless"]:  # the judge only matters when it is asked something
         key.update({"harmless_question": e["harmless_question"], "harmless_prompts": e["harmless_prompts"],
-                    "judge": {k: e["judge"].get(k) for k in SEMANTIC_JUDGE_FIELDS}})
+                    "judge": e["judge"]})
     inputs = {"prompts": "prompts"}
     if cfg.policy.name_or_path == "tiny" or (e["harmless"] and e["judge"].get("model") == "tiny"):
         inputs["policy_model"] = "policy_model"

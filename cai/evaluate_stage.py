@@ -102,7 +102,7 @@ class EvalConfig:
     use_rm: bool = True  # score under a held-out RM trained on human labels (needs data.human.path)
     rm_seed_offset: int = 1000  # the held-out RM's seed is seed + this
     rm: RewardConfig = field(default_factory=_eval_rm)
-    hf_batch_size: int = 8  # rows per forward of a local (hf) judge; run time only
+    hf_batch_size: int = 8  # rows per forward of a local (hf) judge unless eval.judge.batch_size is set; run time only
     judge_batch: int = 64  # judge requests per call and per journal write; run time only
     # initial: the initial policy (the matched study's "SFT" arm); sft: the run's sft artifact when the
     # run trains beyond it (PPO/DPO from SL-CAI, as in the quickstart), else the initial policy
@@ -294,14 +294,13 @@ def evaluate_stage(cfg) -> Any:
     """Pipeline builder: the ``evaluate`` stage for the composed config."""
     from omegaconf import OmegaConf
 
-    from cai.feedback.label import SEMANTIC_JUDGE_FIELDS
+    from cai.feedback.judges.config import judge_key
     from cai.pipeline import Stage
 
     e = OmegaConf.to_container(cfg.eval, resolve=True)
-    check_eval_config(e)
+    check_eval_config(e)  # a bad value (eval.judge's too) fails at planning, before any stage runs
+    runtime = eval_runtime(cfg, e)  # e["judge"] is now the judge's key, runtime["judge"] the rest
     judge = e["judge"]
-    runtime = eval_runtime(cfg, e)
-    e["judge"] = {k: judge.get(k) for k in SEMANTIC_JUDGE_FIELDS}
     rm = e.pop("rm")
     use_rm = bool(e.pop("use_rm")) and bool(cfg.data.human.path)
     e.pop("rm_seed_offset")
@@ -317,8 +316,7 @@ def evaluate_stage(cfg) -> Any:
     if use_rm:
         inputs["eval_reward"] = "eval_reward"
         e["rm"] = {k: v for k, v in rm.items() if k != "device"}  # a different held-out RM: another key
-    labeller = OmegaConf.to_container(cfg.judge, resolve=True)
-    same = all(labeller.get(k) == judge.get(k) for k in SEMANTIC_JUDGE_FIELDS)
+    same = judge_key(OmegaConf.to_container(cfg.judge, resolve=True)) == judge
     policy = {k: v for k, v in OmegaConf.to_container(cfg.policy, resolve=True).items() if k != "device"}
     key = {"eval": e, "policy": policy, "arm": arm or "initial", "seed": int(cfg.seed), "judge_is_labeller": same}
     return Stage("evaluate", functools.partial(evaluate, runtime=runtime), key, inputs)

@@ -56,3 +56,69 @@ def test_typos_fail_at_composition(override: str):
 
     with pytest.raises((HydraException, OmegaConfBaseException)):
         _compose([override])
+
+
+# ---- judge prices on the command line -----------------------------------------------------------
+PRICE_FORMS = [
+    ["+{j}.prices.gpt-4o={{input_per_mtok:2.5,output_per_mtok:10}}"],
+    ["{j}.prices={{gpt-4o: {{input_per_mtok: 2.5, output_per_mtok: 10}}}}"],
+    ["+{j}.prices.gpt-4o.input_per_mtok=2.5", "+{j}.prices.gpt-4o.output_per_mtok=10"],
+]
+
+
+@pytest.mark.parametrize("judge", ["judge", "eval.judge"])
+@pytest.mark.parametrize("form", PRICE_FORMS, ids=["plus-entry", "whole-table", "dotted"])
+def test_a_switched_judge_model_is_priced_on_the_command_line(judge: str, form: list[str]):
+    from cai.feedback.judges.config import PriceConfig, coerce_config
+
+    preset = "eval=api_judge" if judge == "eval.judge" else "judge=openai_gpt4_1_mini"
+    overrides = [preset, f"{judge}.model=gpt-4o", *(o.format(j=judge) for o in form)]
+    cfg = coerce_config(OmegaConf.select(_compose(overrides), judge), judge)
+    assert cfg.model == "gpt-4o" and cfg.max_dollars == 20.0
+    assert cfg.prices["gpt-4o"] == PriceConfig(2.5, 10.0)
+    assert cfg.prices["gpt-4.1-mini"] == PriceConfig(0.4, 1.6)  # the preset's table is extended, not lost
+
+
+@pytest.mark.parametrize("override, field", [
+    ("judge.prices={gpt-4o: {input_per_mtok: cheap, output_per_mtok: 1}}", r"^judge: .*prices\.gpt-4o\.input_per_mtok"),
+    ("+eval.judge.prices.gpt-4o={input_per_mtok: 1, output_per_mtok: -2}",
+     r"eval\.judge: .*prices\.gpt-4o\.output_per_mtok"),
+    ("+judge.prices.gpt-4o={input: 1}", r"prices\['gpt-4o'\] must have only input_per_mtok and output_per_mtok"),
+])
+def test_a_malformed_price_fails_at_planning_naming_the_field(override: str, field: str):
+    """Composition accepts any table (its keys are model names); planning checks every entry."""
+    from cai.errors import ConfigError
+    from cai.pipeline import plan
+
+    with pytest.raises(ConfigError, match=field):
+        plan(_compose(["experiment.stages=[ai_labels,evaluate]", override]))
+
+
+def test_prices_stay_out_of_every_artifact_key(tmp_path):
+    """Prices are run time only: pricing the judges on the command line changes no stage's key,
+    and the evaluation stages get the eval judge's table at run time."""
+    from cai.pipeline import plan
+
+    plain = {s.name: s for s in plan(_compose([f"store.root={tmp_path}"]))}
+    priced = {s.name: s for s in plan(_compose([f"store.root={tmp_path}",
+                                                "+judge.prices.gpt-4o={input_per_mtok:2.5,output_per_mtok:10}",
+                                                "eval.judge.prices={m: {input_per_mtok: 1, output_per_mtok: 2}}"]))}
+    assert {"ai_labels", "eval_baseline", "evaluate"} <= set(priced)
+    assert {n: s.config for n, s in priced.items()} == {n: s.config for n, s in plain.items()}
+    for name in ("eval_baseline", "evaluate"):
+        runtime = priced[name].fn.keywords["runtime"]["judge"]
+        assert runtime["prices"] == {"m": {"input_per_mtok": 1, "output_per_mtok": 2}}
+
+
+def test_a_bad_judge_fails_at_planning_before_anything_is_built(tmp_path):
+    """eval.judge and the labeller's judge are checked when the run is planned, not when the stage
+    that asks them runs (after every stage before it was built)."""
+    from cai.errors import ConfigError
+    from cai.pipeline import run_experiment
+
+    store = tmp_path / "store"
+    with pytest.raises(ConfigError, match="eval.judge: max_dollars is set but 'prices' has no entry for model 'fake'"):
+        run_experiment(_compose(["eval=api_judge", "eval.judge.model=fake", f"store.root={store}"]), tmp_path / "run")
+    with pytest.raises(ConfigError, match="^judge: field 'timeout_s'"):
+        run_experiment(_compose(["judge.timeout_s=0", f"store.root={store}"]), tmp_path / "run")
+    assert not any(store.rglob("stage.json"))

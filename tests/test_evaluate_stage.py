@@ -254,6 +254,39 @@ def test_one_baseline_artifact_for_every_arm_keyed_by_what_determines_it():
         arms[0].config
 
 
+def test_eval_judge_is_keyed_and_run_like_the_labeller(tmp_path):
+    """eval.judge's key is judge_key (a non-auto dtype included), the rest reaches the judge at run
+    time: device, and batch size, which wins over eval.hf_batch_size. The default config's keys are
+    those of the code before (placeholder upstream keys: only this stage's own slice counts)."""
+    from cai.artifacts import ArtifactStore
+    from cai.evaluate_baseline import JudgeSession, eval_baseline_stage
+    from cai.evaluate_stage import evaluate_stage
+    from cai.journal import BuildContext
+
+    def stages(*extra):  # (evaluate, eval_baseline)
+        cfg = compose(f"store.root={tmp_path}", *extra)
+        return evaluate_stage(cfg), eval_baseline_stage(cfg)
+
+    default, half = stages(), stages("eval.judge.dtype=bfloat16")
+    local = stages("eval.judge.device=cpu", "eval.judge.batch_size=3")
+    store = ArtifactStore(tmp_path)
+    keys = [store.key(s.name, s.config, {n: f"{u}-upstream" for n, u in s.inputs.items()}) for s in default]
+    assert keys == ["evaluate-1ab82f1886928822ae12", "eval_baseline-7e3964e0b8b71cb3f39a"]
+    for d, loc, h in zip(default, local, half):
+        assert loc.config == d.config and loc.fn.keywords["runtime"]["judge"]["device"] == "cpu"
+        assert h.config["eval"]["judge"] == {**d.config["eval"]["judge"], "dtype": "bfloat16"}
+    # the labeller's judge is the eval judge when their keys are equal, whatever their run-time fields
+    assert default[0].config["judge_is_labeller"] and not half[0].config["judge_is_labeller"]
+    same = stages("judge.dtype=bfloat16", "eval.judge.dtype=bfloat16", "judge.device=cpu")[0]
+    assert same.config["judge_is_labeller"]
+    for stage, batch, device in ((local[0], 3, "cpu"), (default[0], 8, "auto")):
+        ctx = BuildContext("evaluate-x", tmp_path / "out", tmp_path / f"state{batch}", False, 1)
+        runtime = stage.fn.keywords["runtime"]
+        with JudgeSession(ctx, stage.config["eval"], {"policy_model": tmp_path}, runtime, "evaluate") as session:
+            backend = session._open()  # the hf judge loads its model on first use: nothing is loaded here
+            assert (backend.batch_size, backend.spec.device) == (batch, device)
+
+
 def test_held_out_rm_only_with_human_data(shared_data_dir):
     from cai.evaluate_stage import eval_reward_stage, evaluate_stage
 
@@ -399,9 +432,6 @@ def test_judge_budget_stops_cleanly_and_a_rerun_asks_only_the_rest(sft_run, tmp_
     """The held-out judge's dollar cap stops the evaluation with a clear message, keeping every
     answer it paid for; a rerun with a larger cap sends only requests never answered."""
     from cai.errors import CaiError
-    from omegaconf import open_dict
-
-    from cai.feedback.judges import PriceConfig
     from cai.testing.servers import FakeOpenAIServer
 
     _, _, _, info = sft_run
@@ -411,9 +441,8 @@ def test_judge_budget_stops_cleanly_and_a_rerun_asks_only_the_rest(sft_run, tmp_
             cfg = compose("experiment.stages=[evaluate]", *TINY, "eval.judge.backend=openai", "eval.judge.model=fake",
                           f"eval.judge.base_url={srv.base_url}", "eval.judge.api_key_env=null",
                           "eval.judge.cache=false", "eval.judge.max_retries=0", "eval.judge_batch=4",
-                          "eval.harmless_prompts=all", f"eval.judge.max_dollars={dollars}")
-            with open_dict(cfg):
-                cfg.eval.judge.prices["fake"] = PriceConfig(input_per_mtok=1000.0, output_per_mtok=1000.0)
+                          "eval.harmless_prompts=all", f"eval.judge.max_dollars={dollars}",
+                          "+eval.judge.prices.fake={input_per_mtok: 1000, output_per_mtok: 1000}")
             return _evaluate(cfg, info, arm)
 
         with pytest.raises(CaiError, match=r"stopped at budget.*judge answers of this stage are journaled"):

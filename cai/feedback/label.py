@@ -381,6 +381,7 @@ def ai_labels_stage(cfg: Any) -> Any:
 
     labels = asdict(coerce_labels(cfg.labels))
     judge = OmegaConf.to_container(cfg.judge, resolve=True)
+    coerce_config(judge, "judge")  # a bad judge setting fails at planning, before any stage runs
     inputs = {"pairs": labels["source"]}
     if judge.get("model") == "tiny":
         inputs["policy_model"] = "policy_model"

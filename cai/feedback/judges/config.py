@@ -4,7 +4,9 @@
 ``Dict`` and nested dataclasses only), so ``conf/judge/*.yaml`` files are type-checked when Hydra
 composes them. :func:`coerce_config` accepts the dataclass, a ``DictConfig`` or a plain mapping
 and checks the values, raising :class:`~cai.errors.ConfigError` with the field and what was
-expected.
+expected. The price table is the one loosely typed part: its keys are model names, so
+:func:`open_price_tables` lets command-line overrides add entries, and :func:`coerce_config`
+checks them (pipeline stage builders call it, so a bad price fails when the run is planned).
 
 Which fields change a judge's answers (and so belong in the artifact key of every stage that
 asks the judge) and which only say how fast, where or at what cost it runs is said here once:
@@ -96,8 +98,11 @@ class JudgeConfig:
     cache_path: Optional[str] = None
     # dollar cap for this judge (and its fallback); None: no cap
     max_dollars: Optional[float] = None
-    # {model: {input_per_mtok, output_per_mtok}}; a model without a price costs 0
-    prices: Dict[str, PriceConfig] = field(default_factory=dict)
+    # {model: {input_per_mtok, output_per_mtok}}; a model without a price costs 0. Typed loosely
+    # (mappings, or PriceConfig) so a command line can add a model's price
+    # ('+judge.prices.gpt-4o={input_per_mtok:2.5,output_per_mtok:10}'); coerce_config checks each
+    # entry and turns it into a PriceConfig
+    prices: Dict[str, Any] = field(default_factory=dict)
     # name of another judge config tried for requests this one failed
     fallback: Optional[str] = None
     # bumped by a stage when its prompt template changes (a request tag may override it)
@@ -219,6 +224,26 @@ def _check_local(where: str, cfg: JudgeConfig) -> None:
     if changed and cfg.backend != "hf":
         raise ConfigError(f"{where}: {', '.join(changed)}: these fields place a local model (backend hf); "
                           f"backend {cfg.backend!r} runs its model on the server (set them there)")
+
+
+def open_price_tables(schema: Any) -> None:
+    """Let overrides add models to the ``prices`` of every judge config in ``schema`` (a ``DictConfig``).
+
+    Hydra composes in struct mode, where an override cannot add a key the schema does not list,
+    and a price table's keys are model names no schema can list: so ``judge.prices={gpt-4o: {...}}``
+    would fail. Each :class:`JudgeConfig` node's ``prices`` is marked non-struct instead (the rest
+    of the judge stays strict); :func:`coerce_config` checks every entry, naming model and field.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    if not isinstance(schema, DictConfig):
+        return
+    if OmegaConf.get_type(schema) is JudgeConfig:
+        OmegaConf.set_struct(schema.prices, False)
+        return
+    for key in list(schema.keys()):
+        open_price_tables(OmegaConf.select(schema, str(key), throw_on_missing=False,
+                                           throw_on_resolution_failure=False))
 
 
 def judge_key(judge: Mapping[str, Any]) -> dict[str, Any]:
