@@ -332,7 +332,8 @@ def test_pipeline_plans_the_revisions_stage_and_keys_what_matters():
     assert stage("critique=direct")[1].config["critique"]["direct_revision"] is True
     assert stage("critique.rounds=3")[2] != key
     _, j1, k1 = stage("critique.generator=judge", "judge=openai_gpt4_1_mini")
-    _, _, k2 = stage("critique.generator=judge", "judge=openai_gpt4_1_mini", "judge.max_concurrency=3")
+    _, _, k2 = stage("critique.generator=judge", "judge=openai_gpt4_1_mini", "judge.max_concurrency=3",
+                     "judge.max_dollars=5.0")
     assert k1 == k2 and "policy_model" not in j1.inputs and "max_concurrency" not in j1.config["judge"]
     with pytest.raises(ConfigError, match="critique.few_shot"):
         stage("critique.few_shot=-1")

@@ -323,6 +323,9 @@ def test_pipeline_plans_both_sft_arms():
     assert stages["sft"].inputs == {"answers": "judge_answers", "policy_model": "policy_model"}
     assert stages["judge_answers"].inputs == {"prompts": "prompts", "policy_model": "policy_model"}
     assert "answers" not in stages["sft"].config["sft"]  # judge_answers' settings key that stage
+    judge_key = stages["judge_answers"].config["judge"]  # what changes answers, not budget or speed
+    assert "model" in judge_key and not {"max_dollars", "prices", "max_concurrency"} & set(judge_key)
+    assert stages["judge_answers"].fn.keywords["runtime"]["judge"]["max_concurrency"] >= 1
     assert "device" not in stages["sft"].config["policy"]
     stages = {s.name: s for s in plan(slcai)}
     assert stages["sft"].inputs == {"revisions": "revisions", "policy_model": "policy_model"}

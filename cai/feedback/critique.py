@@ -62,6 +62,7 @@ from cai.constitution import Constitution, CritiquePrinciple, load_constitution,
 from cai.data import Prompt, read_jsonl, write_jsonl
 from cai.errors import ConfigError, DataError
 from cai.feedback.critique_text import PROMPT_VERSION
+from cai.feedback.judges.config import coerce_config, judge_key, judge_runtime
 from cai.feedback.critique_runner import Generator, Item, make_generator, run_block_round
 from cai.records import iter_jsonl_numbered
 
@@ -70,11 +71,6 @@ log = logging.getLogger(__name__)
 GENERATORS = ("policy", "judge")
 TRACE_FILE = "revisions.jsonl"
 JOURNAL = "rounds.jsonl"
-# judge settings that change how requests are sent, not what comes back: kept out of the key
-JUDGE_RUNTIME_FIELDS = ("api_key_env", "max_concurrency", "rpm", "tpm", "burst_s", "max_retries",
-                        "malformed_retries", "timeout_s", "backoff_base_s", "backoff_max_s", "cache",
-                        "cache_path", "max_dollars", "prices", "seed")
-
 
 @dataclass
 class CritiqueConfig:
@@ -399,8 +395,9 @@ def revisions_stage(cfg: Any) -> Any:
         tiny = policy["name_or_path"] == "tiny"
     else:
         judge = OmegaConf.to_container(cfg.judge, resolve=True)
-        runtime["judge"] = {k: judge.pop(k) for k in JUDGE_RUNTIME_FIELDS if k in judge}
-        stage_cfg["judge"] = judge
+        coerce_config(judge, "judge")  # a bad judge setting fails at planning, before any stage is built
+        runtime["judge"] = judge_runtime(judge)
+        stage_cfg["judge"] = judge_key(judge)
         tiny = judge.get("backend") == "hf" and judge.get("model") == "tiny"
     if tiny:
         inputs["policy_model"] = "policy_model"

@@ -23,6 +23,7 @@ writes the same file as an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections import Counter
@@ -32,6 +33,7 @@ from typing import Any, Optional
 
 from cai.data import Prompt, read_jsonl, write_jsonl
 from cai.errors import ConfigError
+from cai.feedback.judges.config import coerce_config, judge_key, judge_runtime
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +135,16 @@ class _ApiAnswerer:
                           sum(r.cost_usd for r in results))
 
 
-def judge_answers(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any) -> None:
-    """Stage function: ask the judge for a direct answer to every train prompt."""
+def judge_answers(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any,
+                  runtime: dict[str, Any] | None = None) -> None:
+    """Stage function: ask the judge for a direct answer to every train prompt.
+
+    ``cfg["judge"]`` holds the fields that change answers (the key); ``runtime["judge"]`` the
+    rest (concurrency, budget, prices, ...), which never changes the artifact's key."""
     acfg = JudgeAnswersConfig(**cfg["answers"])
     if acfg.batch_size < 1 or acfg.max_new_tokens < 1:
         raise ConfigError(f"sft.answers.batch_size and max_new_tokens must be >= 1, got {acfg}")
-    judge_cfg = dict(cfg["judge"])
+    judge_cfg = {**dict(cfg["judge"]), **dict((runtime or {}).get("judge") or {})}
     prompts = [Prompt.from_dict(d) for d in read_jsonl(inputs["prompts"] / "train.jsonl")]
     if acfg.max_prompts is not None:
         prompts = prompts[:acfg.max_prompts]
@@ -189,6 +195,7 @@ def _judge_answers(cfg) -> Any:
     from cai.pipeline import Stage
 
     judge = OmegaConf.to_container(cfg.judge, resolve=True)
+    coerce_config(judge, "judge")  # a bad judge setting fails at planning, before any stage is built
     inputs = {"prompts": "prompts"}
     if judge.get("backend") == "hf" and judge.get("model") == "tiny":
         if cfg.policy.name_or_path != "tiny":
@@ -196,4 +203,5 @@ def _judge_answers(cfg) -> Any:
                               f"{cfg.policy.name_or_path!r}; give the judge a hub name or local path")
         inputs["policy_model"] = "policy_model"
     answers = OmegaConf.to_container(cfg.sft.answers, resolve=True)
-    return Stage("judge_answers", judge_answers, {"judge": judge, "answers": answers, "seed": cfg.seed}, inputs)
+    fn = functools.partial(judge_answers, runtime={"judge": judge_runtime(judge)})
+    return Stage("judge_answers", fn, {"judge": judge_key(judge), "answers": answers, "seed": cfg.seed}, inputs)

@@ -125,7 +125,7 @@ def ppo_stage(cfg) -> Any:
     from cai.artifacts import ArtifactStore
     from cai.config import CONSTITUTIONS_DIR
     from cai.constitution import resolve_constitution
-    from cai.feedback.judges.config import judge_key, judge_runtime
+    from cai.feedback.judges.config import coerce_config, judge_key, judge_runtime
     from cai.pipeline import Stage
 
     p = OmegaConf.to_container(cfg.ppo, resolve=True)
@@ -148,6 +148,7 @@ def ppo_stage(cfg) -> Any:
     if uses_judge:
         if not cfg.constitution.path:
             raise ConfigError("ppo with a judge (reward_from=judge or heldout_judge_every > 0) needs constitution.path")
+        coerce_config(judge, "judge")  # a bad judge setting fails at planning, before any stage is built
         key["judge"] = judge_key(judge)
         root = cfg.store.root or ArtifactStore.default_root()
         runtime.update({"judge": judge_runtime(judge),
