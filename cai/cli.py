@@ -2,6 +2,7 @@
 
 - ``cai run [overrides]`` / ``cai run -m [sweep]``: a Hydra app over ``conf/`` (see README).
 - ``cai report PATH``: report.md + report.html for a run or a multirun folder.
+- ``cai compare PATH``: head-to-head win rates between the arms of a sweep (head_to_head.json).
 - ``cai constitution validate FILE...`` / ``cai constitution import SRC --format anthropic -o OUT``.
 
 User mistakes (a bad constitution, config value or data row) print one message and exit 2.
@@ -22,6 +23,7 @@ commands:
   run [hydra overrides]            run an experiment (default: experiment=quickstart, offline)
   run -m [sweep overrides]         a Hydra multirun sweep, e.g. cai run -m seed=0,1
   report PATH [-o OUT]             write report.md + report.html for a run or a sweep folder
+  compare PATH                     judge the arms of a sweep head to head -> PATH/head_to_head.json
   constitution validate FILE...    check constitution files; exit 0 if valid, 2 if not
   constitution import SRC --format anthropic -o OUT.yaml
                                    convert the CAI paper's published prompt files
@@ -90,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
             from cai.report import main as report_main
 
             return report_main(rest)
+        if cmd == "compare":
+            from cai.compare import main as compare_main
+
+            _quiet_libraries()
+            return compare_main(rest)
     except CaiError as e:
         print(f"cai: error: {e}", file=sys.stderr)
         return 2

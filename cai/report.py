@@ -13,7 +13,9 @@ Student-t 95% interval (:func:`cai.evaluate.seed_summary`), a single run's metri
 interval its stage wrote (``<metric>_ci_low`` / ``<metric>_ci_high``), if any.
 
 Sections (:mod:`cai.report_sections`): runs, arms (headline metrics with intervals; every
-metric under a fold), win rates, training curves, label agreement per principle, cost,
+metric under a fold), win rates, head to head and paired tests between arms
+(:mod:`cai.report_h2h`; the first from ``head_to_head.json``, written by ``cai compare``),
+training curves, label agreement per principle, cost,
 constitution, config differences, and artifacts: per stage, which runs share which artifact, by
 arm and seed, and what makes keys differ (:mod:`cai.report_artifacts`). A section whose data no
 run has yet says so in one line instead of being drawn empty. Rendering (Markdown, HTML, plots)
@@ -83,6 +85,7 @@ class ReportData:
     runs: list[RunRecord]
     arms: list[Arm]
     varying: list[str]  # flattened config keys whose values differ between runs
+    head_to_head: list[dict[str, Any]] | None = None  # rows of head_to_head.json (cai compare), if any
 
 
 # --------------------------------------------------------------------------- reading
@@ -254,8 +257,10 @@ def collect(path: str | Path) -> ReportData:
         raise DataError(f"cai report: {path}: no run found (a run directory has {RUN_FILE}; looked "
                         f"{MAX_DEPTH} levels down)")
     runs = [load_run(d, root) for d in dirs]
+    from cai.report_h2h import load_head_to_head
+
     varying = varying_keys(runs)
-    return ReportData(root, runs, group_arms(runs, varying), varying)
+    return ReportData(root, runs, group_arms(runs, varying), varying, load_head_to_head(root))
 
 
 # --------------------------------------------------------------------------- writing

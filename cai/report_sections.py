@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from cai.evaluate import seed_summary
 from cai.report_artifacts import artifacts_section
+from cai.report_h2h import head_to_head_section, paired_tests_section
 from cai.report_html import Bar, Figure, Section, Table, bar_chart, line_panels
 
 if TYPE_CHECKING:
@@ -314,6 +315,6 @@ def config_section(data: ReportData) -> Section:
 
 
 SECTION_BUILDERS: tuple[Callable[[ReportData], Section], ...] = (
-    runs_section, arms_section, win_rates_section, curves_section, principles_section, cost_section,
+    runs_section, arms_section, win_rates_section, head_to_head_section, paired_tests_section, curves_section, principles_section, cost_section,
     constitution_section, config_section, artifacts_section,
 )

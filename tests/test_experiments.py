@@ -139,6 +139,8 @@ def test_tiny_matched_sweep_shares_artifacts_and_reruns_for_free(tmp_path, share
     key = runs[0]["artifacts"]["eval_baseline"].rsplit("-", 1)[1][:10]
     assert f"| eval_baseline | 3 | 1 | one artifact for all 3 runs ({key}…) | — |" in report
     assert "| dpo | 1 | 1 | only dpo_ai uses it (" in report
+    h2h = _check_head_to_head(tmp_path / "sweep", metrics, report)
+    assert not any(r["reused"] for r in h2h)
 
     second = _sweep(tmp_path, hh, "sweep_again")
     assert second.returncode == 0, second.stderr[-3000:]
@@ -147,3 +149,30 @@ def test_tiny_matched_sweep_shares_artifacts_and_reruns_for_free(tmp_path, share
         assert all(v == 1 for k, v in again.items() if k.startswith("pipeline/") and k.endswith("/reused"))
         assert {k: v for k, v in again.items() if not k.startswith(("time/", "pipeline/"))} == \
             {k: v for k, v in m.items() if not k.startswith(("time/", "pipeline/"))}
+    again = _check_head_to_head(tmp_path / "sweep_again", metrics, (tmp_path / "sweep_again" / "report.md").read_text())
+    assert all(r["reused"] for r in again)  # the second sweep's comparison rebuilt no head_to_head artifact
+    assert [r["win_rate"] for r in again] == [r["win_rate"] for r in h2h]
+    assert len(list((tmp_path / "store" / "head_to_head").glob("head_to_head-*"))) == 3
+
+
+def _check_head_to_head(folder: Path, metrics: list[dict], report: str) -> list[dict]:
+    """The sweep callback judged the three arms pairwise; the report shows it and the paired tests."""
+    from cai.report_h2h import h2h_matrices
+
+    rows = json.loads((folder / "head_to_head.json").read_text())["rows"]
+    arms = ["tags.arm=sft", "tags.arm=rlhf", "tags.arm=dpo_ai"]
+    assert [(r["arm_a"], r["arm_b"]) for r in rows] == [(arms[0], arms[1]), (arms[0], arms[2]), (arms[1], arms[2])]
+    for r in rows:
+        assert r["n"] == 8 and r["wins"] + r["ties"] + r["losses"] + r["invalid"] == 8
+    m = h2h_matrices(rows)[0]
+    for a in arms:
+        assert (a, a) not in m  # an arm is not compared with itself
+        for b in arms:
+            if a != b:  # B over A is A over B seen from B
+                assert m[(a, b)][0] + m[(b, a)][0] == 1.0
+    # the SFT arm's responses are the baseline's, so SFT over rlhf mirrors rlhf's own win rate vs SFT
+    # (one prompt may flip at the tie boundary: the judge sees the two orders in other batches)
+    assert abs(m[(arms[0], arms[1])][0] - (1.0 - metrics[1]["eval/vs_sft/win_rate"])) <= 1 / 8
+    assert "## Head to head" in report and "| row beats column | tags.arm=sft |" in report
+    assert "## Paired tests between arms" in report and "| tags.arm=rlhf | tags.arm=dpo_ai | score vs SFT |" in report
+    return rows

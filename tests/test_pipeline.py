@@ -131,3 +131,6 @@ def test_quickstart_with_human_data_adds_the_human_label_arm(tmp_path: Path, sha
     assert "eval/vs_sft/win_rate" in m and "rm/human/accuracy" in m
     report = (run / "report.md").read_text()  # written after the run, both arms side by side
     assert "2 run(s) in 2 arm(s): tags.arm=ai_labels (1 run); tags.arm=human_labels (1 run)" in report
+    h2h = json.loads((run / "head_to_head.json").read_text())  # the two arms judged against each other
+    assert [(r["arm_a"], r["arm_b"]) for r in h2h["rows"]] == [("tags.arm=ai_labels", "tags.arm=human_labels")]
+    assert "## Head to head" in report

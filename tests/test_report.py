@@ -319,6 +319,40 @@ def test_callback_writes_into_the_sweep_folder_and_never_raises(sweep, tmp_path)
     assert (copy / "0" / "report.html").is_file()
 
 
+def test_callback_writes_the_report_when_the_head_to_head_fails(sweep, tmp_path, caplog):
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy, ignore=shutil.ignore_patterns("report*"))
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(copy)}}})
+    with caplog.at_level("INFO"):
+        ReportCallback(head_to_head=False).on_multirun_end(cfg)
+    assert "head to head" not in caplog.text and (copy / "report.md").is_file()
+    (copy / "report.md").unlink()
+    with caplog.at_level("INFO"):  # the stand-in runs have no policy_model for the tiny judge: logged, not raised
+        ReportCallback().on_multirun_end(cfg)
+    assert "head to head: could not compare the arms" in caplog.text and "policy_model" in caplog.text
+    assert not (copy / "head_to_head.json").exists()
+    assert "run cai compare" in (copy / "report.md").read_text()
+
+
+def test_head_to_head_matrices_per_seed_and_over_seeds(sweep, tmp_path):
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy, ignore=shutil.ignore_patterns("report*"))
+    row = {"arm_a": "tags.labels=ai", "arm_b": "tags.labels=human", "wins": 5, "ties": 2, "losses": 2,
+           "invalid": 1, "n": 10}
+    rows = [{**row, "seed": 0, "win_rate": 0.6, "ci_low": 0.5, "ci_high": 0.7},
+            {**row, "seed": 1, "win_rate": 0.8, "ci_low": 0.7, "ci_high": 0.9}]
+    (copy / "head_to_head.json").write_text(json.dumps({"version": 1, "rows": rows, "skipped": []}))
+    md = write_report(copy)[0].read_text()
+    section = md.split("## Head to head", 1)[1].split("\n## ", 1)[0]
+    assert "| tags.labels=ai | — | 0.6 [0.5, 0.7] |" in section
+    assert "| tags.labels=human | 0.4 [0.3, 0.5] | — |" in section  # the mirror cell
+    assert "| tags.labels=human | 0.2 [0.1, 0.3] | — |" in section
+    # over 2 seeds: mean 0.7, Student-t half width 12.706 * 0.1414 / sqrt(2) = 1.271
+    assert "| tags.labels=ai | — | 0.7 [-0.571, 1.97] (2 seeds) |" in section
+    paired = md.split("## Paired tests between arms", 1)[1].split("\n## ", 1)[0]
+    assert "No evaluate samples" in paired  # the stand-in evaluate stage writes metrics only
+
+
 def test_real_sweep_through_cai_run_gets_its_report(tmp_path):
     # the foundation stages only (the full quickstart is covered by tests/test_pipeline.py)
     tiny = ["experiment.stages=[responses]", "data.max_prompts=4", "sampling.max_new_tokens=4",
