@@ -205,7 +205,9 @@ def _harmless(judge: JudgeSession, prompts, arm_texts, base_rows, arm_is_base: b
     return metrics
 
 
-def _rm_scores(artifact: Path, prompts, arm_texts, base_texts, ecfg, seed, device) -> dict[str, float]:
+def _rm_scores(artifact: Path, prompts, arm_texts, base_texts, ecfg, seed, device
+               ) -> tuple[dict[str, float], list[float], list[float]]:
+    """Metrics of the held-out RM's scores, and the per-prompt scores of the arm and the baseline."""
     from cai.evaluate import paired_comparison
     from cai.train.reward_stage import RewardScorer
 
@@ -220,7 +222,7 @@ def _rm_scores(artifact: Path, prompts, arm_texts, base_texts, ecfg, seed, devic
         pc = paired_comparison(arm, base, n_boot=n_boot, n_perm=2000, seed=seed)
         out.update({"eval/rm_score_vs_sft": pc.diff, "eval/rm_score_vs_sft_ci_low": pc.ci_low,
                     "eval/rm_score_vs_sft_ci_high": pc.ci_high, "eval/rm_score_vs_sft_p": pc.p_value})
-    return out
+    return out, [float(x) for x in arm], [float(x) for x in base]
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -271,14 +273,18 @@ def evaluate(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any, runtime: Ma
         tokens_in, tokens_out, dollars = judge.cost()
     ctx.add_cost(tokens_in, tokens_out, dollars)
     metrics["eval/judge_cost_usd"] = dollars
+    arm_rm = base_rm = [None] * len(prompts)
     if "eval_reward" in inputs:
         with ctx.phase("rm"):
-            metrics.update(_rm_scores(inputs["eval_reward"], prompts, arm_texts, base_texts, ecfg, seed, device))
+            rm_metrics, arm_rm, base_rm = _rm_scores(inputs["eval_reward"], prompts, arm_texts, base_texts, ecfg,
+                                                     seed, device)
+            metrics.update(rm_metrics)
     rows = []
     for i, p in enumerate(prompts):
         j = judgements.get(p.id)
         rows.append({"prompt_id": p.id, "arm": arm.name, "arm_response": arm_texts[i], "sft_response": base_texts[i],
                      "arm_tokens": arm_len[i], "sft_tokens": base_len[i], "kl": kl[i],
+                     "rm_score": arm_rm[i], "sft_rm_score": base_rm[i],
                      "p_first": j.p_first if j else None, "p_second": j.p_second if j else None,
                      "outcome": j.outcome(float(ecfg["tie_margin"])) if j else "invalid",
                      "failure": j.failure if j else "not judged"})
@@ -319,7 +325,8 @@ def evaluate_stage(cfg) -> Any:
     same = judge_key(OmegaConf.to_container(cfg.judge, resolve=True)) == judge
     policy = {k: v for k, v in OmegaConf.to_container(cfg.policy, resolve=True).items() if k != "device"}
     key = {"eval": e, "policy": policy, "arm": arm or "initial", "seed": int(cfg.seed), "judge_is_labeller": same}
-    return Stage("evaluate", functools.partial(evaluate, runtime=runtime), key, inputs)
+    # version 2: samples.jsonl carries each prompt's held-out RM scores (rm_score, sft_rm_score)
+    return Stage("evaluate", functools.partial(evaluate, runtime=runtime), key, inputs, version="2")
 
 
 # ----------------------------------------------------------------------------- held-out reward model

@@ -327,6 +327,14 @@ def test_held_out_rm_scores_every_response(shared_data_dir, tmp_path):
     assert any(k.startswith("eval_rm/") for k in m) and not any(k.startswith("rm/") for k in m)
     # red-team prompts (tagged harmful) are all asked the harmlessness question
     assert m["eval/harmless_prompts"] == m["eval/prompts"]
+    # every prompt's scores are in samples.jsonl (the report's paired tests between arms read them)
+    from cai.artifacts import ArtifactStore
+    from cai.data import read_jsonl
+
+    key = json.loads((tmp_path / "run" / "run.json").read_text())["artifacts"]["evaluate"]
+    rows = read_jsonl(ArtifactStore(tmp_path / "store").path(key) / "samples.jsonl")
+    assert len(rows) == m["eval/prompts"] and all(isinstance(r["rm_score"], float) for r in rows)
+    assert sum(r["rm_score"] for r in rows) / len(rows) == pytest.approx(m["eval/rm_score"])
 
 
 # ----------------------------------------------------------------------------- resuming a killed evaluation
