@@ -208,7 +208,7 @@ def test_token_bucket_keeps_request_rate_under_the_limit(tmp_path):
         res = judge.choose([choice_req(i) for i in range(26)])
         times = sorted(rec.t_received for rec in srv.records)
         assert all(r.ok for r in res) and srv.count("rpm_limit") == 0
-        assert (len(times) - 2) / (times[-1] - times[0]) <= 10 * 1.1
+        assert (len(times) - 2) / (times[-1] - times[0]) <= 10 * 1.25  # unlimited: hundreds per second
         # a bucket of rate 10/s and capacity 2 releases at most 12 in any 1 s; arrivals at the server
         # can bunch up behind a busy event loop (CI saw 14), so the bound that matters is the server's
         assert max(sum(1 for t in times if t0 <= t < t0 + 1.0) for t0 in times) <= 15
