@@ -35,7 +35,7 @@ import torch
 
 from cai.testing.preference_task import task_corpus, write_task
 from cai.tiny import TinyModelConfig, build_tiny_causal_lm, build_tiny_sequence_classifier, default_tiny_corpus
-from cai.train.pairs import local_rows, loss_scale
+from cai.train.pairs import loss_scale, step_share
 
 SHAPE = TinyModelConfig(vocab_size=512, n_layer=1, n_head=2, n_embd=32, seed=0)
 TOL = 1e-4
@@ -53,9 +53,7 @@ def test_sharded_scaled_gradients_average_to_the_global_mean(global_batch, world
     full = torch.autograd.grad(per_pair_loss(list(range(global_batch))).mean(), w)[0]
     grads = []
     for rank in range(world):
-        rows, weight = local_rows(range(global_batch), rank, world), 1.0
-        if not rows:  # the loops' stand-in: a zero-weight pair keeps every process in the collective
-            rows, weight = [0], 0.0
+        rows, weight = step_share(range(global_batch), rank, world)  # what the loops call
         loss = per_pair_loss(rows).sum() * loss_scale(global_batch, world) * weight
         grads.append(torch.autograd.grad(loss, w)[0])
     assert torch.allclose(torch.stack(grads).mean(0), full, atol=1e-6)  # what DDP's all-reduce computes

@@ -55,7 +55,6 @@ from cai.train.pairs import (
     collate_pairs,
     disable_dropout,
     iter_steps,
-    local_rows,
     loss_scale,
     micro_batches,
     no_cache_kwargs,
@@ -63,6 +62,7 @@ from cai.train.pairs import (
     orient,
     reduce_sums,
     sharded_map,
+    step_share,
     steps_per_epoch,
 )
 
@@ -310,9 +310,7 @@ def train_dpo(
     meter, step, last = C.Throughput(), state.step, {}
     model.train()
     for sb in iter_steps(n, cfg.batch_size, cfg.epochs, seed, state.epoch, state.data_position):
-        rows, weight = local_rows(sb.indices, rank, world), 1.0
-        if not rows:  # fewer pairs than processes: join the collective with a zero-weight pair
-            rows, weight = [sb.indices[0]], 0.0
+        rows, weight = step_share(sb.indices, rank, world)
         scale = loss_scale(len(sb.indices), world) * weight
         chunks = micro_batches(rows, cfg.micro_batch_size)
         sums: dict[str, float] = defaultdict(float)
@@ -332,8 +330,6 @@ def train_dpo(
         grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
         step += 1
         meter.update(sum(train[i].n_tokens for i in rows) * world if weight else 0, len(sb.indices))
-        next_pos = sb.position + len(sb.indices)
-        next_epoch, next_pos = (sb.epoch + 1, 0) if next_pos >= n else (sb.epoch, next_pos)
         if step % cfg.log_every == 0 or step == total:
             last = _means(reduce_sums(accelerator, dict(sums)), "dpo")
             rates = meter.rates()
@@ -343,7 +339,7 @@ def train_dpo(
             logger.log(step, last)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
             C.save_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler,
-                              step, next_epoch, next_pos)
+                              step, *sb.next_position(n))
         if on_step is not None:
             on_step(step, last)
     logger.close()

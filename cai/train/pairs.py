@@ -340,6 +340,11 @@ class StepBatch:
     position: int
     indices: list[int]
 
+    def next_position(self, n: int) -> tuple[int, int]:
+        """``(epoch, data position)`` right after this step over ``n`` items: a checkpoint's resume point."""
+        pos = self.position + len(self.indices)
+        return (self.epoch + 1, 0) if pos >= n else (self.epoch, pos)
+
 
 def iter_steps(n: int, batch_size: int, epochs: int, seed: int, start_epoch: int = 0,
                start_position: int = 0) -> Iterator[StepBatch]:
@@ -361,6 +366,14 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 def local_rows(indices: Sequence[int], rank: int, world: int) -> list[int]:
     """This process's share of a global batch (round-robin, so shares differ by at most one)."""
     return list(indices[rank::world])
+
+
+def step_share(indices: Sequence[int], rank: int, world: int) -> tuple[list[int], float]:
+    """``(rows, weight)`` of this process in one step: its :func:`local_rows` with weight 1, or,
+    when the step has fewer rows than there are processes, one borrowed row with weight 0, so the
+    process still joins the gradient all-reduce without changing the result."""
+    rows = local_rows(indices, rank, world)
+    return (rows, 1.0) if rows else (list(indices[:1]), 0.0)
 
 
 def loss_scale(global_batch: int, world: int) -> float:

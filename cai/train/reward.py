@@ -53,13 +53,13 @@ from cai.train.pairs import (
     collate_pairs,
     disable_dropout,
     iter_steps,
-    local_rows,
     loss_scale,
     micro_batches,
     no_cache_kwargs,
     optimizer_step,
     orient,
     reduce_sums,
+    step_share,
     steps_per_epoch,
 )
 
@@ -258,9 +258,7 @@ def train_reward_model(
     meter, step, last = C.Throughput(), state.step, {}
     model.train()
     for sb in iter_steps(n, cfg.batch_size, cfg.epochs, seed, state.epoch, state.data_position):
-        rows, weight = local_rows(sb.indices, rank, world), 1.0
-        if not rows:  # fewer pairs than processes: join the collective with a zero-weight pair
-            rows, weight = [sb.indices[0]], 0.0
+        rows, weight = step_share(sb.indices, rank, world)
         scale = loss_scale(len(sb.indices), world) * weight
         chunks = micro_batches(rows, cfg.micro_batch_size)
         sums: dict[str, float] = defaultdict(float)
@@ -282,8 +280,6 @@ def train_reward_model(
         step += 1
         n_tokens = sum(train[i].n_tokens for i in rows) if weight else 0
         meter.update(n_tokens * world, len(sb.indices))
-        next_pos = sb.position + len(sb.indices)
-        next_epoch, next_pos = (sb.epoch + 1, 0) if next_pos >= n else (sb.epoch, next_pos)
         if step % cfg.log_every == 0 or step == total:
             last = _step_metrics(reduce_sums(accelerator, dict(sums)))
             rates = meter.rates()
@@ -293,7 +289,7 @@ def train_reward_model(
             logger.log(step, last)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
             C.save_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler,
-                              step, next_epoch, next_pos)
+                              step, *sb.next_position(n))
         if on_step is not None:
             on_step(step, last)
     logger.close()

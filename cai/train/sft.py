@@ -47,7 +47,7 @@ import torch
 from cai.errors import ConfigError, DataError
 from cai.train import common as C
 from cai.train.sft_config import SOURCES, SFTConfig, SFTLoraConfig, coerce_sft_config  # noqa: F401 (re-export)
-from cai.train.pairs import iter_steps, local_rows, merged_for_saving, micro_batches, optimizer_step, steps_per_epoch
+from cai.train.pairs import iter_steps, merged_for_saving, micro_batches, optimizer_step, step_share, steps_per_epoch
 from cai.train.sft_data import SFTExample, answer_examples, helpful_examples, mix_helpful, revision_examples
 
 log = logging.getLogger(__name__)
@@ -149,9 +149,7 @@ def step_gradients(accelerator, model, rows: list[C.Encoded], step_ids: list[int
     tokens, which is also the loss returned (over all processes, detached)."""
     world, rank = accelerator.num_processes, accelerator.process_index
     n_targets = sum(_n_targets(rows[i]) for i in step_ids)
-    mine, weight = local_rows(step_ids, rank, world), 1.0
-    if not mine:  # fewer examples than processes: join the collective with a zero-weight row
-        mine, weight = step_ids[:1], 0.0
+    mine, weight = step_share(step_ids, rank, world)
     chunks = micro_batches(sorted(mine, key=lambda i: len(rows[i].input_ids)), micro_batch_size)
     loss_sum = torch.zeros((), device=accelerator.device)
     for j, chunk in enumerate(chunks):
@@ -221,16 +219,14 @@ def train_sft(
         n_tokens = sum(len(rows[i].input_ids) for i in sb.indices)
         tokens_seen += n_tokens
         meter.update(n_tokens, len(sb.indices))
-        next_pos = sb.position + len(sb.indices)
         metrics = {"sft/loss": loss, "sft/lr": lr, "sft/grad_norm": grad_norm,
-                   "sft/epoch": sb.epoch + next_pos / n}
+                   "sft/epoch": sb.epoch + (sb.position + len(sb.indices)) / n}
         if step % cfg.log_every == 0 or step == total_steps:
             metrics.update({f"sft/{k}": v for k, v in meter.rates().items()})
             logger.log(step, metrics)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-            next_epoch, next_pos = (sb.epoch + 1, 0) if next_pos >= n else (sb.epoch, next_pos)
             C.save_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler,
-                              step, next_epoch, next_pos, {"tokens_seen": tokens_seen})
+                              step, *sb.next_position(n), {"tokens_seen": tokens_seen})
         if on_step is not None:
             on_step(step, metrics)
     logger.close()
