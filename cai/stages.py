@@ -107,6 +107,16 @@ def model_spec(policy_cfg: dict[str, Any], location: str):
     )
 
 
+def training_model_spec(policy_cfg: dict[str, Any], location: str, full_finetune: bool, **overrides: Any):
+    """The spec of a policy a training stage (SFT, DPO, PPO) loads: the policy's own LoRA off (the
+    stage applies its own), fp32 weights for full fine-tuning when the dtype is ``auto``
+    (``mixed_precision`` sets the compute dtype); ``overrides`` replace policy fields (``device``)."""
+    policy = {**policy_cfg, "lora": {"enabled": False}, **overrides}
+    if policy.get("dtype", "auto") == "auto" and full_finetune:
+        policy["dtype"] = "float32"
+    return model_spec(policy, location)
+
+
 # ----------------------------------------------------------------------------- sampling
 @dataclass
 class JournaledSampling:

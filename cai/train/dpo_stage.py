@@ -34,12 +34,10 @@ from cai.train.reward_stage import (
 def load_policy(policy_cfg: dict[str, Any], location: str, dcfg: DPOConfig, seed: int):
     """``(model, tokenizer, chat_format)`` of the starting policy, with DPO's LoRA settings."""
     from cai.models import load_causal_lm, resolve_chat_format
-    from cai.stages import model_spec
+    from cai.stages import training_model_spec
 
-    policy = {**policy_cfg, "lora": {"enabled": False}, "device": "cpu"}  # the accelerator places it
-    if policy.get("dtype", "auto") == "auto" and not dcfg.lora.enabled:
-        policy["dtype"] = "float32"  # full fine-tuning keeps fp32 weights; mixed_precision sets compute
-    spec = model_spec(policy, location)
+    # on the CPU: the accelerator places it
+    spec = training_model_spec(policy_cfg, location, not dcfg.lora.enabled, device="cpu")
     spec.lora = dcfg.lora.spec()
     model, tok = load_causal_lm(spec, lora_seed=seed)
     return model, tok, resolve_chat_format(tok, spec.chat_format)

@@ -39,12 +39,10 @@ def load_models(policy_cfg: dict[str, Any], location: str, pcfg: PPOConfig, seed
     from transformers import AutoModel
 
     from cai.models import load_causal_lm, resolve_chat_format
-    from cai.stages import model_spec
+    from cai.stages import training_model_spec
 
-    policy_cfg = {**policy_cfg, "lora": {"enabled": False}, "device": "cpu"}  # the accelerator places them
-    if policy_cfg.get("dtype", "auto") == "auto" and not pcfg.lora.enabled:
-        policy_cfg["dtype"] = "float32"  # full fine-tuning keeps fp32 weights; mixed_precision sets compute
-    spec = model_spec(policy_cfg, location)
+    # on the CPU: the accelerator places them
+    spec = training_model_spec(policy_cfg, location, not pcfg.lora.enabled, device="cpu")
     spec.lora = pcfg.lora.spec()
     policy, tok = load_causal_lm(spec, lora_seed=seed)
     ref = None

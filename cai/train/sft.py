@@ -271,17 +271,14 @@ def load_sft_examples(cfg: SFTConfig, inputs: Mapping[str, Path], seed: int) -> 
 def sft(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any) -> None:
     """Stage ``sft``: train the policy on the configured source and write ``model/``."""
     from cai.models import load_causal_lm
-    from cai.stages import model_spec, policy_location
+    from cai.stages import policy_location, training_model_spec
 
     scfg = coerce_sft_config(cfg["sft"])
     seed = int(cfg["seed"]) + scfg.seed_offset
     with ctx.phase("load_data"):
         examples, metrics = load_sft_examples(scfg, inputs, seed)
     with ctx.phase("load_model"):
-        policy = {**cfg["policy"], "lora": {"enabled": False}}  # SFT's own LoRA settings apply
-        if policy.get("dtype", "auto") == "auto" and not scfg.lora.enabled:
-            policy["dtype"] = "float32"  # full fine-tuning keeps fp32 weights; mixed_precision sets compute
-        spec = model_spec(policy, policy_location(cfg, inputs))
+        spec = training_model_spec(cfg["policy"], policy_location(cfg, inputs), not scfg.lora.enabled)
         model, tok = load_causal_lm(spec)
     with ctx.phase("train"):
         result = train_sft(model, tok, examples, scfg, state_dir=ctx.state_dir, seed=seed,
