@@ -61,7 +61,7 @@ from types import SimpleNamespace
 
 import torch
 
-from bench.common import TransformerShape, build_bench_model, format_table, mfu, ppo_step_flops
+from bench.common import TransformerShape, build_bench_model, format_table, mfu, ppo_step_flops, quiet_logs
 from bench.common import peak_tflops as gpu_peak_tflops
 
 STEPS = 4
@@ -428,9 +428,7 @@ def run(quick: bool, model_size: str, device: str = "cpu", peak_tflops: float | 
             torch.cuda.set_device(torch.device(device))  # accelerate places on the current device
         gpu = torch.cuda.get_device_name()
     peak = gpu_peak_tflops(gpu, peak_tflops) if prec.cuda else None
-    logging.getLogger("cai").setLevel(logging.ERROR)
-    for name in ("transformers", "trl", "accelerate"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_logs(logging.ERROR)
     model_dir = build_bench_model(model_size)
     rows = measure(model_dir, prec, shapes_for(device), 2 if quick else 5, bool(os.environ.get("CAI_TRL112_PATH")),
                    peak)

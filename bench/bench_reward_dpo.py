@@ -29,7 +29,6 @@ Run: ``python3 bench/run.py --only reward_dpo [--quick]`` or
 from __future__ import annotations
 
 import json
-import logging
 import random
 import resource
 import subprocess
@@ -41,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.bench_sft import interleaved_wall_and_cpu
-from bench.common import build_bench_model, bench_corpus, format_table
+from bench.common import bench_corpus, build_bench_model, format_table, quiet_logs
 from cai.data import Pair, Prompt
 from cai.models import ModelSpec, format_example, load_causal_lm, load_sequence_classifier
 from cai.train.common import token_logprobs
@@ -301,9 +300,7 @@ def throughput_table(task: str, model_dir: Path, device: str, repeats: int) -> l
 
 def run(device: str, quick: bool, model_size: str) -> dict:
     """The benchmark's tables (as ``bench/run.py`` calls it), printed and returned."""
-    logging.getLogger("cai").setLevel(logging.WARNING)
-    for name in ("transformers", "trl", "accelerate"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_logs()
     model_dir = build_bench_model(model_size)
     result = {}
     for task in TASKS:

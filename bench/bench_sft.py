@@ -31,7 +31,6 @@ Run: ``python3 bench/run.py --only sft [--quick] [--model-size small] [--device 
 
 from __future__ import annotations
 
-import logging
 import random
 import tempfile
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import Timing, build_bench_model, format_table
+from bench.common import Timing, build_bench_model, format_table, quiet_logs
 from cai.models import ModelSpec, format_example, load_causal_lm
 from cai.train.sft import SFTConfig, encode_examples, train_sft
 from cai.train.sft_data import SFTExample
@@ -221,9 +220,7 @@ def throughput_table(model_dir: Path, device: str, repeats: int, batches=BATCHES
 
 def run(device: str, quick: bool, model_size: str) -> dict:
     """The benchmark's tables (as ``bench/run.py`` calls it), printed and returned."""
-    logging.getLogger("cai").setLevel(logging.WARNING)
-    for name in ("transformers", "trl", "accelerate"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_logs()
     model_dir = build_bench_model(model_size)
     table = throughput_table(model_dir, device, repeats=3 if quick else 7)
     print(f"\nSFT training throughput ({model_size} model, {device}, {N_EXAMPLES} examples per pass; "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import platform
 import random
+import logging
 import statistics
 import subprocess
 import tempfile
@@ -35,6 +36,13 @@ MODEL_SIZES = {
     "tiny": TinyModelConfig(vocab_size=2048, n_layer=2, n_head=4, n_embd=128, n_positions=512),
     "small": TinyModelConfig(vocab_size=8192, n_layer=12, n_head=12, n_embd=768, n_positions=1024),
 }
+
+
+def quiet_logs(cai_level: int = logging.WARNING) -> None:
+    """Keep the tables readable: cai at ``cai_level``, transformers / TRL / accelerate at ERROR."""
+    logging.getLogger("cai").setLevel(cai_level)
+    for name in ("transformers", "trl", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @dataclass
