@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import shutil
 from collections.abc import Mapping, Sequence
@@ -190,7 +189,7 @@ def read_prompt_file(path: Path) -> list[list[dict]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``[accelerate launch] python -m cai.train.ppo --policy M --prompts P --reward DIR --out DIR [key=value ...]``"""
-    from cai.train.reward_stage import RewardScorer, parse_overrides
+    from cai.train.reward_stage import RewardScorer, finish_cli, parse_overrides
 
     p = argparse.ArgumentParser(prog="python -m cai.train.ppo", description=main.__doc__)
     p.add_argument("--policy", required=True, help="hub name or local path of the starting policy (also the "
@@ -217,11 +216,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if accelerator.is_main_process:
         merged_for_saving(result.model).save_pretrained(args.out / "model")
         tok.save_pretrained(args.out / "model")
-        metrics = {**result.metrics, "ppo/resumed_from_step": result.resumed_from or 0,
-                   "ppo/prompts": len(conversations)}
-        (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         write_jsonl(args.out / "warnings.jsonl", [w.to_dict() for w in result.warnings])
-        print(json.dumps({k: v for k, v in metrics.items() if k.startswith("ppo/objective/")}, indent=1))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # destroys the process group: gloo aborts at exit otherwise
-    return 0
+    metrics = {**result.metrics, "ppo/resumed_from_step": result.resumed_from or 0, "ppo/prompts": len(conversations)}
+    return finish_cli(accelerator, args.out, metrics, "ppo", shown=lambda k: k.startswith("ppo/objective/"))

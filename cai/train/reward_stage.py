@@ -413,13 +413,15 @@ def cli_data(pairs: Path, labels: Path, test_fraction: float, salt: str, prefix:
     return PreferenceData(train, test, [], stats.metrics(f"{prefix}/data"))
 
 
-def finish_cli(accelerator, out: Path, metrics: Mapping[str, Any], prefix: str) -> int:
-    """End a command-line run: the main process writes ``metrics.json`` and prints the held-out
-    metrics and the final loss; then every process leaves the process group together."""
+def finish_cli(accelerator, out: Path, metrics: Mapping[str, Any], prefix: str,
+               shown: Callable[[str], bool] | None = None) -> int:
+    """End a command-line run: the main process writes ``metrics.json`` and prints the metrics
+    ``shown`` selects (default: the held-out metrics and the final loss); then every process
+    leaves the process group together."""
     if accelerator.is_main_process:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        shown = {k: v for k, v in metrics.items() if "/eval/" in k or k == f"{prefix}/final_loss"}
-        print(json.dumps(shown, indent=1))
+        shown = shown or (lambda k: "/eval/" in k or k == f"{prefix}/final_loss")
+        print(json.dumps({k: v for k, v in metrics.items() if shown(k)}, indent=1))
     accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys the process group: gloo aborts at exit otherwise
     return 0
