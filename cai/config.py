@@ -165,3 +165,13 @@ def register_configs() -> None:
     schema = OmegaConf.structured(Config)
     open_price_tables(schema)
     ConfigStore.instance().store(name="base_config", node=schema)
+
+
+def compose_config(*overrides: str):
+    """The config ``cai run <overrides>`` would run, composed without running anything (for a
+    notebook, a script or a test): ``compose_config("experiment=rlaif_vs_rlhf", "arm=rlhf")``."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from cai.config import compose_config
 from cai.errors import ConfigError
 
 TINY = [
@@ -25,15 +26,7 @@ TINY = [
 ]
 
 
-def compose(*overrides: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from cai.config import CONF_DIR, register_configs
-
-    register_configs()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides))
+compose = compose_config  # the config `cai run <overrides>` would run
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from cai.config import compose_config
+
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ("sft", "sl_cai", "rlhf", "rlaif", "dpo_human", "dpo_ai", "d_rlaif", "distil_judge")
 EXPERIMENTS = ("rlaif_vs_rlhf", "constitution_ablation", "judge_ablation", "revisions_ablation")
@@ -19,15 +21,7 @@ EXPERIMENTS = ("rlaif_vs_rlhf", "constitution_ablation", "judge_ablation", "revi
 MATCHED = ("prompts", "policy_model", "human_pairs", "eval_reward", "eval_baseline")
 
 
-def compose(*overrides: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from cai.config import CONF_DIR, register_configs
-
-    register_configs()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides), return_hydra_config=False)
+compose = compose_config  # the config `cai run <overrides>` would run
 
 
 def sweep_params(experiment: str) -> dict[str, str]:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from cai.config import compose_config
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "data.max_prompts=6",
@@ -83,14 +85,7 @@ def test_unknown_stage_is_rejected(tmp_path: Path):
 
 
 # ---- the quickstart's human-label arm ---------------------------------------------------------
-def _compose(*overrides: str):
-    from hydra import compose, initialize_config_dir
-
-    from cai.config import CONF_DIR, register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+_compose = compose_config  # the config `cai run <overrides>` would run
 
 
 def test_human_arm_only_with_human_data_and_bad_keys_are_named(shared_data_dir):
