@@ -151,7 +151,7 @@ def _messages(tag: str, i: int) -> list[dict]:
 
 
 def _choice_requests(tag: str, n: int):
-    from cai.feedback.judges import ChoiceRequest
+    from cai.judges import ChoiceRequest
 
     return [ChoiceRequest(_messages(tag, i), CHOICES, tag={"i": i}) for i in range(n)]
 
@@ -160,7 +160,7 @@ def _choice_requests(tag: str, n: int):
 def _ours(base_url: str, sc: Scenario, reqs, cache_path: Path) -> Run:
     import openai  # noqa: F401 - imported before the clock starts, as the other candidates do
 
-    from cai.feedback.judges import make_judge
+    from cai.judges import make_judge
 
     judge = make_judge({
         "backend": "openai", "model": "fake", "base_url": base_url, "api_key_env": None,
@@ -174,7 +174,7 @@ def _ours(base_url: str, sc: Scenario, reqs, cache_path: Path) -> Run:
 
 
 def _parsed(content: str | None) -> str | None:
-    from cai.feedback.judges import parse_choice
+    from cai.judges import parse_choice
 
     return parse_choice(content or "", CHOICES).choice
 
@@ -309,13 +309,13 @@ API_COLUMNS = [
 def hf_comparison(device: str, repeats: int, n: int = 64) -> dict:
     """Labels/s of the local hf judge: log-prob scoring vs generate-then-parse (same tiny model)."""
     try:
-        importlib.import_module("cai.feedback.judges.hf")
+        importlib.import_module("cai.judges.hf")
     except ModuleNotFoundError as exc:
-        if exc.name != "cai.feedback.judges.hf":
+        if exc.name != "cai.judges.hf":
             raise
-        return {"skipped": "cai.feedback.judges.hf is not in this build"}
+        return {"skipped": "cai.judges.hf is not in this build"}
     from bench.common import build_bench_model, interleaved
-    from cai.feedback.judges import GenerateRequest, make_judge
+    from cai.judges import GenerateRequest, make_judge
 
     path = build_bench_model("tiny")
     judge = make_judge({"backend": "hf", "model": str(path), "api_key_env": None, "cache": False})

@@ -165,8 +165,8 @@ def ours_config(prec: Precision, shape: Shape):
 
 def _ours(model_dir: Path, prec: Precision, shape: Shape, tmp: Path):
     from cai.train.ppo import train_ppo
-    from cai.train.ppo_rewards import RMReward
-    from cai.train.reward_stage import RewardScorer
+    from cai.train.rewards import RMReward
+    from cai.train.reward import RewardScorer
 
     m = _models(model_dir, prec, "backbone")
     stats = {"mean": 0.0, "std": 1.0, "chat_format": "hh", "max_length": 512}
@@ -240,8 +240,8 @@ def _trl(model_dir: Path, prec: Precision, shape: Shape, tmp: Path, gc_off: bool
 # ----------------------------------------------------------------------------- floor
 def _floor(model_dir: Path, prec: Precision, shape: Shape, tmp: Path):
     from cai.sampling import SamplingEngine, SamplingParams
-    from cai.train import ppo_core as K
-    from cai.train.ppo_rollout import PolicyAndValue, layout, response_logprobs
+    from cai.train import rl_math as K
+    from cai.train.rollout import PolicyAndValue, layout, response_logprobs
 
     m = _models(model_dir, prec, "backbone")
     box = PolicyAndValue(m.policy, m.value, 0)

@@ -19,12 +19,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from cai.feedback.critique import CritiqueConfig
-from cai.feedback.judges.config import JudgeConfig, open_price_tables
+from cai.judges.config import JudgeConfig, open_price_tables
 from cai.feedback.label import LabelConfig
 from cai.feedback.quality import QualityConfig
 from cai.train.dpo import DPOConfig
 from cai.train.ppo import PPOConfig
-from cai.evaluate_stage import EvalConfig
+from cai.evaluate.stage import EvalConfig
 from cai.train.reward import RewardConfig
 from cai.train.sft_config import SFTConfig
 

@@ -28,18 +28,18 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from cai import stages as st
+from cai.generation import stages as st
 from cai.artifacts import ArtifactStore
 from cai.errors import ConfigError
 from cai.feedback.critique import revisions_stage
 from cai.feedback.label import ai_labels_stage
 from cai.feedback.quality import _label_quality
-from cai.train.dpo_stage import dpo_stage
-from cai.train.ppo_stage import ppo_stage
-from cai.evaluate_baseline import eval_baseline_stage
-from cai.evaluate_stage import eval_reward_stage, evaluate_stage
-from cai.train.judge_answers import _judge_answers
-from cai.train.reward_stage import reward_stage
+from cai.train.dpo import dpo_stage
+from cai.train.ppo import ppo_stage
+from cai.evaluate.baseline import eval_baseline_stage
+from cai.evaluate.stage import eval_reward_stage, evaluate_stage
+from cai.feedback.judge_answers import _judge_answers
+from cai.train.reward import reward_stage
 from cai.train.sft import _sft
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from cai.compare import Side, check_same_prompts, pair_settings
+from cai.evaluate.compare import Side, check_same_prompts, pair_settings
 from cai.errors import ConfigError, DataError
-from cai.report_h2h import h2h_matrices, load_head_to_head, mean_matrix, paired_rows, per_prompt
+from cai.report.h2h import h2h_matrices, load_head_to_head, mean_matrix, paired_rows, per_prompt
 
 
 def _row(seed, a, b, w, lo, hi, **counts):
@@ -101,7 +101,7 @@ def test_mismatched_runs_are_refused_naming_both():
 def test_report_without_head_to_head_says_how_to_get_it(tmp_path):
     from types import SimpleNamespace
 
-    from cai.report_h2h import head_to_head_section
+    from cai.report.h2h import head_to_head_section
 
     s = head_to_head_section(SimpleNamespace(root=Path(tmp_path), arms=[], head_to_head=None))
     assert not s.tables and "run cai compare" in s.notes[0]

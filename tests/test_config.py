@@ -69,7 +69,7 @@ PRICE_FORMS = [
 @pytest.mark.parametrize("judge", ["judge", "eval.judge"])
 @pytest.mark.parametrize("form", PRICE_FORMS, ids=["plus-entry", "whole-table", "dotted"])
 def test_a_switched_judge_model_is_priced_on_the_command_line(judge: str, form: list[str]):
-    from cai.feedback.judges.config import PriceConfig, coerce_config
+    from cai.judges.config import PriceConfig, coerce_config
 
     preset = "eval=api_judge" if judge == "eval.judge" else "judge=openai_gpt4_1_mini"
     overrides = [preset, f"{judge}.model=gpt-4o", *(o.format(j=judge) for o in form)]

@@ -36,7 +36,7 @@ from cai.constitution import (
     to_yaml_dict,
     validate_file,
 )
-from cai.constitution_import import convert_anthropic, dump_constitution_text, import_anthropic
+from cai.constitution.importer import convert_anthropic, dump_constitution_text, import_anthropic
 from cai.errors import CaiError, ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]

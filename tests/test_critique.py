@@ -340,7 +340,7 @@ def test_pipeline_plans_the_revisions_stage_and_keys_what_matters():
 
 
 def test_judge_generator_with_the_local_hf_backend(tmp_path, world, tiny_model_dir):
-    pytest.importorskip("cai.feedback.judges.hf")
+    pytest.importorskip("cai.judges.hf")
     judge = {"backend": "hf", "model": str(tiny_model_dir), "api_key_env": None,
              "cache_path": str(tmp_path / "cache.sqlite")}
     cfg = {"critique": _critique(generator="judge", rounds=1, max_prompts=4, batch_size=4, temperature=0.0),

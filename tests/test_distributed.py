@@ -115,7 +115,7 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path, loop):
 
 # ----------------------------------------------------------------------------- PPO
 def test_whitening_over_shards_equals_whitening_the_whole_batch():
-    from cai.train.ppo_core import masked_moments, masked_whiten
+    from cai.train.rl_math import masked_moments, masked_whiten
 
     torch.manual_seed(0)
     values, mask = torch.randn(6, 5), torch.rand(6, 5) > 0.3

@@ -13,7 +13,7 @@ from cai.testing.preference_task import task_corpus, write_task
 from cai.tiny import TinyModelConfig, build_tiny_causal_lm, default_tiny_corpus
 from cai.train.common import read_train_log
 from cai.train.dpo import DPOConfig, train_dpo
-from cai.train.dpo_stage import load_policy, run_dpo
+from cai.train.dpo import load_policy, run_dpo
 from cai.train.pairs import LabelledPair, PreferenceData, encode_pairs, load_labelled_pairs, split_pairs
 
 SHAPE = TinyModelConfig(vocab_size=512, n_layer=1, n_head=2, n_embd=64, seed=0)

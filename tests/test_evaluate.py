@@ -10,7 +10,7 @@ import pytest
 
 from cai.data import Prompt
 from cai.errors import DataError
-from cai.evaluate import (
+from cai.evaluate.winrates import (
     Judgement,
     binary_rate,
     fit_logistic,
@@ -20,16 +20,16 @@ from cai.evaluate import (
     seed_summary,
     win_rate,
 )
-from cai.evaluate_requests import (
+from cai.evaluate.requests import (
     comparison_requests,
     harmless_rate,
     harmlessness_request,
     judgements_from_results,
 )
-from cai.feedback.judges import ChoiceResult, make_judge
+from cai.judges import ChoiceResult, make_judge
 from cai.feedback.templates import parse_prompt
 from cai.testing import FakeOpenAIServer
-from cai.tdist import t_cdf, t_quantile
+from cai.stats import t_cdf, t_quantile
 
 
 def J(pid, p1, p2, failure=None):

@@ -85,8 +85,8 @@ def _build(store, stage, artifacts: dict[str, str], arm_dir: Path | None = None)
 def _evaluate(cfg, info, arm_dir: Path, store=None):
     """Build eval_baseline and then evaluate of ``cfg`` with ``arm_dir`` as the trained (ppo) policy.
     Returns the evaluate result and the eval_baseline result."""
-    from cai.evaluate_baseline import eval_baseline_stage
-    from cai.evaluate_stage import evaluate_stage
+    from cai.evaluate.baseline import eval_baseline_stage
+    from cai.evaluate.stage import evaluate_stage
 
     cfg.experiment.stages = ["ppo", "evaluate"]
     store = store or _store(info)
@@ -188,7 +188,7 @@ def test_failed_judgements_are_invalid_not_losses(sft_run, tmp_path):
 
 
 def test_builder_picks_the_last_trained_policy_and_keeps_runtime_out_of_the_key():
-    from cai.evaluate_stage import evaluate_stage
+    from cai.evaluate.stage import evaluate_stage
 
     for stages, arm in ((["evaluate"], None), (["sft", "evaluate"], "sft"),
                         (["sft", "dpo", "evaluate"], "dpo"), (["dpo", "ppo", "evaluate"], "ppo")):
@@ -213,7 +213,7 @@ def test_one_baseline_artifact_for_every_arm_keyed_by_what_determines_it():
 
     from omegaconf import OmegaConf
 
-    from cai.evaluate_baseline import eval_baseline_stage
+    from cai.evaluate.baseline import eval_baseline_stage
 
     composed = compose("experiment.stages=[evaluate]")  # composed once; each case edits a copy
 
@@ -252,8 +252,8 @@ def test_eval_judge_is_keyed_and_run_like_the_labeller(tmp_path):
     time: device, and batch size, which wins over eval.hf_batch_size. The default config's keys are
     those of the code before (placeholder upstream keys: only this stage's own slice counts)."""
     from cai.artifacts import ArtifactStore
-    from cai.evaluate_baseline import JudgeSession, eval_baseline_stage
-    from cai.evaluate_stage import evaluate_stage
+    from cai.evaluate.baseline import JudgeSession, eval_baseline_stage
+    from cai.evaluate.stage import evaluate_stage
     from cai.journal import BuildContext
 
     def stages(*extra):  # (evaluate, eval_baseline)
@@ -281,7 +281,7 @@ def test_eval_judge_is_keyed_and_run_like_the_labeller(tmp_path):
 
 
 def test_held_out_rm_only_with_human_data(shared_data_dir):
-    from cai.evaluate_stage import eval_reward_stage, evaluate_stage
+    from cai.evaluate.stage import eval_reward_stage, evaluate_stage
 
     path = shared_data_dir / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
     cfg = compose("experiment.stages=[evaluate]", f"data.human.path={path}", "data.prompts=builtin")
@@ -298,7 +298,7 @@ def test_held_out_rm_only_with_human_data(shared_data_dir):
                                              ("eval.max_prompts=0", "max_prompts"),
                                              ("eval.baseline=best", "baseline"), ("eval.judge_batch=0", "judge_batch")])
 def test_bad_eval_config_names_the_field(override, field):
-    from cai.evaluate_stage import evaluate_stage
+    from cai.evaluate.stage import evaluate_stage
 
     with pytest.raises(ConfigError, match=f"eval.{field}"):
         evaluate_stage(compose("experiment.stages=[evaluate]", override))
@@ -350,7 +350,7 @@ class _Meter:
 
 @pytest.fixture
 def meter(monkeypatch):
-    import cai.feedback.judges as judges
+    import cai.judges as judges
     from cai.sampling import SamplingEngine
 
     m = _Meter()

@@ -151,7 +151,7 @@ def test_tiny_matched_sweep_shares_artifacts_and_reruns_for_free(tmp_path, share
 
 def _check_head_to_head(folder: Path, metrics: list[dict], report: str) -> list[dict]:
     """The sweep callback judged the three arms pairwise; the report shows it and the paired tests."""
-    from cai.report_h2h import h2h_matrices
+    from cai.report.h2h import h2h_matrices
 
     rows = json.loads((folder / "head_to_head.json").read_text())["rows"]
     arms = ["tags.arm=sft", "tags.arm=rlhf", "tags.arm=dpo_ai"]

@@ -9,8 +9,8 @@ import torch
 
 from cai.errors import ConfigError
 from cai.feedback import templates as tpl
-from cai.feedback.judges import ChoiceRequest, GenerateRequest, coerce_config, make_judge
-from cai.feedback.judges.hf import HFJudge, _Tree, choice_probs
+from cai.judges import ChoiceRequest, GenerateRequest, coerce_config, make_judge
+from cai.judges.hf import HFJudge, _Tree, choice_probs
 
 TURNS = [{"role": "user", "content": "How do I get a stuck cat down from a tree?"}]
 SHORT, LONG = "Call the fire brigade.", "Put a ladder against the tree, climb slowly and talk calmly to the cat. " * 3
@@ -41,7 +41,7 @@ def test_registry_builds_the_hf_judge_and_refuses_an_unresolved_tiny(tiny_model_
 
 
 def test_device_dtype_and_batch_size_come_from_the_judge_config(tmp_path):
-    from cai.feedback.judges.hf import DEFAULT_BATCH_SIZE
+    from cai.judges.hf import DEFAULT_BATCH_SIZE
 
     judge = make_judge({"backend": "hf", "model": str(tmp_path), "device": "cpu", "dtype": "bfloat16",
                         "batch_size": 3, "cache": False})

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from cai.feedback.judges import ChoiceRequest, JudgeCache, make_judge
-from cai.feedback.judges.cache import SCHEMA_VERSION, call_key, endpoint_of, fast_stable_hash
+from cai.judges import ChoiceRequest, JudgeCache, make_judge
+from cai.judges.cache import SCHEMA_VERSION, call_key, endpoint_of, fast_stable_hash
 from cai.hashing import stable_hash
 from cai.testing.servers import FakeOpenAIServer
 

@@ -16,7 +16,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from cai.errors import ConfigError, DataError
-from cai.feedback.judges import (
+from cai.judges import (
     BudgetExhausted,
     ChoiceRequest,
     ChoiceResult,
@@ -35,8 +35,8 @@ from cai.feedback.judges import (
     resolve_api_key,
     run_sync,
 )
-from cai.feedback.judges.ratelimit import RateLimiter, TokenBucket
-from cai.feedback.judges.retry import CallFailure, Outcome, RetryPolicy, call_with_retries, parse_retry_after
+from cai.judges.ratelimit import RateLimiter, TokenBucket
+from cai.judges.retry import CallFailure, Outcome, RetryPolicy, call_with_retries, parse_retry_after
 
 AB = ("A", "B")
 
@@ -257,7 +257,7 @@ def test_cache_survives_concurrent_writer_processes(tmp_path):
     code = textwrap.dedent(
         f"""
         import sys
-        from cai.feedback.judges.cache import JudgeCache
+        from cai.judges.cache import JudgeCache
         c = JudgeCache({str(path)!r})
         for i in range(200):
             c.put(f"{{sys.argv[1]}}-{{i}}", {{"i": i}})
@@ -272,7 +272,7 @@ def test_cache_survives_concurrent_writer_processes(tmp_path):
 
 
 def test_cache_setup_retries_a_locked_database_and_gives_up_on_other_errors():
-    from cai.feedback.judges.cache import _retry_while_locked
+    from cai.judges.cache import _retry_while_locked
 
     calls = []
 
@@ -365,7 +365,7 @@ def test_judge_key_keeps_old_keys_and_adds_a_non_default_dtype():
     """The key of a judge config: the answer-changing fields it always had, plus ``dtype`` only
     when it is not ``auto`` (so configs that leave it alone keep their artifact keys); where a
     local judge runs and how many rows it batches never enter a key."""
-    from cai.feedback.judges.config import judge_key, judge_runtime
+    from cai.judges.config import judge_key, judge_runtime
 
     before = ("backend", "model", "base_url", "temperature", "top_p", "max_tokens", "top_logprobs", "n_samples",
               "fallback")  # the key's fields before device/dtype/batch_size existed
@@ -395,7 +395,7 @@ def test_redact_removes_keys_and_fragments():
 
 
 def test_backend_registry_builds_registered_backends_and_names_unknown_ones(tmp_path):
-    from cai.feedback.judges import registry
+    from cai.judges import registry
 
     with pytest.raises(ConfigError, match="backend"):
         make_judge({"backend": "no-such-backend", "model": "m"})
@@ -419,8 +419,8 @@ def test_backend_registry_builds_registered_backends_and_names_unknown_ones(tmp_
 
 
 def test_hf_backend_registers_itself(tmp_path):
-    from cai.feedback.judges import registry
-    from cai.feedback.judges.hf import HFJudge
+    from cai.judges import registry
+    from cai.judges.hf import HFJudge
 
     judge = make_judge({"backend": "hf", "model": str(tmp_path / "judge-model"), "api_key_env": None})
     assert isinstance(judge, HFJudge) and "hf" in registry._FACTORIES

@@ -16,7 +16,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from cai.feedback.judges import (
+from cai.judges import (
     BudgetExhausted,
     ChoiceRequest,
     CostLedger,
@@ -372,7 +372,7 @@ def test_openai_structured_refusal_is_a_refusal(tmp_path):
 
 def test_anthropic_messages_are_split_into_system_and_alternating_turns():
     from cai.errors import DataError
-    from cai.feedback.judges.anthropic_judge import split_system
+    from cai.judges.anthropic_judge import split_system
 
     system, turns = split_system([
         {"role": "system", "content": "s1"}, {"role": "user", "content": "u1"}, {"role": "user", "content": "u2"},
@@ -390,7 +390,7 @@ def test_both_sdk_clients_are_built_and_classified_alike(backend, monkeypatch):
     classified alike and the key never appears in a classified message."""
     import importlib
 
-    from cai.feedback.judges.sdk import http_library, shared_ssl_context
+    from cai.judges.sdk import http_library, shared_ssl_context
 
     httpx = http_library()  # the HTTP library under the installed SDKs
 

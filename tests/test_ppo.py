@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cai.feedback.judges.types import ChoiceResult
+from cai.judges.types import ChoiceResult
 from cai.train.common import read_train_log
-from cai.train.ppo import PPOConfig, ScoredBatch, train_ppo
-from cai.train.ppo_rewards import JudgeScoreReward, ScriptedReward, expected_score
+from cai.train.ppo import PPOConfig, train_ppo
+from cai.train.rewards import ScoredBatch
+from cai.train.rewards import JudgeScoreReward, ScriptedReward, expected_score
 
 PROMPTS = [[{"role": "user", "content": f"Tell me about topic number {i}, please."}] for i in range(24)]
 
@@ -302,9 +303,9 @@ def test_command_line_trains_against_a_reward_artifact_and_rejects_bad_input(tmp
     from cai.testing.preference_task import task_corpus, write_task
     from cai.tiny import TinyModelConfig, build_tiny_sequence_classifier, default_tiny_corpus
     from cai.train.pairs import PreferenceData, load_labelled_pairs, split_pairs
-    from cai.train.ppo_stage import main
+    from cai.train.ppo import main
     from cai.train.reward import RewardConfig
-    from cai.train.reward_stage import backbone_loader, run_reward
+    from cai.train.reward import backbone_loader, run_reward
 
     backbone = build_tiny_sequence_classifier(tmp_path / "bb", default_tiny_corpus() + task_corpus(),
                                               TinyModelConfig(vocab_size=512, n_layer=1, n_head=2, n_embd=32))

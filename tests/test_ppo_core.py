@@ -1,4 +1,4 @@
-"""PPO math (cai.train.ppo_core) and monitors (cai.train.ppo_monitors) on hand-made tensors."""
+"""PPO math (cai.train.rl_math) and monitors (cai.train.monitors) on hand-made tensors."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from cai.errors import ConfigError
-from cai.train import ppo_core as K
-from cai.train.ppo_monitors import MonitorConfig, PPOMonitors, top_ngram_share
+from cai.train import rl_math as K
+from cai.train.monitors import MonitorConfig, PPOMonitors, top_ngram_share
 
 
 def test_gae_matches_a_hand_computed_case():

@@ -10,7 +10,7 @@ executes TRL's own statements on our tensors, unchanged:
 - block B, from ``vpredclipped = torch.clamp(`` to ``loss = pg_loss + args.vf_coef * vf_loss``:
   the clipped value and policy losses; and block C, ``pg_clipfrac = ...`` to ``approxkl = ...``.
 
-The same quantities from :mod:`cai.train.ppo_core`, given the same masks, must agree to 1e-5.
+The same quantities from :mod:`cai.train.rl_math`, given the same masks, must agree to 1e-5.
 Install TRL 1.12 beside the main environment and point ``CAI_TRL112_PATH`` at it::
 
     pip install --no-deps --target /tmp/trl112 trl==1.12.0
@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cai.train import ppo_core as K
+from cai.train import rl_math as K
 
 # tests/install_peers.sh puts TRL 1.12 in .peers/trl112; CAI_TRL112_PATH points elsewhere
 TRL_PATH = os.environ.get("CAI_TRL112_PATH") or str(Path(__file__).resolve().parents[1] / ".peers" / "trl112")

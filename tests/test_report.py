@@ -21,11 +21,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from cai import pipeline
-from cai.callbacks import ReportCallback
+from cai.cli import ReportCallback
 from cai.config import Config
 from cai.errors import DataError
-from cai.evaluate import Judgement, win_rate
-from cai.report import collect, main, write_report
+from cai.evaluate.winrates import Judgement, win_rate
+from cai.report.build import collect, main, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 PRINCIPLES = ("harm-avoid", "honesty", "no-preach")
@@ -178,8 +178,8 @@ def test_markdown_has_every_section_with_real_numbers(sweep):
 
 def test_artifact_sharing_is_described_per_arm_and_seed(tmp_path):
     """The sharing line of each pattern, from hand-made run records (no stage.json: said so)."""
-    from cai.report import Arm, ReportData, RunRecord
-    from cai.report_artifacts import artifacts_section
+    from cai.report.build import Arm, ReportData, RunRecord
+    from cai.report.artifacts import artifacts_section
 
     def key(stage, n):  # a well-formed key whose digest starts with n's two hex digits, repeated
         return f"{stage}-{f'{n:02x}' * 10}"

@@ -16,7 +16,7 @@ from cai.tiny import TinyModelConfig, build_tiny_sequence_classifier, default_ti
 from cai.train.common import read_train_log
 from cai.train.pairs import LabelledPair, PreferenceData, encode_pairs, load_labelled_pairs, split_pairs
 from cai.train.reward import RewardConfig, train_reward_model
-from cai.train.reward_stage import (
+from cai.train.reward import (
     RewardScorer,
     backbone_loader,
     expected_calibration_error,

@@ -254,7 +254,7 @@ def test_sft_stage_on_revisions_with_helpful_mix(tiny_model_dir, tmp_path):
 
 def test_judge_answers_through_the_openai_loopback_then_sft(tiny_model_dir, tmp_path):
     from cai.testing.servers import FakeOpenAIServer, Faults
-    from cai.train.judge_answers import judge_answers
+    from cai.feedback.judge_answers import judge_answers
 
     store = ArtifactStore(tmp_path / "store")
     prompts = tmp_path / "prompts-x"
@@ -288,7 +288,7 @@ def test_judge_answers_through_the_openai_loopback_then_sft(tiny_model_dir, tmp_
 
 
 def test_judge_answers_from_a_local_model_are_seeded(tiny_model_dir, tmp_path):
-    from cai.train.judge_answers import judge_answers
+    from cai.feedback.judge_answers import judge_answers
 
     prompts = tmp_path / "prompts-x"
     prompts.mkdir()

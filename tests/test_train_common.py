@@ -289,7 +289,7 @@ def test_metrics_logger_fresh_and_resumed(tmp_path):
 
 def test_metrics_logger_without_tensorboard_keeps_going(tmp_path, caplog):
     logger = C.MetricsLogger(tmp_path / "log.jsonl", console_every=1, tensorboard_dir=tmp_path / "tb")
-    with caplog.at_level("INFO", logger="cai.train.train_log"):
+    with caplog.at_level("INFO", logger="cai.train.log"):
         logger.log(1, {"sft/loss": 2.5})
     logger.close()
     assert "sft/loss=2.5" in caplog.text
@@ -326,9 +326,10 @@ def test_encode_example_cuts_long_texts_without_a_too_long_warning(tiny_model_di
 
 
 def test_common_still_exports_what_the_loops_import_from_it():
-    """The logs and throughput moved to cai.train.train_log; cai.train.common re-exports them
+    """The logs and throughput moved to cai.train.log; cai.train.common re-exports them
     with the rest, so the loops (``C.MetricsLogger``, ``C.make_optimizer``...) keep working."""
-    from cai.train import checkpoint, train_log
+    from cai.train import checkpoint
+    from cai.train import log as train_log
 
     for name in ("make_optimizer", "make_scheduler", "resolve_warmup", "make_accelerator", "seed_everything",
                  "epoch_order", "encode_example", "pad_and_mask", "masked_nll", "token_logprobs", "count_parameters"):

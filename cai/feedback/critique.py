@@ -62,9 +62,9 @@ from cai.constitution import Constitution, CritiquePrinciple, load_constitution,
 from cai.data import Prompt, read_jsonl, write_jsonl
 from cai.errors import ConfigError, DataError
 from cai.feedback.critique_text import PROMPT_VERSION
-from cai.feedback.judges.config import coerce_config, judge_key, judge_runtime
+from cai.judges.config import coerce_config, judge_key, judge_runtime
 from cai.feedback.critique_runner import Generator, Item, make_generator, run_block_round
-from cai.records import iter_jsonl_numbered
+from cai.data.records import iter_jsonl_numbered
 
 log = logging.getLogger(__name__)
 

@@ -107,7 +107,7 @@ class JudgeGenerator:
     """Any judge backend's ``generate_many`` (openai, anthropic, hf, with fallback)."""
 
     def __init__(self, judge_cfg: Mapping[str, Any], c: Any) -> None:
-        from cai.feedback.judges import make_judge
+        from cai.judges import make_judge
 
         self.judge = make_judge(dict(judge_cfg), where="judge")
         self.c = c
@@ -116,7 +116,7 @@ class JudgeGenerator:
 
     def generate(self, contexts: list[Messages], seeds: list[int], batch_seed: int,
                  tags: list[dict[str, Any]]) -> list[Output]:
-        from cai.feedback.judges import GenerateRequest, run_sync
+        from cai.judges import GenerateRequest, run_sync
 
         reqs = [GenerateRequest(m, max_tokens=self.c.max_new_tokens, temperature=float(self.c.temperature),
                                 top_p=float(self.c.top_p) if self.c.top_p < 1 else None,
@@ -137,7 +137,7 @@ def make_generator(cfg: Mapping[str, Any], inputs: Mapping[str, Path], c: Any,
                    runtime: Mapping[str, Any]) -> Generator:
     """The feedback model ``cfg`` names (``generator: policy`` or ``judge``)."""
     if c.generator == "policy":
-        from cai.stages import model_spec, policy_location
+        from cai.generation.stages import model_spec, policy_location
 
         policy = {**cfg["policy"], "device": runtime.get("device", "auto")}
         spec = model_spec(policy, policy_location(cfg, inputs))

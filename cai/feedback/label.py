@@ -4,7 +4,7 @@ For every input pair (``pairs.jsonl`` of the upstream artifact, records of :clas
 the stage draws the principles to ask (``labels.principles``: one weighted draw per pair,
 seeded by ``seed`` and the pair id; an ensemble of ``k_principles``; or all of them), renders the
 prompts (:mod:`cai.feedback.templates`) in one or both orders, sends them through the judge from
-:func:`~cai.feedback.judges.make_judge` and combines the answers
+:func:`~cai.judges.make_judge` and combines the answers
 (:mod:`cai.feedback.label_methods`). It writes ``labels.jsonl``: one :class:`cai.data.Label` per
 input pair, in input order, with ``source = "ai:<backend>:<model>"``, ``p_a`` = the final
 probability that ``response_a`` is better, and ``meta`` holding ``p_first``, ``p_a_by_order``,
@@ -21,7 +21,7 @@ sent twice. A failed judgement (refusal, unparseable answer, HTTP error after re
 judge's dollar cap is reached, the finished pairs are journaled and the stage stops with
 "stopped at budget: N of M pairs labelled; rerun to resume" (nothing is published).
 
-Only what changes the labels is part of the artifact key (:func:`~cai.feedback.judges.config.judge_key`):
+Only what changes the labels is part of the artifact key (:func:`~cai.judges.config.judge_key`):
 run-time settings of the judge (concurrency, rate limits, retries, timeouts, cache, prices,
 ``max_dollars``, a local judge's device and batch size) and of the stage
 (``batch_pairs``, ``hf_batch_size``) reach it through ``runtime``, so raising a budget resumes the
@@ -49,7 +49,7 @@ from cai.data import Label, Pair, read_jsonl, write_jsonl
 from cai.errors import CaiError, ConfigError
 from cai.feedback import label_methods as lm
 from cai.feedback import templates as tpl
-from cai.feedback.judges import (
+from cai.judges import (
     BudgetExhausted,
     ChoiceRequest,
     ChoiceResult,
@@ -59,8 +59,8 @@ from cai.feedback.judges import (
     make_judge,
     run_sync,
 )
-from cai.feedback.judges.config import SEMANTIC_FIELDS, judge_key, judge_runtime
-from cai.feedback.judges.types import BUDGET
+from cai.judges.config import SEMANTIC_FIELDS, judge_key, judge_runtime
+from cai.judges.types import BUDGET
 from cai.feedback.label_methods import LabelConfig, coerce_labels
 
 log = logging.getLogger(__name__)

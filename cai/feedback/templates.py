@@ -47,7 +47,7 @@ backend -- API and local alike.
 **Direct scores** (:func:`score_messages`) show one reply and ask for a rating ``1``..``10``
 (:data:`SCORE_CHOICES`). The local ``hf`` judge scores multi-token labels exactly (``"10"`` is
 two tokens for many tokenizers); API judges read the first answer token only (see
-:mod:`cai.feedback.judges.parsing`).
+:mod:`cai.judges.parsing`).
 
 :data:`TEMPLATE_VERSION` goes into every request's cache key: change it whenever a template's
 text changes, so cached answers to the old wording are not reused.

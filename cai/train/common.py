@@ -16,7 +16,7 @@ here so that the loops share one meaning of "seed", "checkpoint", "step" and "lo
 - **Logging.** :class:`MetricsLogger` writes ``train_log.jsonl`` (one JSON row per step),
   console lines, and TensorBoard / W&B when installed and asked for; on resume it drops the
   rows logged after the checkpoint, so the log reads like one uninterrupted run.
-  :class:`Throughput` measures tokens/s and samples/s. (Defined in :mod:`cai.train.train_log`,
+  :class:`Throughput` measures tokens/s and samples/s. (Defined in :mod:`cai.train.log`,
   re-exported here.)
 - **Batches.** :func:`encode_example` tokenizes (prompt, full text) the way the sampling
   engine does (prompt alone, continuation appended), :func:`response_only_labels` masks the
@@ -44,7 +44,7 @@ from cai.train.checkpoint import (  # noqa: F401  (re-exported: the loops import
     set_rng_state,
     trainable_state_dict,
 )
-from cai.train.train_log import MetricsLogger, Throughput, read_train_log  # noqa: F401  (re-exported, as above)
+from cai.train.log import MetricsLogger, Throughput, read_train_log  # noqa: F401  (re-exported, as above)
 
 IGNORE_INDEX = -100
 MIXED_PRECISION = ("no", "bf16", "fp16")

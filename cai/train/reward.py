@@ -26,13 +26,16 @@ seeded Poisson(1) draw (an online bootstrap, so heads disagree where data is thi
 is the members' mean; their standard deviation is reported as uncertainty.
 
 Scoring, metrics (accuracy with a bootstrap CI, ECE against soft labels) and the pipeline
-stage ``reward`` live in :mod:`cai.train.reward_stage`.
+stage ``reward`` live in :mod:`cai.train.reward`.
 """
-
 from __future__ import annotations
 
+import argparse
 import contextlib
+import functools
+import json
 import logging
+import shutil
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,22 +46,33 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cai.data import Prompt, write_jsonl
 from cai.errors import ConfigError, DataError
 from cai.train import common as C
 from cai.train.pairs import (
+    Encoded,
     EncodedPair,
     LoraOptions,
+    PreferenceData,
     as_dataclass,
     chosen_rejected,
     collate_pairs,
     disable_dropout,
+    encode_pairs,
+    encode_response,
+    front_specials,
     iter_steps,
+    load_labelled_pairs,
     loss_scale,
+    merged_for_saving,
     micro_batches,
     no_cache_kwargs,
     optimizer_step,
     orient,
+    preference_data,
     reduce_sums,
+    sharded_map,
+    split_pairs,
     step_share,
     steps_per_epoch,
 )
@@ -300,12 +314,405 @@ def train_reward_model(
         summary["rm/final_loss"] = last["rm/loss"]
     return TrainResult(accelerator.unwrap_model(model), step, summary, resumed_from)
 
+# ============================================================================= stage, scoring and command line
+# Reward models after the loop: scoring, evaluation, the saved artifact, the pipeline stage.
+#
+# - :func:`preference_metrics`: accuracy on decided pairs with a 95% bootstrap CI
+#   (:func:`cai.stats.bootstrap_ci`), the soft Bradley-Terry loss, the expected calibration error
+#   of ``sigmoid(r_a - r_b)`` against the labels' ``p_a`` (ECE, 10 equal-width bins), reward
+#   mean/std and, for ensembles, the mean spread of the members.
+# - :func:`run_reward`: train every ensemble member (:func:`cai.train.reward.train_reward_model`),
+#   score train / held-out / human held-out pairs, save the artifact:
+#   ``model/`` (member 0, or the k-head model), ``ensemble/member_<i>/`` (more seeds),
+#   ``reward_stats.json`` (mean/std of the reward over the training responses -- PPO normalises
+#   with them -- plus what a scorer needs), ``train_log.jsonl``, ``heldout_scores.jsonl``.
+# - :class:`RewardScorer`: load that artifact and score (conversation, response) texts.
+# - Stage ``reward`` (:func:`build_reward`, builder :func:`reward_stage`) and a command line for
+#   ``accelerate launch -m cai.train.reward ...`` (:func:`main`). The pieces the ``dpo`` stage and
+#   command line share with them live here once: :func:`preference_inputs` (which label artifacts
+#   a stage reads), :func:`split_device`, :func:`cli_parser`, :func:`cli_data`, :func:`finish_cli`.
+STATS_FILE = "reward_stats.json"
+
+
+# ----------------------------------------------------------------------------- scoring
+@torch.no_grad()
+def score_rows(model, rows: Sequence[Encoded], pad_id: int, batch_size: int, device) -> torch.Tensor:
+    """Rewards ``[N, heads]`` (float32, CPU) of tokenised sequences, batched by length."""
+    model.eval()
+    extra = no_cache_kwargs(model)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
+    out = torch.empty((len(rows), int(model.config.num_labels)), dtype=torch.float32)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = C.pad_and_mask([{"input_ids": rows[i].input_ids} for i in idx], pad_id)
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device), **extra).logits
+        out[idx] = logits.float().cpu()
+    return out
+
+
+def score_pairs(model, pairs: Sequence[EncodedPair], pad_id: int, batch_size: int, accelerator=None):
+    """``(r_a, r_b)`` ``[N, heads]`` for every pair; with several processes each scores a share."""
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+
+    def score(idx: list[int]) -> torch.Tensor:
+        rows = [pairs[i].a for i in idx] + [pairs[i].b for i in idx]
+        r = score_rows(model, rows, pad_id, batch_size, device)
+        return torch.stack([r[:len(idx)], r[len(idx):]], 1)  # [n, 2, heads]
+
+    both = sharded_map(accelerator, len(pairs), score)
+    return both[:, 0], both[:, 1]
+
+
+# ----------------------------------------------------------------------------- metrics
+def expected_calibration_error(pred: torch.Tensor, target: torch.Tensor, n_bins: int = 10) -> float:
+    """Sum over equal-width bins of predicted p of (bin share) * |mean predicted - mean target|."""
+    bins = torch.clamp((pred * n_bins).long(), max=n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        m = bins == b
+        if m.any():
+            ece += float(m.float().mean()) * abs(float(pred[m].mean()) - float(target[m].mean()))
+    return ece
+
+
+def preference_metrics(r_a: torch.Tensor, r_b: torch.Tensor, p_a: torch.Tensor, prefix: str, *,
+                       seed: int = 0, n_boot: int = 2000) -> dict[str, float]:
+    """Held-out metrics of member rewards ``[N, k]`` against labels ``p_a`` ``[N]``."""
+    from cai.stats import bootstrap_ci
+
+    ra, rb = r_a.mean(-1), r_b.mean(-1)
+    d = ra - rb
+    decided = p_a != 0.5
+    correct = ((d > 0) == (p_a > 0.5))[decided].float().numpy()
+    a_chosen, q = orient(p_a)
+    dc = torch.where(a_chosen, d, -d)
+    loss = -(q * torch.nn.functional.logsigmoid(dc) + (1 - q) * torch.nn.functional.logsigmoid(-dc))
+    both = torch.cat([ra, rb])
+    out = {f"{prefix}/pairs": int(len(p_a)), f"{prefix}/decided_pairs": int(decided.sum()),
+           f"{prefix}/loss": float(loss.mean()), f"{prefix}/ece": expected_calibration_error(torch.sigmoid(d), p_a),
+           f"{prefix}/margin": float(dc.mean()), f"{prefix}/reward_mean": float(both.mean()),
+           f"{prefix}/reward_std": float(both.std(unbiased=False))}
+    if len(correct):
+        low, high = bootstrap_ci(correct, n=n_boot, seed=seed)
+        out.update({f"{prefix}/accuracy": float(correct.mean()), f"{prefix}/accuracy_ci_low": low,
+                    f"{prefix}/accuracy_ci_high": high})
+    if r_a.shape[1] > 1:
+        out[f"{prefix}/ensemble_std"] = float(torch.cat([r_a, r_b]).std(-1).mean())
+    return out
+
+
+# ----------------------------------------------------------------------------- run
+def _member_dir(out_dir: Path, i: int) -> Path:
+    return out_dir / "model" if i == 0 else out_dir / "ensemble" / f"member_{i}"
+
+
+def run_reward(cfg: RewardConfig | Mapping[str, Any], data: PreferenceData, load_backbone: Callable, *, seed: int,
+               out_dir: str | Path, state_dir: str | Path, accelerator=None) -> dict[str, float]:
+    """Train, score and save a reward model (all members); returns flat ``rm/...`` metrics.
+
+    ``load_backbone(num_labels, seed) -> (model, tokenizer)``. Only the main process writes.
+    """
+    from cai.models import resolve_chat_format
+
+    cfg = coerce_reward_config(cfg)
+    out_dir, state_dir = Path(out_dir), Path(state_dir)
+    accelerator = accelerator or C.make_accelerator(mixed_precision=cfg.mixed_precision, device=cfg.device)
+    main = accelerator.is_main_process
+    members = cfg.ensemble_size if cfg.ensemble_kind == "seeds" else 1
+    model, tok = load_backbone(cfg.n_heads, seed)
+    chat_format = resolve_chat_format(tok, cfg.chat_format)
+    metrics: dict[str, float] = dict(data.metrics)
+    same = data.human_test is data.test  # the human arm: its held-out pairs are the human ones
+    sets = {"train": data.train, "eval": data.test, **({} if same else {"human": data.human_test})}
+    encoded: dict[str, list[EncodedPair]] = {}
+    for name, items in sets.items():
+        encoded[name], metrics[f"rm/data/{name}_truncated"] = encode_pairs(items, tok, chat_format, cfg.max_length)
+        metrics[f"rm/data/{name}_pairs"] = len(items)
+    scores: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in sets}
+    for i in range(members):
+        member_seed = seed + 1000 * i
+        if i > 0:
+            model, _ = load_backbone(cfg.n_heads, member_seed)
+        weights = head_bootstrap_weights(len(encoded["train"]), cfg.n_heads, member_seed)
+        result = train_reward_model(model, tok, encoded["train"], cfg, seed=member_seed,
+                                    state_dir=state_dir / f"member_{i}", accelerator=accelerator, head_weights=weights)
+        metrics.update({k if i == 0 else f"{k}_member_{i}": v for k, v in result.metrics.items()})
+        for name, enc in encoded.items():
+            if enc:
+                scores[name].append(score_pairs(result.model, enc, tok.pad_token_id, cfg.eval_batch_size, accelerator))
+        if main:
+            merged_for_saving(result.model).save_pretrained(_member_dir(out_dir, i))
+            tok.save_pretrained(_member_dir(out_dir, i))
+            log_name = "train_log.jsonl" if i == 0 else f"train_log_member_{i}.jsonl"
+            shutil.copyfile(state_dir / f"member_{i}" / "train_log.jsonl", out_dir / log_name)
+        accelerator.wait_for_everyone()
+        accelerator.free_memory()
+        del model, result
+    stacked = {name: (torch.cat([s[0] for s in ss], -1), torch.cat([s[1] for s in ss], -1))
+               for name, ss in scores.items() if ss}
+    if same and "eval" in stacked:
+        encoded["human"], stacked["human"] = encoded["eval"], stacked["eval"]
+    r_train = torch.cat(stacked["train"]).mean(-1)
+    stats = {"mean": float(r_train.mean()), "std": float(r_train.std(unbiased=False)),
+             "n_responses": int(len(r_train)), "ensemble_kind": cfg.ensemble_kind,
+             "ensemble_size": cfg.ensemble_size, "heads": cfg.n_heads,
+             "members": [str(_member_dir(Path("."), i)) for i in range(members)],
+             "chat_format": chat_format, "max_length": cfg.max_length}
+    metrics.update({"rm/train_reward_mean": stats["mean"], "rm/train_reward_std": stats["std"]})
+    for name, prefix in (("eval", "rm/eval"), ("human", "rm/human")):
+        if name in stacked:
+            p_a = torch.tensor([e.p_a for e in encoded[name]])
+            metrics.update(preference_metrics(*stacked[name], p_a, prefix, seed=seed, n_boot=cfg.bootstrap_resamples))
+    if main:
+        (out_dir / STATS_FILE).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+        _write_heldout(out_dir / "heldout_scores.jsonl", encoded, {k: v for k, v in stacked.items()
+                                                                   if k == "eval" or not same})
+    return metrics
+
+
+def _write_heldout(path: Path, encoded: Mapping[str, list[EncodedPair]], stacked: Mapping[str, Any]) -> None:
+    rows = []
+    for name in ("eval", "human"):
+        if name not in stacked:
+            continue
+        r_a, r_b = stacked[name]
+        for e, ra, rb in zip(encoded[name], r_a, r_b):
+            rows.append({"set": name, "pair_id": e.pair_id, "p_a": e.p_a, "r_a": float(ra.mean()),
+                         "r_b": float(rb.mean()), "std_a": float(ra.std(unbiased=False)),
+                         "std_b": float(rb.std(unbiased=False))})
+    write_jsonl(path, rows)
+
+
+# ----------------------------------------------------------------------------- scorer
+@dataclass
+class RewardScores:
+    """Per response: the ensemble-mean reward, the members' spread, and the normalised reward."""
+
+    rewards: list[float]
+    std: list[float]
+    normalised: list[float]
+
+
+class RewardScorer:
+    """A trained reward artifact, ready to score (conversation, response) pairs (PPO, evaluation)."""
+
+    def __init__(self, models: list, tokenizer, stats: Mapping[str, Any], device: torch.device):
+        self.models, self.tokenizer, self.stats, self.device = models, tokenizer, dict(stats), device
+        self._front = front_specials(tokenizer)
+
+    @classmethod
+    def load(cls, artifact_dir: str | Path, device: str = "auto", dtype: str = "auto") -> RewardScorer:
+        from cai.models import ModelSpec, load_sequence_classifier, resolve_device
+
+        root = Path(artifact_dir)
+        if not (root / STATS_FILE).is_file():
+            raise DataError(f"{root}: not a reward artifact (no {STATS_FILE})")
+        stats = json.loads((root / STATS_FILE).read_text())
+        models, tok = [], None
+        for member in stats["members"]:
+            spec = ModelSpec(str(root / member), dtype=dtype, device=device, max_length=stats["max_length"])
+            model, tok = load_sequence_classifier(spec, num_labels=int(stats["heads"]))
+            models.append(model.eval())
+        return cls(models, tok, stats, resolve_device(spec))
+
+    def score(self, conversations: Sequence[Prompt | list[dict]], responses: Sequence[str],
+              batch_size: int = 32) -> RewardScores:
+        if len(conversations) != len(responses):
+            raise DataError(f"score: {len(conversations)} conversations but {len(responses)} responses")
+        rows = [encode_response(self.tokenizer, c.messages_as_dicts() if isinstance(c, Prompt) else list(c), r,
+                                self.stats["chat_format"], int(self.stats["max_length"]), self._front)
+                for c, r in zip(conversations, responses)]
+        r = torch.cat([score_rows(m, rows, self.tokenizer.pad_token_id, batch_size, self.device)
+                       for m in self.models], -1)
+        mean, std = r.mean(-1), r.std(-1, unbiased=False)
+        norm = (mean - self.stats["mean"]) / max(self.stats["std"], 1e-8)
+        return RewardScores(mean.tolist(), std.tolist(), norm.tolist())
+
+
+# ----------------------------------------------------------------------------- data, backbone
+def backbone_loader(cfg: RewardConfig, location: str) -> Callable:
+    """``load(num_labels, seed) -> (model, tokenizer)`` for the backbone at ``location`` (on CPU;
+    the accelerator places it)."""
+    from cai.models import ModelSpec, load_sequence_classifier
+
+    spec = ModelSpec(location, revision=cfg.revision, dtype=cfg.dtype, device="cpu",
+                     trust_remote_code=cfg.trust_remote_code, chat_format=cfg.chat_format,
+                     max_length=cfg.max_length, lora=cfg.lora.spec())
+
+    def load(num_labels: int, seed: int):
+        if num_labels == 1:
+            return load_sequence_classifier(spec, num_labels=1, seed=seed)
+        return _load_multi_head(spec, num_labels, seed)
+
+    return load
+
+
+def _load_multi_head(spec, num_labels: int, seed: int):
+    """A ``num_labels``-head classifier from any checkpoint (a 1-head RM or a causal LM): the
+    head is re-initialised (seeded) when its size differs from the checkpoint's."""
+    from transformers import AutoModelForSequenceClassification
+
+    from cai.errors import ModelLoadError
+    from cai.models import apply_lora, load_tokenizer, resolve_dtype
+    from cai.tiny import seeded
+
+    tok = load_tokenizer(spec, padding_side="right")
+    try:
+        with seeded(seed):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                spec.name_or_path, num_labels=num_labels, ignore_mismatched_sizes=True, dtype=resolve_dtype(spec),
+                revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load a {num_labels}-head reward model from {spec.describe()}: {e}") from e
+    model.config.pad_token_id = tok.pad_token_id
+    if spec.lora is not None:
+        model = apply_lora(model, spec.lora, seed=seed)
+    return model, tok
+
+
+def tiny_backbone(inputs: Mapping[str, Path], data: PreferenceData, build_dir: Path, seed: int) -> str:
+    """``backbone: tiny``: the tiny policy's checkpoint (its tokenizer; a fresh scalar head), or,
+    without a tiny policy, a tiny classifier whose tokenizer is trained on the pairs' text."""
+    if "policy_model" in inputs:
+        return str(inputs["policy_model"] / "model")
+    from cai.tiny import (
+        TinyModelConfig,
+        build_tiny_sequence_classifier,
+        default_tiny_corpus,
+    )
+
+    corpus = default_tiny_corpus() + [t for x in data.train for t in
+                                      (x.pair.prompt.hh_text, x.pair.response_a, x.pair.response_b)]
+    if not (build_dir / "config.json").is_file():
+        build_tiny_sequence_classifier(build_dir, corpus, TinyModelConfig(seed=seed))
+    return str(build_dir)
+
+
+# ----------------------------------------------------------------------------- stage, CLI
+def build_reward(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any, runtime: Mapping[str, Any] | None = None,
+                 ) -> None:
+    """Stage ``reward``: train the RM on the configured labels, evaluate on held-out human pairs.
+
+    ``runtime``: settings that do not change the result (``device``), kept out of the key."""
+    rcfg = coerce_reward_config({**cfg["reward"], **(runtime or {})})
+    seed = int(cfg["seed"])
+    with ctx.phase("load_data"):
+        data = preference_data(rcfg.labels_from, inputs, rcfg.test_fraction, rcfg.split_salt, "rm")
+    location = tiny_backbone(inputs, data, ctx.state_dir / "tiny_backbone", seed) if rcfg.backbone == "tiny" \
+        else rcfg.backbone
+    with ctx.phase("train"):
+        metrics = run_reward(rcfg, data, backbone_loader(rcfg, location), seed=seed, out_dir=ctx.dir,
+                             state_dir=ctx.state_dir)
+    ctx.set_metrics(metrics)
+
+
+def reward_stage(cfg) -> Any:
+    """Pipeline builder: the ``reward`` stage for the composed config."""
+    from omegaconf import OmegaConf
+
+    from cai.pipeline import Stage
+
+    rm = OmegaConf.to_container(cfg.reward, resolve=True)
+    rcfg = coerce_reward_config(rm)  # a bad value fails at planning, before any stage runs
+    inputs = preference_inputs(cfg, "reward", rcfg.labels_from)
+    if rcfg.backbone == "tiny" and cfg.policy.name_or_path == "tiny":
+        inputs["policy_model"] = "policy_model"
+    key, runtime = split_device(rm)
+    return Stage("reward", functools.partial(build_reward, runtime=runtime), {"reward": key, "seed": int(cfg.seed)},
+                 inputs)
+
+
+def ai_inputs(cfg) -> dict[str, str]:
+    """Inputs of an AI-label arm: the labels and the artifact whose pairs the judge labelled."""
+    source = cfg.labels.source if "labels" in cfg and "source" in cfg.labels else "human_pairs"
+    return {"ai_labels": "ai_labels", "ai_pairs": str(source)}
+
+
+def preference_inputs(cfg, stage: str, labels_from: str) -> dict[str, str]:
+    """The label inputs of a stage trained on preferences (``reward``, ``dpo``).
+
+    AI labels: :func:`ai_inputs`. The human pairs whenever ``data.human.path`` is set: they are
+    the training labels of the human arm and the held-out human evaluation of the AI arm.
+    """
+    inputs = ai_inputs(cfg) if labels_from == "ai" else {}
+    if cfg.data.human.path:
+        inputs["human_pairs"] = "human_pairs"
+    elif labels_from == "human":
+        raise ConfigError(f"{stage}.labels_from=human needs data.human.path (HH-RLHF pairs with human labels)")
+    return inputs
+
+
+def split_device(stage_cfg: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(key part, runtime part)`` of a training stage's config: where it runs (``device``) is
+    not what it computes, so the device stays out of the artifact key."""
+    return {k: v for k, v in stage_cfg.items() if k != "device"}, {"device": stage_cfg.get("device", "auto")}
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in pairs:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. epochs=2)")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``[accelerate launch] python -m cai.train.reward --pairs P --labels L --backbone B --out DIR [key=value ...]``"""
+    p = cli_parser("python -m cai.train.reward", main.__doc__, ("--backbone", "the backbone"),
+                   "model/, reward_stats.json, ...", "RewardConfig fields, e.g. epochs=2 lr=1e-4")
+    args = p.parse_args(argv)
+    rcfg = coerce_reward_config({**parse_overrides(args.overrides), "backbone": args.backbone})
+    data = cli_data(args.pairs, args.labels, rcfg.test_fraction, rcfg.split_salt, "rm")
+    accelerator = C.make_accelerator(mixed_precision=rcfg.mixed_precision, device=rcfg.device)
+    metrics = run_reward(rcfg, data, backbone_loader(rcfg, args.backbone), seed=args.seed, out_dir=args.out,
+                         state_dir=args.out / "state", accelerator=accelerator)
+    return finish_cli(accelerator, args.out, metrics, "rm")
+
+
+def cli_parser(prog: str, doc: str | None, model: tuple[str, str], outputs: str, overrides: str,
+               ) -> argparse.ArgumentParser:
+    """The arguments of both preference command lines: ``--pairs``, ``--labels``, the model to
+    start from (``model``: flag, what it is), ``--out``, ``--seed`` and ``key=value`` overrides."""
+    p = argparse.ArgumentParser(prog=prog, description=doc)
+    p.add_argument("--pairs", type=Path, required=True, help="pairs.jsonl")
+    p.add_argument("--labels", type=Path, required=True, help="labels.jsonl (human or AI)")
+    p.add_argument(model[0], required=True, help=f"hub name or local path of {model[1]}")
+    p.add_argument("--out", type=Path, required=True, help=f"output directory ({outputs})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", help=overrides)
+    return p
+
+
+def cli_data(pairs: Path, labels: Path, test_fraction: float, salt: str, prefix: str) -> PreferenceData:
+    """The command lines' data: one pairs/labels file pair, split by prompt; no human held-out set."""
+    items, stats = load_labelled_pairs(pairs, labels)
+    train, test = split_pairs(items, test_fraction, salt)
+    return PreferenceData(train, test, [], stats.metrics(f"{prefix}/data"))
+
+
+def finish_cli(accelerator, out: Path, metrics: Mapping[str, Any], prefix: str,
+               shown: Callable[[str], bool] | None = None) -> int:
+    """End a command-line run: the main process writes ``metrics.json`` and prints the metrics
+    ``shown`` selects (default: the held-out metrics and the final loss); then every process
+    leaves the process group together."""
+    if accelerator.is_main_process:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        shown = shown or (lambda k: "/eval/" in k or k == f"{prefix}/final_loss")
+        print(json.dumps({k: v for k, v in metrics.items() if shown(k)}, indent=1))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group: gloo aborts at exit otherwise
+    return 0
 
 if __name__ == "__main__":  # [accelerate launch] python -m cai.train.reward --help
     import sys
 
     from cai.errors import CaiError
-    from cai.train.reward_stage import main
 
     try:
         raise SystemExit(main())

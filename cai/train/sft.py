@@ -271,7 +271,7 @@ def load_sft_examples(cfg: SFTConfig, inputs: Mapping[str, Path], seed: int) -> 
 def sft(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any) -> None:
     """Stage ``sft``: train the policy on the configured source and write ``model/``."""
     from cai.models import load_causal_lm
-    from cai.stages import policy_location, training_model_spec
+    from cai.generation.stages import policy_location, training_model_spec
 
     scfg = coerce_sft_config(cfg["sft"])
     seed = int(cfg["seed"]) + scfg.seed_offset

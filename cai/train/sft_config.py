@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from cai.errors import ConfigError
-from cai.train.judge_answers import JudgeAnswersConfig
+from cai.feedback.judge_answers import JudgeAnswersConfig
 from cai.train.lora import LoraOptions
 
 SOURCES = ("revisions", "judge_answers")

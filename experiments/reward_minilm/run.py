@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     from cai.train.common import read_train_log
     from cai.train.pairs import LabelledPair, PreferenceData, split_pairs
     from cai.train.reward import RewardConfig
-    from cai.train.reward_stage import backbone_loader, run_reward
+    from cai.train.reward import backbone_loader, run_reward
 
     backbone = args.backbone or minilm_path()
     parsed = load_hh_rlhf(args.data, split=args.split, limit=args.limit)

@@ -1,0 +1,1 @@
+"""Generation backends and the sampling stages (responses, on-policy pairs)."""
