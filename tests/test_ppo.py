@@ -133,7 +133,9 @@ def test_value_head_on_a_lora_policy(tiny_model_dir, tmp_path):
     result = train_ppo(policy, tok, PROMPTS, ScriptedReward(set(range(100, 400))), cfg, seed=0,
                        state_dir=tmp_path, ref_model=None)
     rows = read_train_log(tmp_path / "train_log.jsonl")
-    assert rows[0]["ppo/objective/kl"] == 0.0  # the reference is the policy with its adapters off
+    # the reference is the policy with its adapters off (B = 0): equal up to float rounding of two
+    # separate forwards (peft 0.21 on this CPU gives 4.8e-7 per sequence)
+    assert rows[0]["ppo/objective/kl"] == pytest.approx(0.0, abs=1e-5)
     assert any(not torch.equal(p, lora_before[n]) for n, p in result.model.named_parameters() if p.requires_grad)
     assert result.value.value_backbone is None
     assert rows[0]["ppo/objective/raw_scores"] - rows[0]["ppo/objective/scores"] == pytest.approx(
