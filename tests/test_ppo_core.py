@@ -140,3 +140,72 @@ def test_monitors_diagnose_negative_kl_drift_boilerplate_and_divergence():
     again.load_state_dict(mon.state_dict())
     assert again.baseline_length == 10.0 and len(again.heldout) == 3
     assert top_ngram_share(["a b", "c d"], 4) == (0.0, "")
+
+
+# ----------------------------------------------------------------------------- critic-free advantages
+def test_rloo_with_two_samples_is_the_difference_to_the_sibling():
+    scores = torch.tensor([1.0, 3.0, -2.0, 0.5])
+    group = torch.tensor([0, 0, 1, 1])  # k = 2, the samples of a prompt adjacent
+    # A_i = s_i - s_other: 1 - 3, 3 - 1, -2 - 0.5, 0.5 - (-2)
+    assert K.rloo_advantages(scores, group).tolist() == [-2.0, 2.0, -2.5, 2.5]
+
+
+def test_rloo_leaves_one_out_and_skips_invalid_rows_and_lone_samples():
+    scores = torch.tensor([5.0, 2.0, 7.0, 4.0, 4.0, 4.0, 9.0])
+    group = torch.tensor([7, 7, 7, 3, 3, 3, 0])  # any ids, in any order
+    # 5 - (2+7)/2 = 0.5, 2 - (5+7)/2 = -4, 7 - (5+2)/2 = 3.5; equal scores -> 0; a lone sample -> 0
+    assert K.rloo_advantages(scores, group).tolist() == [0.5, -4.0, 3.5, 0.0, 0.0, 0.0, 0.0]
+    valid = torch.tensor([True, False, True, True, True, False, True])
+    # row 1 leaves its group: 5 - 7, 7 - 5; group 3 has two valid rows left, both 4 -> 0
+    assert K.rloo_advantages(scores, group, valid).tolist() == [-2.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0]
+    # RLOO is the group-centred score scaled by k / (k - 1)
+    grpo_unscaled = K.grpo_advantages(scores[:3], group[:3], scale_by_std=False)
+    assert torch.allclose(K.rloo_advantages(scores[:3], group[:3]), 1.5 * grpo_unscaled)
+
+
+def test_grpo_divides_by_the_bessel_corrected_group_std():
+    scores = torch.tensor([1.0, 3.0, 5.0, 2.0, 7.0])
+    group = torch.tensor([0, 0, 1, 1, 1])
+    # group 0: mean 2, deviations -1, +1, var (1 + 1) / (2 - 1) = 2
+    # group 1: mean 14/3, deviations 1/3, -8/3, 7/3, var (1 + 64 + 49) / 9 / 2 = 19/3
+    s0, s1 = math.sqrt(2.0), math.sqrt(19.0 / 3.0)
+    expected = [-1 / s0, 1 / s0, (1 / 3) / s1, (-8 / 3) / s1, (7 / 3) / s1]  # 0.1325, -1.0596, 0.9272
+    assert K.grpo_advantages(scores, group, eps=0.0).tolist() == pytest.approx(expected, abs=1e-6)
+    eps = 1e-4
+    with_eps = [-1 / (s0 + eps), 1 / (s0 + eps), (1 / 3) / (s1 + eps), (-8 / 3) / (s1 + eps), (7 / 3) / (s1 + eps)]
+    assert K.grpo_advantages(scores, group).tolist() == pytest.approx(with_eps, abs=1e-6)
+    assert K.grpo_advantages(scores, group, scale_by_std=False).tolist() == pytest.approx(
+        [-1.0, 1.0, 1 / 3, -8 / 3, 7 / 3], abs=1e-6)
+
+
+def test_grpo_gives_exactly_zero_to_a_group_of_equal_scores():
+    scores = torch.tensor([0.1, 0.1, 0.1, -3.0, 1.0, 0.7])  # 0.1 is not a binary fraction: a mean may round
+    group = torch.tensor([0, 0, 0, 1, 1, 2])
+    valid = torch.tensor([True, True, True, True, False, True])
+    for kw in ({}, {"eps": 0.0}, {"scale_by_std": False}):
+        out = K.grpo_advantages(scores, group, **kw)
+        assert torch.equal(out[:3], torch.zeros(3)), kw  # std 0: 0, not 0/0 and not rounding / eps
+        assert out[5].item() == 0.0  # a lone sample has nothing to compare with
+        # with row 4 left out, group 1 is down to one valid row: 0 as well
+        assert torch.equal(K.grpo_advantages(scores, group, valid, **kw)[3:], torch.zeros(3)), kw
+    assert torch.equal(K.rloo_advantages(scores[:3], group[:3]), torch.zeros(3))
+
+
+def test_token_advantages_and_kl_shaped_scores_on_unequal_lengths():
+    mask = torch.tensor([[True, True, True], [True, False, False], [False, False, False]])
+    adv = torch.tensor([2.0, -1.0, 4.0])  # the last row has no counted token (a failed score)
+    assert K.token_advantages(adv, mask).tolist() == [[2.0, 2.0, 2.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 9.0, 9.0], [9.0, 9.0, 9.0]])  # 9: padding, never counted
+    shaped = K.kl_shaped_scores(torch.tensor([1.0, 0.0, 0.5]), kl, 0.5, mask)
+    assert shaped.tolist() == pytest.approx([1.0 - 0.5 * 0.6, 0.0 - 0.5 * 0.4, 0.5], abs=1e-6)
+
+
+def test_rloo_advantages_through_the_clipped_policy_loss():
+    """k = 2, unequal lengths: the advantage of a sequence weighs each of its tokens in PPO's loss."""
+    scores = torch.tensor([1.0, 0.0])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    adv = K.token_advantages(K.rloo_advantages(scores, torch.tensor([0, 0])), mask)  # +1 x 3 tokens, -1 x 1
+    old = torch.full((2, 3), -1.0)
+    t = K.policy_loss(old.clone(), old, adv, mask, 0.2)
+    assert t.loss.item() == pytest.approx(-(3 * 1.0 - 1.0) / 4)  # ratio 1: minus the token-mean advantage
+    assert t.clipfrac.item() == 0.0

@@ -1,4 +1,4 @@
-"""The pure math of PPO for language models: no models, no I/O, only tensors.
+"""The pure math of PPO and its critic-free siblings for language models: only tensors.
 
 Every function takes ``[B, T]`` tensors over *response* tokens (row ``b``, token ``t`` of the
 response) and explicit masks, so the loop (:mod:`cai.train.ppo`) decides which tokens count
@@ -22,6 +22,13 @@ both losses against TRL 1.12's experimental ``PPOTrainer`` on the same batch and
 - KL controllers: :class:`FixedKLController` and :class:`AdaptiveKLController` (Ziegler et al.
   2019: the coefficient moves by ``1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon``), both
   with ``state_dict``/``load_state_dict`` for exact resume.
+- Critic-free advantages over ``k`` samples per prompt (rows of one prompt share a ``group``
+  id): :func:`rloo_advantages` (leave-one-out baseline, Ahmadian et al. 2024) and
+  :func:`grpo_advantages` (group mean, optionally over the group std, Shao et al. 2024) give one
+  advantage per sequence; :func:`kl_shaped_scores` folds the sequence KL into the score before
+  the baseline; :func:`token_advantages` puts a sequence's advantage on each of its response
+  tokens, for :func:`policy_loss`. (A token-level KL penalty instead: :func:`token_rewards` with
+  the baselined score, then :func:`gae` with zero values and ``lam = 1``: the reward to go.)
 """
 
 from __future__ import annotations
@@ -247,3 +254,79 @@ def shape_scores(raw: torch.Tensor, mean: float, std: float, normalize: bool, sc
     out = (raw - mean) / max(std, 1e-8) if normalize else raw.clone()
     out = out * scale
     return out.clamp(-clip, clip) if clip > 0 else out
+
+
+# ----------------------------------------------------------------------------- critic-free advantages
+def _centred_groups(scores: torch.Tensor, group: torch.Tensor, valid: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """``(w, n, d, group_sum)``: ``w`` is 1 on valid rows and 0 elsewhere; ``n[i]`` counts the valid
+    rows of row ``i``'s group; ``d = (s - shift) * w`` with ``shift`` the largest valid score of
+    the group (a shift changes no difference between scores, and makes those of a group of equal
+    scores exactly 0, free of the rounding of a sum); ``group_sum(x)[i]`` sums ``x`` over the
+    group of row ``i``."""
+    if scores.dim() != 1 or group.shape != scores.shape:
+        raise ValueError(f"scores and group must both be [B], got {tuple(scores.shape)} and {tuple(group.shape)}")
+    w = torch.ones_like(scores) if valid is None else valid.to(scores.dtype)
+    _, inverse = torch.unique(group, return_inverse=True)  # any ids -> 0 .. G - 1
+    n_groups = int(inverse.max()) + 1 if inverse.numel() else 0
+
+    def group_sum(x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(n_groups, dtype=x.dtype, device=x.device).index_add_(0, inverse, x)[inverse]
+
+    masked = torch.where(w > 0, scores, torch.full_like(scores, -torch.inf))
+    top = torch.full((n_groups,), -torch.inf, dtype=scores.dtype, device=scores.device)
+    top = top.scatter_reduce(0, inverse, masked, reduce="amax")[inverse]
+    shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a group with no valid row: 0
+    return w, group_sum(w), (scores - shift) * w, group_sum
+
+
+def rloo_advantages(scores: torch.Tensor, group: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """REINFORCE leave-one-out advantages, ``[B]``: each score minus the mean of the *other*
+    scores of its group.
+
+    For row ``i`` of a group ``G`` with ``n`` valid rows: ``A_i = s_i - (sum_{j in G, j != i} s_j)
+    / (n - 1)``, which equals ``n / (n - 1) * (s_i - mean_G s)``. The baseline does not use
+    ``s_i``, so it is unbiased. ``valid`` (``[B]`` bool, default all) leaves rows out of their
+    group's baseline; invalid rows, and every row of a group with fewer than two valid rows (no
+    other sample to compare with), get advantage 0. ``group`` ids are any integers.
+    """
+    w, n, d, group_sum = _centred_groups(scores, group, valid)
+    ok = n >= 2
+    others = (group_sum(d) - d) / torch.where(ok, n - 1, torch.ones_like(n))
+    return torch.where(ok, d - others, torch.zeros_like(d)) * w
+
+
+def grpo_advantages(scores: torch.Tensor, group: torch.Tensor, valid: torch.Tensor | None = None,
+                    scale_by_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's group-normalised advantages, ``[B]``.
+
+    For row ``i`` of a group ``G`` with ``n`` valid rows: ``A_i = (s_i - mean_G s) / (std_G s +
+    eps)`` with the Bessel-corrected ``std_G = sqrt(sum_{j in G} (s_j - mean_G s)^2 / (n - 1))``
+    (as :func:`masked_var`); ``scale_by_std=False`` gives ``A_i = s_i - mean_G s`` (no division:
+    dividing by the std weighs groups whose samples barely differ, prompts that are too easy or
+    too hard, as much as the others). A group whose scores are all equal gets exactly 0, also
+    with ``eps = 0``. ``valid`` as in :func:`rloo_advantages`: invalid rows and groups with fewer
+    than two valid rows get 0.
+    """
+    w, n, d, group_sum = _centred_groups(scores, group, valid)
+    ok = n >= 2
+    centred = (d - group_sum(d) / torch.where(ok, n, torch.ones_like(n))) * w
+    if scale_by_std:
+        var = group_sum(centred * centred) / torch.where(ok, n - 1, torch.ones_like(n))
+        scale = var.sqrt() + eps
+        centred = centred / torch.where(scale > 0, scale, torch.ones_like(scale))  # eps = 0, std 0: 0 / 1
+    return torch.where(ok, centred, torch.zeros_like(centred)) * w
+
+
+def kl_shaped_scores(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor) -> torch.Tensor:
+    """The KL penalty folded into each sequence's score, ``[B]``: ``s_b - kl_coef * sum_t kl[b, t]``
+    over the response tokens of ``mask``. Baselining these (rather than the raw scores) makes the
+    advantage of a sample also say how much further from the reference it went than its siblings."""
+    return scores - kl_coef * (kl * mask.to(kl.dtype)).sum(1)
+
+
+def token_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A per-sequence advantage spread over its response tokens: ``A[b, t] = advantages[b] *
+    mask[b, t]``, ``[B, T]`` (every real token of a response gets the same advantage; padding
+    and masked rows get 0), ready for :func:`policy_loss`."""
+    return advantages[:, None] * mask.to(advantages.dtype)
