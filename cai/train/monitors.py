@@ -1,4 +1,4 @@
-"""Monitors that watch a PPO run and warn with a diagnosis, not just a number.
+"""Monitors that watch a PPO run (or a critic-free sibling's) and warn with a diagnosis, not just a number.
 
 Each check reads one step's metrics (and its responses) and returns :class:`Warning_` records;
 the loop logs them, counts them in ``ppo/warnings/<kind>`` and keeps them in ``warnings.jsonl``.
@@ -69,34 +69,40 @@ def top_ngram_share(texts: Sequence[str], n: int) -> tuple[float, str]:
 
 @dataclass
 class PPOMonitors:
-    """Stateful checks over a run (the state goes into the checkpoint for exact resume)."""
+    """Stateful checks over a run (the state goes into the checkpoint for exact resume).
+
+    ``namespace`` is the run's metric prefix and config section (``ppo``: reads
+    ``ppo/objective/kl``, advises ``ppo.kl_coef``); a sibling trainer passes its own (``rloo``).
+    """
 
     cfg: MonitorConfig
     kl_target: float
     baseline_length: float | None = None
     heldout: list[tuple[int, float, float]] = field(default_factory=list)  # (step, rm, judge)
+    namespace: str = "ppo"
 
     def _budget(self) -> float:
         return self.cfg.kl_budget if self.cfg.kl_budget > 0 else 2.0 * self.kl_target
 
     def check(self, step: int, metrics: dict[str, float], texts: Sequence[str]) -> list[Warning_]:
-        """Every check on one step's metrics (``ppo/...`` names) and responses."""
+        """Every check on one step's metrics (``<namespace>/...`` names) and responses."""
         out: list[Warning_] = []
-        kl = metrics.get("ppo/objective/kl", 0.0)
-        stderr = metrics.get("ppo/objective/kl_stderr", 0.0)
+        ns = self.namespace
+        kl = metrics.get(f"{ns}/objective/kl", 0.0)
+        stderr = metrics.get(f"{ns}/objective/kl_stderr", 0.0)
         if kl < -self.cfg.negative_kl_tolerance and kl + 3.0 * stderr < 0:
             out.append(Warning_("negative_kl", step, (
                 f"mean KL(policy||reference) is {kl:.4f} < 0 (standard error {stderr:.4f}). A negative mean "
                 "usually means the rollout "
                 "log-probs and the reference log-probs were computed under different settings: "
                 "temperature, top_k/top_p truncation, chat format or padding. Score both with the same "
-                "temperature on the full distribution (ppo.recompute_logprobs=true does)")))
+                f"temperature on the full distribution ({ns}.recompute_logprobs=true does)")))
         if kl > self._budget():
             out.append(Warning_("kl_over_budget", step, (
                 f"mean KL {kl:.3f} exceeds the budget {self._budget():.3f}: the policy moves away from the "
-                "reference faster than the penalty holds it. Raise ppo.kl_coef, use "
-                "ppo.kl_controller=adaptive, or lower ppo.lr")))
-        length = metrics.get("ppo/response_length", 0.0)
+                f"reference faster than the penalty holds it. Raise {ns}.kl_coef, use "
+                f"{ns}.kl_controller=adaptive, or lower {ns}.lr")))
+        length = metrics.get(f"{ns}/response_length", 0.0)
         if self.baseline_length is None:
             self.baseline_length = max(length, 1e-6)
         elif length > 0 or self.baseline_length > 0:
@@ -105,7 +111,7 @@ class PPOMonitors:
                 out.append(Warning_("length_drift", step, (
                     f"mean response length {length:.1f} tokens vs {self.baseline_length:.1f} at the start "
                     f"({ratio:.2f}x): the reward likely depends on length (check the RM's length bias; "
-                    "ppo.missing_eos_penalty curbs run-on responses)")))
+                    f"{ns}.missing_eos_penalty curbs run-on responses)")))
         share, gram = top_ngram_share(texts, self.cfg.ngram)
         if len(texts) >= 4 and share > self.cfg.boilerplate_share:
             out.append(Warning_("boilerplate", step, (

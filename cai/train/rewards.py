@@ -1,9 +1,12 @@
-"""Reward functions for PPO: a trained reward model, or a judge's direct 1-10 score (d-RLAIF).
+"""Reward functions for PPO and its critic-free siblings: a trained reward model, or a judge's
+direct 1-10 score (d-RLAIF).
 
 Both follow :data:`RewardFn`: ``reward_fn(conversations, completions) ->
 ScoredBatch`` with one shaped score per response (``None`` when it could not be scored: the
 loop counts it in ``ppo/reward_failed`` and leaves the response out of the update), the raw
-scores, and metrics of their own.
+scores, and metrics of their own. A reward function scores each response on its own: with ``k``
+samples per prompt the rollout passes each conversation ``k`` times, once per response. Metric names (and
+the judge's cost ledger stage) start with ``namespace`` (``ppo`` unless a sibling passes its own).
 
 - :class:`RMReward` scores with a reward artifact (:class:`cai.train.reward.RewardScorer`)
   and shapes with :func:`cai.train.rl_math.shape_scores`: ``(r - mean) / std`` with the RM's
@@ -53,15 +56,16 @@ class RMReward:
     """Scores from a reward-model artifact, normalised with its saved statistics."""
 
     def __init__(self, scorer, normalize: bool = True, scale: float = 1.0, clip: float = 10.0,
-                 batch_size: int = 32) -> None:
+                 batch_size: int = 32, *, namespace: str = "ppo") -> None:
         self.scorer, self.normalize, self.scale, self.clip, self.batch_size = scorer, normalize, scale, clip, batch_size
+        self.namespace = namespace
 
     def __call__(self, conversations: Sequence[list[dict]], completions: Sequence[Any]) -> ScoredBatch:
         out = self.scorer.score(list(conversations), [c.text for c in completions], batch_size=self.batch_size)
         raw = torch.tensor(out.rewards, dtype=torch.float32)
         stats = self.scorer.stats
         shaped = shape_scores(raw, float(stats["mean"]), float(stats["std"]), self.normalize, self.scale, self.clip)
-        metrics = {"ppo/objective/rm_member_std": float(torch.tensor(out.std).mean())} if len(
+        metrics = {f"{self.namespace}/objective/rm_member_std": float(torch.tensor(out.std).mean())} if len(
             self.scorer.models) > 1 else {}
         return ScoredBatch(shaped.tolist(), raw.tolist(), metrics)
 
@@ -78,11 +82,12 @@ class JudgeScoreReward:
     """d-RLAIF: the judge's expected 1-10 score of each response, online."""
 
     def __init__(self, judge, constitution, principles_per_response: int = 1, seed: int = 0,
-                 scale: float = 1.0, clip: float = 10.0) -> None:
+                 scale: float = 1.0, clip: float = 10.0, *, namespace: str = "ppo") -> None:
         if not constitution.preference:
             raise ValueError("the constitution has no preference principles to score against")
         self.judge, self.constitution = judge, constitution
         self.k, self.seed, self.scale, self.clip = principles_per_response, seed, scale, clip
+        self.namespace = namespace
 
     def _principles(self, conversation: list[dict], text: str):
         rng = random.Random(stable_hash([self.seed, conversation, text]))
@@ -94,7 +99,7 @@ class JudgeScoreReward:
         for i, (conv, text) in enumerate(zip(conversations, texts)):
             for p in self._principles(list(conv), text):
                 msgs = tpl.score_messages(list(conv), text, p.question)
-                tag = {"stage": "ppo", "principle_id": p.id, "template_version": tpl.TEMPLATE_VERSION,
+                tag = {"stage": self.namespace, "principle_id": p.id, "template_version": tpl.TEMPLATE_VERSION,
                        "response": i}
                 out.append((i, ChoiceRequest(msgs, tpl.SCORE_CHOICES, tag=tag)))
         return out
@@ -117,8 +122,10 @@ class JudgeScoreReward:
         raw = [sum(s) / len(s) if s else None for s in per]
         shaped = [None if r is None else float(shape_scores(torch.tensor((r - SCORE_MID) / SCORE_HALF_RANGE), 0.0, 1.0,
                                                             False, self.scale, self.clip)) for r in raw]
-        metrics = {"ppo/judge/requests": float(len(reqs)), "ppo/judge/failed": failed, "ppo/judge/cost_usd": cost}
-        metrics.update({f"ppo/judge/failed/{k}": float(v) for k, v in sorted(reasons.items())})
+        ns = self.namespace
+        metrics = {f"{ns}/judge/requests": float(len(reqs)), f"{ns}/judge/failed": failed,
+                   f"{ns}/judge/cost_usd": cost}
+        metrics.update({f"{ns}/judge/failed/{k}": float(v) for k, v in sorted(reasons.items())})
         return ScoredBatch(shaped, raw, metrics)
 
 
