@@ -333,3 +333,16 @@ def test_command_line_trains_against_a_reward_artifact_and_rejects_bad_input(tmp
         main([*base[:3], str(tmp_path / "missing.jsonl"), *base[4:], "--out", str(tmp_path / "bad")])
     with pytest.raises(ConfigError, match="d-RLAIF"):
         main([*base, "--out", str(tmp_path / "bad"), "reward_from=judge"])
+
+
+def test_judge_score_reward_names_its_metrics_and_cost_stage_after_the_trainer():
+    """A critic-free sibling reuses the reward with its own namespace: metric prefix and ledger stage."""
+    from cai.constitution import load_constitution, resolve_constitution
+
+    judge = _ScriptedJudge()
+    reward = JudgeScoreReward(judge, load_constitution(resolve_constitution("harmless")), seed=0, namespace="rloo")
+    batch = reward([PROMPTS[0], PROMPTS[0]], [_Completion("One answer."), _Completion("FAIL")])
+    assert batch.raw == [8.0, None]
+    assert batch.metrics == {"rloo/judge/requests": 2.0, "rloo/judge/failed": 1.0, "rloo/judge/cost_usd": 0.002,
+                             "rloo/judge/failed/unparseable": 1.0}
+    assert {r.tag["stage"] for r in judge.seen} == {"rloo"}

@@ -209,3 +209,11 @@ def test_rloo_advantages_through_the_clipped_policy_loss():
     t = K.policy_loss(old.clone(), old, adv, mask, 0.2)
     assert t.loss.item() == pytest.approx(-(3 * 1.0 - 1.0) / 4)  # ratio 1: minus the token-mean advantage
     assert t.clipfrac.item() == 0.0
+
+
+def test_monitors_read_and_advise_in_their_namespace():
+    mon = PPOMonitors(MonitorConfig(), kl_target=1.0, namespace="rloo")
+    assert mon.check(1, {"ppo/objective/kl": 5.0, "rloo/response_length": 10.0}, []) == []  # not its metric
+    over = mon.check(2, {"rloo/objective/kl": 5.0, "rloo/response_length": 10.0}, [])
+    assert [w.kind for w in over] == ["kl_over_budget"] and "rloo.kl_coef" in over[0].message
+    assert "ppo." not in over[0].message
