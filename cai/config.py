@@ -28,9 +28,12 @@ from cai.evaluate.stage import EvalConfig
 from cai.train.reward import RewardConfig
 from cai.train.sft_config import SFTConfig
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO_ROOT / "conf"
-CONSTITUTIONS_DIR = REPO_ROOT / "constitutions"
+from cai.constitution import shipped_dir
+
+# the shipped Hydra config groups and constitutions: in the installed package, or the checkout's
+# top-level conf/ and constitutions/ (shipped_dir decides, for cai.constitution too)
+CONF_DIR = shipped_dir("conf")
+CONSTITUTIONS_DIR = shipped_dir("constitutions")
 
 
 @dataclass

@@ -18,7 +18,6 @@ import yaml
 
 import cai
 from cai.constitution import (
-    REPO_CONSTITUTIONS_DIR,
     Constitution,
     ConstitutionError,
     CritiquePrinciple,
@@ -170,13 +169,19 @@ def test_shipped_constitutions_validate(capsys):
     assert "arXiv:2212.08073" in harmless.citation and "Askell" in hhh.citation
 
 
-def test_resolve_constitution(tmp_path):
-    assert resolve_constitution("harmless") == REPO_CONSTITUTIONS_DIR / "harmless.yaml"
-    assert REPO_CONSTITUTIONS_DIR == Path(cai.__file__).parent.parent / "constitutions"
+def test_resolve_constitution(tmp_path, monkeypatch):
+    from cai.config import CONSTITUTIONS_DIR  # the one constant; in a checkout, its constitutions/
+
+    assert CONSTITUTIONS_DIR == Path(cai.__file__).resolve().parent.parent / "constitutions"
+    assert resolve_constitution("harmless") == CONSTITUTIONS_DIR / "harmless.yaml"
     own = tmp_path / "mine.yaml"
     own.write_text(VALID)
     assert resolve_constitution(str(own)) == own
     assert resolve_constitution("mine", [tmp_path]) == own
+    # a relative path is relative to the working directory, wherever that is, and comes back absolute
+    monkeypatch.chdir(tmp_path)
+    assert resolve_constitution("mine.yaml") == own
+    assert resolve_constitution("harmless") == CONSTITUTIONS_DIR / "harmless.yaml"
     with pytest.raises(ConfigError, match="'nosuch' not found.*known names: .*harmless"):
         resolve_constitution("nosuch")
 

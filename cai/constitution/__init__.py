@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import os
 import random
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -28,7 +29,6 @@ from cai.constitution.schema import Problem, check_yaml
 from cai.errors import CaiError, ConfigError
 from cai.hashing import stable_hash
 
-REPO_CONSTITUTIONS_DIR = Path(__file__).resolve().parents[2] / "constitutions"
 HASH_SCHEMA = "cai-constitution/1"
 
 
@@ -241,20 +241,34 @@ def load_constitution(path: str | Path) -> Constitution:
     return constitution
 
 
+def shipped_dir(name: str) -> Path:
+    """Where the project's own top-level folder ``name`` (``conf`` or ``constitutions``) is: inside
+    the installed package, where a wheel carries it as ``cai/<name>`` (see pyproject.toml), else
+    beside the package, in the source checkout (``pip install -e .``, or ``PYTHONPATH``).
+
+    The one place that decides; :data:`cai.config.CONF_DIR` and :data:`cai.config.CONSTITUTIONS_DIR`
+    are its answers (this module cannot import :mod:`cai.config`, which imports it)."""
+    package = Path(__file__).resolve().parents[1]
+    inside, beside = package / name, package.parent / name
+    return beside if beside.is_dir() and not inside.is_dir() else inside
+
+
 def resolve_constitution(name_or_path: str | Path, search_dirs: Sequence[str | Path] | None = None) -> Path:
-    """A constitution file from a path, or from a bare name looked up as ``NAME.yaml`` in
-    ``search_dirs`` then in the repository's ``constitutions/``."""
-    given = Path(name_or_path)
+    """A constitution file from a path (``~`` expanded; relative to the working directory), or
+    from a bare name looked up as ``NAME.yaml`` in ``search_dirs`` then in the shipped
+    constitutions (:func:`shipped_dir`). The answer is an absolute path, so it stays right for a
+    stage that runs from another directory."""
+    given = Path(name_or_path).expanduser()
     if given.is_file():
-        return given
-    dirs = [Path(d) for d in (search_dirs or ())] + [REPO_CONSTITUTIONS_DIR]
+        return Path(os.path.abspath(given))
+    dirs = [Path(d).expanduser() for d in (search_dirs or ())] + [shipped_dir("constitutions")]
     bare = str(name_or_path)
     if "/" not in bare and "\\" not in bare:
         names = [bare] if given.suffix in (".yaml", ".yml") else [f"{bare}.yaml", f"{bare}.yml"]
         for d in dirs:
             for n in names:
                 if (d / n).is_file():
-                    return d / n
+                    return Path(os.path.abspath(d / n))
     known = sorted({f.stem for d in dirs if d.is_dir() for f in d.glob("*.y*ml")})
     raise ConfigError(
         f"constitution {bare!r} not found: not a file, and no NAME.yaml in "
