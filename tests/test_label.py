@@ -140,18 +140,47 @@ def test_direct_score_expectation_and_preference():
     assert lm.p_a_from_scores(pa, pa) == pytest.approx(0.5)
 
 
-def test_failure_kinds_and_position_metrics():
+def test_failure_kinds():
     assert lm.failure_kind("http 500 after 6 attempts") == "http"
     assert lm.failure_kind("unparseable: Both are fine") == "unparseable"
     assert lm.failure_kind("malformed response (JSONDecodeError) after 3 attempts") == "malformed"
-    metas = [
-        {"p_first": {"ab": 0.8, "ba": 0.3}, "p_a_by_order": {"ab": 0.8, "ba": 0.7}},  # consistent: a wins twice
-        {"p_first": {"ab": 0.8, "ba": 0.9}, "p_a_by_order": {"ab": 0.8, "ba": 0.1}},  # slot 1 wins twice
-        {"p_first": {"ab": 0.4}, "p_a_by_order": {"ab": 0.4}},  # one order only
+
+
+def _pairwise_label(pid: str, p_first: dict, order: str = "both", status: str = "ok") -> Label:
+    """An ok label as the labeller writes it (p_a from the per-order first-slot probabilities)."""
+    by_order = {o: (p if o == "ab" else 1.0 - p) for o, p in p_first.items()}
+    meta = {"label_method": "pairwise", "p_first": p_first, "p_a_by_order": by_order}
+    if status != "ok":
+        return Label.failed(pid, "ai:x:y", "refusal", order=order, meta=meta)
+    return Label(pid, sum(by_order.values()) / len(by_order), "ai:x:y", order=order, meta=meta)
+
+
+def test_position_metrics_of_the_stage_are_those_of_label_quality():
+    from cai.feedback.label import _metrics
+    from cai.feedback.quality import label_quality
+
+    labels = [
+        _pairwise_label("c", {"ab": 0.8, "ba": 0.3}),  # consistent: a wins from either slot
+        _pairwise_label("s", {"ab": 0.8, "ba": 0.9}),  # slot 1 wins twice
+        _pairwise_label("o", {"ab": 0.4}, order="ab"),  # one order only: first-slot rate alone
+        _pairwise_label("t", {"ab": 0.5, "ba": 0.2}),  # ab undecided: a position tie
+        _pairwise_label("f", {"ab": 0.9, "ba": 0.9}, status="failed"),  # failed: nothing
+        Label("d", 0.7, "ai:x:y", meta={"label_method": "direct_score", "p_first": {}, "p_a_by_order": {}}),
     ]
-    m = lm.position_metrics(metas)
-    assert m["position_consistency"] == 0.5 and m["same_slot_rate"] == 0.5
-    assert m["first_slot_rate"] == pytest.approx(3 / 5)
+    m = _metrics(labels, labels, {})
+    # The tie rule (one, in label_methods.position_metrics): an order judged exactly 0.5 decides
+    # nothing. Before the two implementations were merged, the stage counted pair "t" in the
+    # denominator of the pair rates (consistency 1/3, same slot 1/3) and its 0.5 as a slot-1 loss
+    # (first-slot rate 3/7), while label_quality already left it out; now both leave it out.
+    assert m["label/position_consistency"] == 0.5 and m["label/same_slot_rate"] == 0.5
+    assert m["label/position_n"] == 2 and m["label/position_ties"] == 1
+    # decided single-order judgements: .8 .3 .8 .9 .4 .2 -> slot 1 won 3 of 6
+    assert m["label/first_slot_rate"] == pytest.approx(3 / 6)
+    assert m["label/first_slot_n"] == 6 and m["label/first_slot_ties"] == 1
+    q = label_quality(labels, [])
+    names = ("position_consistency", "same_slot_rate", "position_n", "position_ties", "first_slot_rate",
+             "first_slot_n", "first_slot_ties")
+    assert {k: m[f"label/{k}"] for k in names} == {k: q[f"quality/{k}"] for k in names}
 
 
 # ----------------------------------------------------------------------------- the method classes

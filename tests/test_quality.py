@@ -12,10 +12,10 @@ import pytest
 from cai.artifacts import ArtifactStore
 from cai.data import Label, write_jsonl
 from cai.errors import ConfigError, DataError
+from cai.feedback.label_methods import first_slot_probs
 from cai.feedback.quality import (
     QualityConfig,
     build_label_quality,
-    first_slot_probs,
     label_quality,
     quality_report,
     reason_code,

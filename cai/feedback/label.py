@@ -195,7 +195,7 @@ def _judge_config(cfg: Mapping[str, Any], inputs: Mapping[str, Path], runtime: M
 def _metrics(labels: list[Label], unique: list[Label], run: dict[str, Any]) -> dict[str, Any]:
     ok = [lab for lab in labels if lab.status == "ok"]
     kinds = Counter(str(lab.meta.get("failure_kind", "unknown")) for lab in labels if lab.status != "ok")
-    pos = lm.position_metrics(lab.meta for lab in ok if lab.meta.get("label_method") == "pairwise")
+    pos = lm.position_metrics(labels)  # the ok labels with slots (direct scores have none)
     m: dict[str, Any] = {
         "label/pairs": len(labels), "label/ok": len(ok), "label/failed": len(labels) - len(ok),
         "label/mean_p_a": lm.mean(lab.p_a for lab in ok) if ok else None,  # type: ignore[misc]

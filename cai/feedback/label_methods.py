@@ -32,10 +32,14 @@ Direct scores. The judge rates each reply 1..10 alone: ``score = sum(k * P(k))``
 ``p_a = P(S_a > S_b) + P(S_a = S_b) / 2`` for independent draws from the two rating
 distributions (:func:`p_a_from_scores`), averaged over principles.
 
-Position metrics (:func:`position_metrics`), over ok pairwise labels:
+Position metrics (:func:`position_metrics`, the one implementation behind both ``label/...``
+and ``quality/...``), over ok labels, from ``P(slot 1 wins)`` per order (:func:`first_slot_probs`):
 ``position_consistency`` = share of two-order pairs whose *response* wins in both orders;
 ``same_slot_rate`` = share whose *slot* wins in both orders (the position bias);
-``first_slot_rate`` = share of all single-order judgements where slot 1 won.
+``first_slot_rate`` = share of single-order judgements won by slot 1. Tie rule: an order whose
+first-slot probability is exactly 0.5 decides nothing. It is counted in ``first_slot_ties`` and
+left out of ``first_slot_n``; a two-order pair with such an order is counted in
+``position_ties`` and left out of ``position_n``, the denominator of the two pair rates.
 """
 
 from __future__ import annotations
@@ -47,8 +51,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, List, Optional
 
 from cai.constitution import Constitution, PreferenceExample, PreferencePrinciple
-from cai.data import Pair
-from cai.errors import ConfigError
+from cai.data import Label, Pair
+from cai.errors import ConfigError, DataError
 from cai.feedback import templates as tpl
 from cai.judges.types import BUDGET, ChoiceRequest, ChoiceResult, GenerateRequest
 
@@ -265,25 +269,75 @@ def p_a_from_scores(probs_a: Mapping[str, float], probs_b: Mapping[str, float]) 
     return total
 
 
-def position_metrics(metas: Iterable[Mapping[str, Any]]) -> dict[str, float | None]:
-    """``position_consistency``, ``same_slot_rate``, ``first_slot_rate`` over the ``meta`` of ok
-    pairwise labels (None where no label qualifies)."""
-    consistent = same_slot = two_order = first_wins = judged = 0
-    for meta in metas:
-        p_first = meta.get("p_first") or {}
-        p_a = meta.get("p_a_by_order") or {}
-        for o in ORDERS:
-            if o in p_first:
-                judged += 1
-                first_wins += p_first[o] > 0.5
-        if all(o in p_a for o in ORDERS):
-            two_order += 1
-            consistent += (p_a["ab"] > 0.5 and p_a["ba"] > 0.5) or (p_a["ab"] < 0.5 and p_a["ba"] < 0.5)
-            same_slot += (p_first["ab"] > 0.5 and p_first["ba"] > 0.5) or (p_first["ab"] < 0.5 and p_first["ba"] < 0.5)
+# ----------------------------------------------------------------------------- position metrics
+def meta_probability(value: Any, label: Label, field_name: str) -> float | None:
+    """A probability read from a label's meta; None when absent (that order or principle was not
+    judged). Anything else names the pair and the field."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise DataError(f"label of pair {label.pair_id!r}: meta.{field_name} must be a probability "
+                        f"in [0, 1] or null, got {value!r}")
+    return float(value)
+
+
+def first_slot_probs(label: Label) -> dict[str, float]:
+    """``{"ab": P(slot 1 wins | a first), "ba": P(slot 1 wins | b first)}`` for the orders present.
+
+    Read from ``meta["p_first"]`` (what the labeller writes); else derived from
+    ``meta["p_a_by_order"]`` (``ba``: slot 1 is b, so ``1 - p_a``); else, for a single-order
+    label, from its own ``p_a``. Direct-score labels have no slots: ``{}``.
+    """
+    meta = label.meta
+    out: dict[str, float] = {}
+    first = meta.get("p_first")
+    by_order = meta.get("p_a_by_order")
+    for order in ORDERS:
+        p = meta_probability(first.get(order), label, f"p_first.{order}") if isinstance(first, Mapping) else None
+        if p is None and isinstance(by_order, Mapping):
+            q = meta_probability(by_order.get(order), label, f"p_a_by_order.{order}")
+            p = None if q is None else (q if order == "ab" else 1.0 - q)
+        if p is not None:
+            out[order] = p
+    if not out and label.status == "ok" and label.order in ORDERS:
+        assert label.p_a is not None
+        out[label.order] = label.p_a if label.order == "ab" else 1.0 - label.p_a
+    return out
+
+
+def position_metrics(labels: Iterable[Label]) -> dict[str, Any]:
+    """Position consistency, same-slot rate and first-slot rate over the ok labels, with their
+    counts and ties (see the module docstring for the tie rule); a rate is None without data."""
+    consistent = same_slot = position_n = position_ties = 0
+    first_wins = first_n = first_ties = 0
+    for label in labels:
+        if label.status != "ok":
+            continue
+        pf = first_slot_probs(label)
+        for p in pf.values():
+            if p == 0.5:
+                first_ties += 1
+            else:
+                first_n += 1
+                first_wins += p > 0.5
+        if "ab" in pf and "ba" in pf:
+            ab, ba = pf["ab"], pf["ba"]
+            if ab == 0.5 or ba == 0.5:
+                position_ties += 1
+                continue
+            position_n += 1
+            if (ab > 0.5) == (ba > 0.5):
+                same_slot += 1  # slot 1 (or slot 2) won both times: the answer followed the slot
+            else:
+                consistent += 1  # the same response won from either slot
     return {
-        "position_consistency": consistent / two_order if two_order else None,
-        "same_slot_rate": same_slot / two_order if two_order else None,
-        "first_slot_rate": first_wins / judged if judged else None,
+        "position_consistency": consistent / position_n if position_n else None,
+        "same_slot_rate": same_slot / position_n if position_n else None,
+        "position_n": position_n,
+        "position_ties": position_ties,
+        "first_slot_rate": first_wins / first_n if first_n else None,
+        "first_slot_n": first_n,
+        "first_slot_ties": first_ties,
     }
 
 
