@@ -140,12 +140,6 @@ def test_direct_score_expectation_and_preference():
     assert lm.p_a_from_scores(pa, pa) == pytest.approx(0.5)
 
 
-def test_failure_kinds():
-    assert lm.failure_kind("http 500 after 6 attempts") == "http"
-    assert lm.failure_kind("unparseable: Both are fine") == "unparseable"
-    assert lm.failure_kind("malformed response (JSONDecodeError) after 3 attempts") == "malformed"
-
-
 def _pairwise_label(pid: str, p_first: dict, order: str = "both", status: str = "ok") -> Label:
     """An ok label as the labeller writes it (p_a from the per-order first-slot probabilities)."""
     by_order = {o: (p if o == "ab" else 1.0 - p) for o, p in p_first.items()}
@@ -286,7 +280,7 @@ def test_a_fourth_method_is_one_class_and_one_registry_row(monkeypatch):
     bad = _constitution().preference[0].id
     _, failed = run_labeller(lc, ScriptedJudge(fail_on=bad), pairs[:1])
     assert failed[0].status == "failed" and failed[0].failure_reason == f"principle {bad}: http 503 after 3 attempts"
-    assert failed[0].meta["failure_kind"] == lm.failure_kind("http 503 after 3 attempts")
+    assert failed[0].meta["failure_kind"] == "http_503"
 
 
 @pytest.mark.parametrize("bad,field", [

@@ -61,7 +61,7 @@ from cai.judges import (
     run_sync,
 )
 from cai.judges.config import SEMANTIC_FIELDS, judge_key, judge_runtime
-from cai.judges.types import BUDGET
+from cai.judges.types import BUDGET, failure_kind
 from cai.feedback.label_methods import LabelConfig, coerce_labels
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class Labeller:
         verdict = self.method.combine(plan.pair, plan.principles, plan.answers)
         meta.update(verdict.meta)
         if verdict.failure is not None:
-            meta["failure_kind"] = lm.failure_kind(verdict.cause or verdict.failure)
+            meta["failure_kind"] = failure_kind(verdict.cause or verdict.failure)
             return Label.failed(plan.pair.id, self.source, verdict.failure, pids, verdict.order, meta)
         p_a = lm.finish(verdict.p_a, self.lc.clamp, self.lc.soft)  # type: ignore[arg-type]
         return Label(plan.pair.id, p_a, self.source, pids, verdict.order, meta=meta)

@@ -54,7 +54,7 @@ from cai.constitution import Constitution, PreferenceExample, PreferencePrincipl
 from cai.data import Label, Pair
 from cai.errors import ConfigError, DataError
 from cai.feedback import templates as tpl
-from cai.judges.types import BUDGET, ChoiceRequest, ChoiceResult, GenerateRequest
+from cai.judges.types import BUDGET, ChoiceRequest, ChoiceResult, GenerateRequest, failure_kind
 
 ORDERS = ("ab", "ba")
 PRINCIPLE_MODES = ("sample", "ensemble", "all")
@@ -192,16 +192,9 @@ def mean(values: Iterable[float]) -> float:
     return sum(vals) / len(vals)
 
 
-def failure_kind(reason: str) -> str:
-    """A short slug of a failure reason for metric names: ``"http 500 after 6 attempts"`` ->
-    ``"http"``, ``"unparseable: ..."`` -> ``"unparseable"``, ``"malformed response (...)"`` ->
-    ``"malformed"``."""
-    word = re.split(r"[\s:(;,]+", reason.strip().lower(), maxsplit=1)[0]
-    return re.sub(r"[^a-z0-9_]+", "_", word).strip("_") or "unknown"
-
-
 def average_samples(samples: Sequence[float | None], failures: Sequence[str | None]) -> tuple[float | None, str | None]:
-    """Mean of the samples that answered, if more than half did; else the commonest reason."""
+    """Mean of the samples that answered, if more than half did; else the first reason of the
+    commonest kind (:func:`~cai.judges.types.failure_kind`)."""
     got = [s for s in samples if s is not None]
     if 2 * len(got) > len(samples):
         return mean(got), None

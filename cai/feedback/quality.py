@@ -24,8 +24,10 @@
 - ``principle/<id>/agreement`` (and ``/n``) from ``meta["per_principle"]`` (per order ``p_a``,
   averaged over the orders present); a label without it but with exactly one principle id
   counts its own ``p_a`` for that principle.
-- ``invalid_rate`` and ``invalid/<code>`` over all AI labels; ``<code>`` is the failure
-  reason's kind (``refusal``, ``unparseable``, ``http_429``, ``timeout``, ``budget``, ...).
+- ``invalid_rate`` and ``invalid/<code>`` over all AI labels; ``<code>`` is the failure kind
+  the labeller recorded in ``meta["failure_kind"]``, else that of the failure reason
+  (:func:`cai.judges.types.failure_kind`: ``refusal``, ``unparseable``, ``http_429``,
+  ``timeout``, ``budget``, ...).
 - ``cost_usd`` (sum of ``meta["cost_usd"]``) and ``cost_per_label_usd`` (per usable label).
 - ``agreement_ci_low/high`` and ``soft_agreement_ci_low/high``: seeded percentile bootstrap
   over pairs (:func:`cai.stats.bootstrap_ci`).
@@ -41,7 +43,6 @@ The pipeline stage ``label_quality`` (:func:`build_label_quality`) writes ``qual
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -53,6 +54,7 @@ import numpy as np
 from cai.data import Label, read_jsonl
 from cai.errors import ConfigError, DataError
 from cai.feedback.label_methods import meta_probability, position_metrics
+from cai.judges.types import failure_kind
 from cai.stats import bootstrap_ci
 
 P = "quality/"
@@ -102,17 +104,6 @@ class QualityReport:
 
 
 # ----------------------------------------------------------------------------- helpers
-def reason_code(reason: str | None) -> str:
-    """The kind of a failure reason: ``"http 500 after 5 attempts"`` -> ``"http_500"``,
-    ``"unparseable: ..."`` -> ``"unparseable"``, ``"refusal (3 of 5 samples)"`` -> ``"refusal"``."""
-    text = (reason or "").strip().lower()
-    m = re.match(r"http (\d{3})", text)
-    if m:
-        return f"http_{m.group(1)}"
-    m = re.match(r"[a-z][a-z_]*", text)
-    return m.group(0) if m else "other"
-
-
 def _index(labels: Iterable[Label], side: str) -> dict[str, Label]:
     out: dict[str, Label] = {}
     for i, label in enumerate(labels):
@@ -176,7 +167,9 @@ def invalid_metrics(labels: list[Label]) -> tuple[dict[str, Any], dict[str, int]
     """Failure rate overall and per reason code, over every AI label."""
     failed = [lab for lab in labels if lab.status == "failed"]
     n = len(labels)
-    codes = Counter(reason_code(lab.failure_reason) for lab in failed)
+    # the kind the labeller recorded is that of the judge's own reason (a pairwise label's reason
+    # reads "order ab failed (principle p): <the judge's reason>")
+    codes = Counter(str(lab.meta.get("failure_kind") or failure_kind(lab.failure_reason)) for lab in failed)
     metrics: dict[str, Any] = {P + "invalid_rate": len(failed) / n if n else None, P + "n_failed": len(failed)}
     for code, count in sorted(codes.items()):
         metrics[f"{P}invalid/{code}"] = count / n
