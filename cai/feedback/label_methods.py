@@ -44,7 +44,6 @@ left out of ``first_slot_n``; a two-order pair with such an order is counted in
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -54,7 +53,13 @@ from cai.constitution import Constitution, PreferenceExample, PreferencePrincipl
 from cai.data import Label, Pair
 from cai.errors import ConfigError, DataError
 from cai.feedback import templates as tpl
-from cai.judges.types import BUDGET, ChoiceRequest, ChoiceResult, GenerateRequest, failure_kind
+from cai.judges.types import (
+    BUDGET,
+    ChoiceRequest,
+    ChoiceResult,
+    GenerateRequest,
+    failure_kind,
+)
 
 ORDERS = ("ab", "ba")
 PRINCIPLE_MODES = ("sample", "ensemble", "all")
