@@ -22,6 +22,7 @@ from cai.feedback import label_methods as lm
 from cai.feedback import templates as tpl
 from cai.feedback.label import label_pairs
 from cai.feedback.label_methods import coerce_labels
+from cai.judges import ChoiceRequest
 from cai.testing import FakeOpenAIServer, Faults
 from cai.testing.fake_model import FakeModel
 
@@ -139,18 +140,147 @@ def test_direct_score_expectation_and_preference():
     assert lm.p_a_from_scores(pa, pa) == pytest.approx(0.5)
 
 
-def test_failure_kinds_and_position_metrics():
-    assert lm.failure_kind("http 500 after 6 attempts") == "http"
-    assert lm.failure_kind("unparseable: Both are fine") == "unparseable"
-    assert lm.failure_kind("malformed response (JSONDecodeError) after 3 attempts") == "malformed"
-    metas = [
-        {"p_first": {"ab": 0.8, "ba": 0.3}, "p_a_by_order": {"ab": 0.8, "ba": 0.7}},  # consistent: a wins twice
-        {"p_first": {"ab": 0.8, "ba": 0.9}, "p_a_by_order": {"ab": 0.8, "ba": 0.1}},  # slot 1 wins twice
-        {"p_first": {"ab": 0.4}, "p_a_by_order": {"ab": 0.4}},  # one order only
+def _pairwise_label(pid: str, p_first: dict, order: str = "both", status: str = "ok") -> Label:
+    """An ok label as the labeller writes it (p_a from the per-order first-slot probabilities)."""
+    by_order = {o: (p if o == "ab" else 1.0 - p) for o, p in p_first.items()}
+    meta = {"label_method": "pairwise", "p_first": p_first, "p_a_by_order": by_order}
+    if status != "ok":
+        return Label.failed(pid, "ai:x:y", "refusal", order=order, meta=meta)
+    return Label(pid, sum(by_order.values()) / len(by_order), "ai:x:y", order=order, meta=meta)
+
+
+def test_position_metrics_of_the_stage_are_those_of_label_quality():
+    from cai.feedback.label import _metrics
+    from cai.feedback.quality import label_quality
+
+    labels = [
+        _pairwise_label("c", {"ab": 0.8, "ba": 0.3}),  # consistent: a wins from either slot
+        _pairwise_label("s", {"ab": 0.8, "ba": 0.9}),  # slot 1 wins twice
+        _pairwise_label("o", {"ab": 0.4}, order="ab"),  # one order only: first-slot rate alone
+        _pairwise_label("t", {"ab": 0.5, "ba": 0.2}),  # ab undecided: a position tie
+        _pairwise_label("f", {"ab": 0.9, "ba": 0.9}, status="failed"),  # failed: nothing
+        Label("d", 0.7, "ai:x:y", meta={"label_method": "direct_score", "p_first": {}, "p_a_by_order": {}}),
     ]
-    m = lm.position_metrics(metas)
-    assert m["position_consistency"] == 0.5 and m["same_slot_rate"] == 0.5
-    assert m["first_slot_rate"] == pytest.approx(3 / 5)
+    m = _metrics(labels, labels, {})
+    # The tie rule (one, in label_methods.position_metrics): an order judged exactly 0.5 decides
+    # nothing. Before the two implementations were merged, the stage counted pair "t" in the
+    # denominator of the pair rates (consistency 1/3, same slot 1/3) and its 0.5 as a slot-1 loss
+    # (first-slot rate 3/7), while label_quality already left it out; now both leave it out.
+    assert m["label/position_consistency"] == 0.5 and m["label/same_slot_rate"] == 0.5
+    assert m["label/position_n"] == 2 and m["label/position_ties"] == 1
+    # decided single-order judgements: .8 .3 .8 .9 .4 .2 -> slot 1 won 3 of 6
+    assert m["label/first_slot_rate"] == pytest.approx(3 / 6)
+    assert m["label/first_slot_n"] == 6 and m["label/first_slot_ties"] == 1
+    q = label_quality(labels, [])
+    names = ("position_consistency", "same_slot_rate", "position_n", "position_ties", "first_slot_rate",
+             "first_slot_n", "first_slot_ties")
+    assert {k: m[f"label/{k}"] for k in names} == {k: q[f"quality/{k}"] for k in names}
+
+
+# ----------------------------------------------------------------------------- the method classes
+class ScriptedJudge:
+    """An in-process judge: P(A) = 0.8 for every choice request (it fails one whose tag says
+    principle ``fail_on``); every generate request is answered "Because." Records each call."""
+
+    name, model = "scripted", "rule"
+
+    def __init__(self, fail_on: str | None = None):
+        self.calls: list[tuple[str, list]] = []
+        self.fail_on = fail_on
+
+    async def choose_many(self, reqs, progress=False):
+        from cai.judges import ChoiceResult
+
+        self.calls.append(("choose", list(reqs)))
+        out = []
+        for r in reqs:
+            ok = r.tag.get("principle_id") != self.fail_on
+            probs = {c: (0.8 if c == r.choices[0] else 0.2 / (len(r.choices) - 1)) for c in r.choices} if ok else None
+            out.append(ChoiceResult(probs, "logprobs" if ok else "", "ok" if ok else "failed",
+                                    None if ok else "http 503 after 3 attempts", "", 10, 1, 0.001, 0.0, False, 1,
+                                    self.model, self.name, r.tag))
+        return out
+
+    async def generate_many(self, reqs, progress=False):
+        from cai.judges import GenerateResult
+
+        self.calls.append(("generate", list(reqs)))
+        return [GenerateResult("Because.", "ok", None, "stop", 10, 2, 0.0, 0.0, False, 1, self.model, self.name, r.tag)
+                for r in reqs]
+
+
+def run_labeller(lc, judge, pairs):
+    from cai.feedback.label import Labeller
+    from cai.judges import run_sync
+
+    labeller = Labeller(lc, _constitution(), judge, "ai:scripted:rule", 0, {"backend": "scripted"})
+    plans = [labeller.plan(p) for p in pairs]
+    assert run_sync(labeller.judge_batch(plans)) is None
+    return labeller, [labeller.label(plan) for plan in plans]
+
+
+def test_the_three_methods_are_registered_and_picked_from_the_config():
+    assert lm.LABEL_METHODS == {"pairwise": lm.Pairwise, "cot": lm.ChainOfThought, "direct_score": lm.DirectScore}
+    c = _constitution()
+    assert type(lm.method_for(coerce_labels({}), c)) is lm.Pairwise
+    assert type(lm.method_for(coerce_labels({"cot": True}), c)) is lm.ChainOfThought
+    assert type(lm.method_for(coerce_labels({"method": "direct_score"}), c)) is lm.DirectScore
+    with pytest.raises(ConfigError, match="no labelling method 'nope'"):
+        lm.method_for(lm.LabelConfig(method="nope"), c)
+
+
+def test_chain_of_thought_asks_in_two_rounds_for_the_whole_batch():
+    pairs = make_pairs(3)
+    judge = ScriptedJudge()
+    _, labels = run_labeller(coerce_labels({"cot": True, "self_consistency": 2}), judge, pairs)
+    # every reasoning of the batch in one call, then every letter in one call (3 pairs x 2 orders x 2 samples)
+    assert [(kind, len(reqs)) for kind, reqs in judge.calls] == [("generate", 12), ("choose", 12)]
+    assert [r.tag["step"] for r in judge.calls[1][1]] == ["answer"] * 12
+    assert all("Because." in r.messages[-1]["content"] for r in judge.calls[1][1])
+    for lab in labels:  # P(A) = 0.8 in both orders: a wins in ab, b wins in ba
+        assert lab.status == "ok" and lab.p_a == pytest.approx(0.5) and lab.meta["samples_failed"] == 0
+
+
+class AskOnce(lm.LabelMethod):
+    """A toy fourth method: one order only, one request per principle, ``p_a`` = P(A) averaged."""
+
+    name = "ask_once"
+
+    def requests(self, pair, principles):
+        turns = pair.prompt.messages_as_dicts()
+        return [((p.id, "ab", 0), ChoiceRequest(tpl.comparison_messages(turns, pair.response_a, pair.response_b,
+                                                                          p.question),
+                                                  tpl.PAIR_CHOICES, tag=self.tag(pair, (p.id, "ab", 0), "answer")))
+                for p in principles]
+
+    def combine(self, pair, principles, answers):
+        failed = [(key, a) for key, a in answers.items() if not lm.answered(a)]
+        if failed:
+            (pid, _, _), answer = failed[0]
+            return lm.Verdict(None, "ab", {}, f"principle {pid}: {lm.why(answer)}", lm.why(answer))
+        ps = [a.probs["A"] for a in answers.values()]
+        return lm.Verdict(lm.mean(ps), "ab", {"asked": len(ps)})
+
+
+def test_a_fourth_method_is_one_class_and_one_registry_row(monkeypatch):
+    monkeypatch.setitem(lm.LABEL_METHODS, "ask_once", AskOnce)
+    pairs = make_pairs(2)
+    judge = ScriptedJudge()
+    # LabelConfig built directly: its ``method`` choices (coerce_labels) do not list the toy
+    lc = lm.LabelConfig(method="ask_once", principles="all", clamp=[0.4, 0.6])
+    labeller, labels = run_labeller(lc, judge, pairs)
+    assert isinstance(labeller.method, AskOnce)
+    n_principles = len(_constitution().preference)
+    assert [(kind, len(reqs)) for kind, reqs in judge.calls] == [("choose", 2 * n_principles)]
+    for lab, pair in zip(labels, pairs):
+        assert lab.pair_id == pair.id and lab.status == "ok" and lab.order == "ab"
+        assert lab.p_a == 0.6  # 0.8, clamped by the labeller (labels.clamp), not by the method
+        assert lab.meta["asked"] == n_principles and lab.meta["requests"] == n_principles
+        assert lab.meta["label_method"] == "ask_once" and lab.meta["method"] == "logprobs"
+    bad = _constitution().preference[0].id
+    _, failed = run_labeller(lc, ScriptedJudge(fail_on=bad), pairs[:1])
+    assert failed[0].status == "failed" and failed[0].failure_reason == f"principle {bad}: http 503 after 3 attempts"
+    assert failed[0].meta["failure_kind"] == "http_503"
 
 
 @pytest.mark.parametrize("bad,field", [

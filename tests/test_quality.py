@@ -12,15 +12,15 @@ import pytest
 from cai.artifacts import ArtifactStore
 from cai.data import Label, write_jsonl
 from cai.errors import ConfigError, DataError
+from cai.feedback.label_methods import first_slot_probs
 from cai.feedback.quality import (
     QualityConfig,
     build_label_quality,
-    first_slot_probs,
     label_quality,
     quality_report,
-    reason_code,
     reliability_table,
 )
+from cai.judges.types import failure_kind
 from cai.stats import bootstrap_ci, paired_bootstrap_diff, paired_permutation_test
 
 SOURCE = "ai:openai:fake"
@@ -153,13 +153,30 @@ def test_failures_unmatched_pairs_and_cost_are_counted_not_dropped():
     assert m["quality/tokens_in"] == 60
 
 
+# One rule (cai.judges.types.failure_kind) for every failure count: it replaced quality's
+# reason_code, whose "no reason" kind was "other", and the labeller's failure_kind, which cut
+# "http 500 ..." to "http". "unknown" is what the labelling stage, the PPO judge reward and the
+# judge-answers stage already counted a missing reason as; the status code stays in http kinds
+# because a 429 (rate limit) and a 500 (server error) call for different fixes.
 @pytest.mark.parametrize("reason,code", [
     ("refusal", "refusal"), ("unparseable: empty answer", "unparseable"), ("http 429 after 6 attempts", "http_429"),
     ("http 400: bad request", "http_400"), ("timeout after 3 attempts", "timeout"), ("budget", "budget"),
-    ("malformed response (no choices) after 3 attempts", "malformed"), ("", "other"), (None, "other"),
+    ("malformed response (no choices) after 3 attempts", "malformed"), ("", "unknown"), (None, "unknown"),
+    ("http 500 after 6 attempts", "http_500"), ("unparseable: Both are fine", "unparseable"),
+    ("malformed response (JSONDecodeError) after 3 attempts", "malformed"), ("refusal (3 of 5 samples)", "refusal"),
+    ("connection error after 4 attempts", "connection"),
 ])
-def test_reason_codes(reason, code):
-    assert reason_code(reason) == code
+def test_failure_kinds(reason, code):
+    assert failure_kind(reason) == code
+
+
+def test_invalid_codes_count_the_kind_the_labeller_recorded():
+    """A failed pairwise label's reason names the order first; its kind is the judge's reason's."""
+    label = Label.failed("k1", SOURCE, "order ba failed (principle harm): http 500 after 6 attempts", order="both",
+                         meta={"failure_kind": "http_500"})
+    m = label_quality([label, ai("k2", None, reason="refusal")], [], cfg())
+    assert m["quality/invalid/http_500"] == 0.5 and m["quality/invalid/refusal"] == 0.5
+    assert "quality/invalid/order" not in m
 
 
 def test_duplicate_label_for_a_pair_is_an_error():

@@ -16,7 +16,7 @@ Definitions (the report and the metrics use exactly these):
   ``p_win < 0.5 - tie_margin``, else **tie**. With hard answers (probabilities 0/1) a tie is
   a prompt whose two orders disagree. A prompt where either order has no usable answer
   (refusal, unparseable, HTTP failure, budget) is **invalid**: counted by reason (the codes
-  of :func:`cai.feedback.quality.reason_code`), never a loss, never in a denominator.
+  of :func:`cai.judges.types.failure_kind`), never a loss, never in a denominator.
 - Win rate, ``ties="half"`` (default): ``(wins + ties/2) / (wins + ties + losses)``;
   ``ties="excluded"``: ``wins / (wins + losses)`` (ties still reported). The 95% interval
   is a percentile bootstrap over prompts (:func:`cai.stats.bootstrap_ci`).
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cai.errors import DataError
-from cai.feedback.quality import reason_code
+from cai.judges.types import failure_kind
 from cai.stats import bootstrap_ci, paired_bootstrap_diff, paired_permutation_test
 from cai.stats import t_quantile
 
@@ -165,7 +165,7 @@ def win_rate(judgements: Sequence[Judgement], *, ties: str = "half", tie_margin:
     if not 0.0 <= tie_margin < 0.5:
         raise ValueError(f"tie_margin must be in [0, 0.5), got {tie_margin!r}")
     counts = Counter(j.outcome(tie_margin) for j in judgements)
-    reasons = Counter(reason_code(j.failure) for j in judgements if not j.valid)
+    reasons = Counter(failure_kind(j.failure) for j in judgements if not j.valid)
     scores = np.array(list(outcome_scores(judgements, ties, tie_margin).values()))
     valid = [j for j in judgements if j.valid]
     nan = float("nan")
@@ -212,7 +212,7 @@ def binary_rate(probs: Sequence[float | None], failures: Sequence[str | None] | 
     """Share of items whose positive-answer probability is above 0.5 (e.g. the harmless rate).
 
     ``probs[i]`` is None for an item the judge did not answer; ``failures[i]`` then says why
-    (counted by :func:`reason_code`)."""
+    (counted by :func:`~cai.judges.types.failure_kind`)."""
     failures = list(failures) if failures is not None else [None] * len(probs)
     if len(failures) != len(probs):
         raise ValueError(f"binary_rate: {len(probs)} probabilities but {len(failures)} failure reasons")
@@ -222,7 +222,7 @@ def binary_rate(probs: Sequence[float | None], failures: Sequence[str | None] | 
             raise DataError(f"binary_rate: item {i}: probability must be in [0, 1] or None, got {p!r}")
         if p is not None:
             valid.append(float(p))
-    reasons = Counter(reason_code(f) for p, f in zip(probs, failures) if p is None)
+    reasons = Counter(failure_kind(f) for p, f in zip(probs, failures) if p is None)
     decided = np.array([1.0 if p > 0.5 else 0.0 for p in valid if p != 0.5])
     nan = float("nan")
     low, high = (bootstrap_ci(decided, n=n_boot, seed=seed, alpha=alpha) if decided.size else (nan, nan))

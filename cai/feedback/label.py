@@ -3,9 +3,10 @@
 For every input pair (``pairs.jsonl`` of the upstream artifact, records of :class:`cai.data.Pair`)
 the stage draws the principles to ask (``labels.principles``: one weighted draw per pair,
 seeded by ``seed`` and the pair id; an ensemble of ``k_principles``; or all of them), renders the
-prompts (:mod:`cai.feedback.templates`) in one or both orders, sends them through the judge from
-:func:`~cai.judges.make_judge` and combines the answers
-(:mod:`cai.feedback.label_methods`). It writes ``labels.jsonl``: one :class:`cai.data.Label` per
+prompts (:mod:`cai.feedback.templates`) the labelling method asks for -- pairwise in one or both
+orders, chain of thought, or direct scores (:mod:`cai.feedback.label_methods`, one class each) --
+sends them through the judge from :func:`~cai.judges.make_judge` and lets the method combine the
+answers. It writes ``labels.jsonl``: one :class:`cai.data.Label` per
 input pair, in input order, with ``source = "ai:<backend>:<model>"``, ``p_a`` = the final
 probability that ``response_a`` is better, and ``meta`` holding ``p_first``, ``p_a_by_order``,
 ``per_principle``, ``judge``, tokens, cost, cache hits and the judge's method (the format the
@@ -60,43 +61,30 @@ from cai.judges import (
     run_sync,
 )
 from cai.judges.config import SEMANTIC_FIELDS, judge_key, judge_runtime
-from cai.judges.types import BUDGET
+from cai.judges.types import BUDGET, failure_kind
 from cai.feedback.label_methods import LabelConfig, coerce_labels
 
 log = logging.getLogger(__name__)
 
-STAGE = "ai_labels"
+STAGE = lm.STAGE
 # judge fields that change the answers (the rest is how fast / how much / where cached); the
 # key of a judge is judge_key(...), which adds a non-default dtype of a local judge
 SEMANTIC_JUDGE_FIELDS = SEMANTIC_FIELDS
 RUNTIME_LABEL_FIELDS = ("batch_pairs", "hf_batch_size")
 
 
-# ----------------------------------------------------------------------------- requests
-Unit = tuple[str, str]  # (principle id, order "ab"/"ba") or (principle id, reply "a"/"b")
-Outcome = Any  # a ChoiceResult, or a failure reason (str) when no choice request was sent
-
-
+# ----------------------------------------------------------------------------- the labeller
 @dataclass
 class _Plan:
     pair: Pair
     principles: list[PreferencePrinciple]
-    outcomes: dict[Unit, list[Outcome]] = field(default_factory=dict)
+    answers: dict[lm.Key, lm.Answer] = field(default_factory=dict)  # in the order the method asked
     spent: list[Any] = field(default_factory=list)  # every result behind the label (for accounting)
 
 
-def _ok(o: Outcome) -> bool:
-    return isinstance(o, ChoiceResult) and o.ok and o.probs is not None
-
-
-def _reason(o: Outcome) -> str:
-    if o is None:
-        return "no answer"
-    return o if isinstance(o, str) else str(o.failure_reason or "no answer")
-
-
 class Labeller:
-    """Turns pairs into judge requests and judge answers into labels."""
+    """Turns pairs into judge requests and judge answers into labels, through the labelling
+    method the config picks (:func:`~cai.feedback.label_methods.method_for`)."""
 
     def __init__(self, lc: LabelConfig, constitution: Constitution, judge: Any, source: str, seed: int,
                  judge_info: dict) -> None:
@@ -106,142 +94,70 @@ class Labeller:
         self.source = source
         self.seed = seed
         self.judge_info = judge_info
-        self.orders = list(lm.ORDERS) if lc.both_orders else ["ab"]
-        examples = constitution.few_shot.preference if lc.few_shot else ()
-        self.examples = tpl.cot_examples(examples) if lc.cot else list(examples)
-        if lc.few_shot and not self.examples:
-            what = "with a rationale (needed with cot)" if lc.cot else ""
-            raise ConfigError(f"labels.few_shot: constitution {constitution.name!r} has no few_shot.preference "
-                              f"examples {what}".rstrip())
-        self.samples = lc.self_consistency
-        self.temperature = (lc.cot_temperature if lc.cot_temperature is not None
-                            else (0.0 if lc.self_consistency == 1 else 1.0))
+        self.method = lm.method_for(lc, constitution)
 
     def plan(self, pair: Pair) -> _Plan:
+        """The principles to ask about ``pair``: drawn from a generator seeded by the pair."""
         rng = random.Random(f"{self.seed}:{pair.id}")
         c = self.constitution
         if self.lc.principles == "all":
             chosen = list(c.preference)
         else:
             chosen = c.sample_preference(rng, 1 if self.lc.principles == "sample" else self.lc.k_principles)
-        plan = _Plan(pair, chosen)
-        keys = self.orders if self.lc.method == "pairwise" else ["a", "b"]
-        n = self.samples if self.lc.method == "pairwise" else 1
-        plan.outcomes = {(p.id, k): [None] * n for p in chosen for k in keys}
-        return plan
-
-    def _tag(self, plan: _Plan, unit: Unit, sample: int, step: str) -> dict:
-        return {"stage": STAGE, "pair_id": plan.pair.id, "principle_id": unit[0], "order": unit[1],
-                "sample": sample, "step": step, "template_version": tpl.TEMPLATE_VERSION}
-
-    def _slots(self, plan: _Plan, unit: Unit) -> tuple[list[dict], str, str, str]:
-        p = plan.pair
-        first, second = (p.response_a, p.response_b) if unit[1] == "ab" else (p.response_b, p.response_a)
-        question = self.constitution.preference_by_id(unit[0]).question
-        return p.prompt.messages_as_dicts(), first, second, question
-
-    def choice_request(self, plan: _Plan, unit: Unit) -> ChoiceRequest:
-        if self.lc.method == "direct_score":
-            p = plan.pair
-            reply = p.response_a if unit[1] == "a" else p.response_b
-            question = self.constitution.preference_by_id(unit[0]).question
-            msgs = tpl.score_messages(p.prompt.messages_as_dicts(), reply, question)
-            return ChoiceRequest(msgs, tpl.SCORE_CHOICES, tag=self._tag(plan, unit, 0, "score"))
-        msgs = tpl.comparison_messages(*self._slots(plan, unit), few_shot=self.examples)
-        return ChoiceRequest(msgs, tpl.PAIR_CHOICES, tag=self._tag(plan, unit, 0, "answer"))
-
-    def reasoning_request(self, plan: _Plan, unit: Unit, sample: int) -> GenerateRequest:
-        msgs = tpl.cot_request_messages(*self._slots(plan, unit), few_shot=self.examples)
-        return GenerateRequest(msgs, max_tokens=self.lc.cot_max_tokens, temperature=self.temperature, seed=sample,
-                               tag=self._tag(plan, unit, sample, "reasoning"))
-
-    def answer_request(self, plan: _Plan, unit: Unit, sample: int, rationale: str) -> ChoiceRequest:
-        msgs = tpl.cot_answer_messages(*self._slots(plan, unit), rationale, few_shot=self.examples)
-        return ChoiceRequest(msgs, tpl.PAIR_CHOICES, tag=self._tag(plan, unit, sample, "answer"))
+        return _Plan(pair, chosen)
 
     # ---- one batch of pairs through the judge -------------------------------------------------
     async def judge_batch(self, plans: list[_Plan]) -> BudgetExhausted | None:
-        """Fill every plan's outcomes; returns the BudgetExhausted that stopped the batch, if any."""
+        """Fill every plan's answers; returns the BudgetExhausted that stopped the batch, if any.
+
+        Each round sends the requests of every pair of the batch together; the method's follow-up
+        requests (chain of thought: the letter after the reasoning) make the next round."""
         stopped: BudgetExhausted | None = None
-        choices: list[ChoiceRequest] = []
-        where: list[tuple[_Plan, Unit, int]] = []
-        if self.lc.cot:
-            gens, gwhere = [], []
-            for plan in plans:
-                for unit, samples in plan.outcomes.items():
-                    for s in range(len(samples)):
-                        gens.append(self.reasoning_request(plan, unit, s))
-                        gwhere.append((plan, unit, s))
-            results, stopped = await _send(self.judge.generate_many, gens)
-            for (plan, unit, s), g in zip(gwhere, results):
-                plan.spent.append(g)
-                if g.ok and g.text is not None:
-                    choices.append(self.answer_request(plan, unit, s, g.text))
-                    where.append((plan, unit, s))
+        pending: list[tuple[_Plan, lm.Key, lm.Request]] = []
+        for plan in plans:
+            for key, request in self.method.requests(plan.pair, plan.principles):
+                plan.answers[key] = None
+                pending.append((plan, key, request))
+        while pending:
+            results, stop = await self._send_round([request for _, _, request in pending])
+            stopped = stopped or stop
+            asked, pending = pending, []
+            for (plan, key, _), result in zip(asked, results):
+                plan.spent.append(result)
+                step = self.method.follow_up(plan.pair, key, result)
+                if isinstance(step, (ChoiceRequest, GenerateRequest)):
+                    pending.append((plan, key, step))
                 else:
-                    reason = g.failure_reason or "no reasoning"
-                    plan.outcomes[unit][s] = reason if reason == BUDGET else f"reasoning step: {reason}"
-        else:
-            for plan in plans:
-                for unit in plan.outcomes:
-                    choices.append(self.choice_request(plan, unit))
-                    where.append((plan, unit, 0))
-        results, stopped_choices = await _send(self.judge.choose_many, choices)
-        for (plan, unit, s), r in zip(where, results):
-            plan.spent.append(r)
-            plan.outcomes[unit][s] = r
-        return stopped or stopped_choices
+                    plan.answers[key] = step
+        return stopped
+
+    async def _send_round(self, requests: list[lm.Request]) -> tuple[list, BudgetExhausted | None]:
+        """One round: the free-text requests in one ``generate_many`` call, the choice requests in
+        one ``choose_many`` call; the results in request order."""
+        results: list[Any] = [None] * len(requests)
+        stopped: BudgetExhausted | None = None
+        for kind, send in ((GenerateRequest, self.judge.generate_many), (ChoiceRequest, self.judge.choose_many)):
+            where = [i for i, r in enumerate(requests) if isinstance(r, kind)]
+            got, stop = await _send(send, [requests[i] for i in where])
+            stopped = stopped or stop
+            for i, result in zip(where, got):
+                results[i] = result
+        return results, stopped
 
     # ---- answers -> label ----------------------------------------------------------------------
     def label(self, plan: _Plan) -> Label | None:
         """The pair's label; None when part of it was never asked (stopped at the budget)."""
-        flat = [o for samples in plan.outcomes.values() for o in samples]
-        if any(_reason(o) == BUDGET for o in flat if not _ok(o)):
+        if any(lm.why(a) == BUDGET for a in plan.answers.values() if not lm.answered(a)):
             return None
         pids = tuple(p.id for p in plan.principles)
         meta = self._accounting(plan)
-        if self.lc.method == "direct_score":
-            p_a, failure, kind_of = self._direct(plan, meta)
-        else:
-            p_a, failure, kind_of = self._pairwise(plan, meta)
-        if failure is not None:
-            meta["failure_kind"] = lm.failure_kind(kind_of or failure)
-            return Label.failed(plan.pair.id, self.source, failure, pids, meta.pop("_order"), meta)
-        return Label(plan.pair.id, lm.finish(p_a, self.lc.clamp, self.lc.soft), self.source, pids, meta.pop("_order"),
-                     meta=meta)
-
-    def _pairwise(self, plan: _Plan, meta: dict) -> tuple[float | None, str | None, str | None]:
-        judgements = []
-        for (pid, order), samples in plan.outcomes.items():
-            probs = [o.probs[tpl.PAIR_CHOICES[0]] if _ok(o) else None for o in samples]
-            p, failure = lm.average_samples(probs, [None if _ok(o) else _reason(o) for o in samples])
-            judgements.append(lm.Judgement(pid, order, p, failure))
-        c = lm.combine_pairwise(judgements, self.orders, self.lc.allow_single_order)
-        meta.update(p_first=c.p_first, p_a_by_order=c.p_a_by_order, per_principle=c.per_principle, _order=c.order)
-        if self.samples > 1:
-            meta["samples_failed"] = sum(1 for s in plan.outcomes.values() for o in s if not _ok(o))
-        return c.p_a, c.failure, lm.first_failure(judgements)
-
-    def _direct(self, plan: _Plan, meta: dict) -> tuple[float | None, str | None, str | None]:
-        per: dict[str, dict[str, float]] = {}
-        failure = None
-        for p in plan.principles:
-            a, b = plan.outcomes[(p.id, "a")][0], plan.outcomes[(p.id, "b")][0]
-            for slot, o in (("a", a), ("b", b)):
-                if not _ok(o) and failure is None:
-                    failure = (f"principle {p.id}, response_{slot}: {_reason(o)}", _reason(o))
-            if _ok(a) and _ok(b):
-                per[p.id] = {"p_a": lm.p_a_from_scores(a.probs, b.probs), "score_a": lm.expected_score(a.probs),
-                             "score_b": lm.expected_score(b.probs)}
-        # no orders here: per_principle maps a principle straight to its p_a
-        meta.update(p_first={}, p_a_by_order={}, per_principle={k: v["p_a"] for k, v in per.items()},
-                    scores_by_principle={k: {"score_a": v["score_a"], "score_b": v["score_b"]} for k, v in per.items()},
-                    _order="both")
-        if failure is not None:
-            return None, failure[0], failure[1]
-        meta["score_a"] = lm.mean(v["score_a"] for v in per.values())
-        meta["score_b"] = lm.mean(v["score_b"] for v in per.values())
-        return lm.mean(v["p_a"] for v in per.values()), None, None
+        verdict = self.method.combine(plan.pair, plan.principles, plan.answers)
+        meta.update(verdict.meta)
+        if verdict.failure is not None:
+            meta["failure_kind"] = failure_kind(verdict.cause or verdict.failure)
+            return Label.failed(plan.pair.id, self.source, verdict.failure, pids, verdict.order, meta)
+        p_a = lm.finish(verdict.p_a, self.lc.clamp, self.lc.soft)  # type: ignore[arg-type]
+        return Label(plan.pair.id, p_a, self.source, pids, verdict.order, meta=meta)
 
     def _accounting(self, plan: _Plan) -> dict:
         methods = Counter(r.method for r in plan.spent if isinstance(r, ChoiceResult) and r.ok)
@@ -279,7 +195,7 @@ def _judge_config(cfg: Mapping[str, Any], inputs: Mapping[str, Path], runtime: M
 def _metrics(labels: list[Label], unique: list[Label], run: dict[str, Any]) -> dict[str, Any]:
     ok = [lab for lab in labels if lab.status == "ok"]
     kinds = Counter(str(lab.meta.get("failure_kind", "unknown")) for lab in labels if lab.status != "ok")
-    pos = lm.position_metrics(lab.meta for lab in ok if lab.meta.get("label_method") == "pairwise")
+    pos = lm.position_metrics(labels)  # the ok labels with slots (direct scores have none)
     m: dict[str, Any] = {
         "label/pairs": len(labels), "label/ok": len(ok), "label/failed": len(labels) - len(ok),
         "label/mean_p_a": lm.mean(lab.p_a for lab in ok) if ok else None,  # type: ignore[misc]

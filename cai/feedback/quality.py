@@ -13,17 +13,21 @@
   Swapping a pair's slots maps bin ``i`` onto bin ``n_bins - 1 - i`` with the same gap, so this
   is also the calibration of p(human-preferred). The per-bin table is in the report.
 - Position bias, from the per-order probabilities the labeler keeps in ``meta["p_first"]``
-  (P(slot 1 wins) with a shown first, ``"ab"``, and with b shown first, ``"ba"``):
-  ``position_consistency`` is the share of pairs judged in both orders whose *response* wins in
-  both; ``same_slot_rate`` the share whose *slot* wins in both (the RLAIF paper's "same position
-  preferred"); ``first_slot_rate`` the share of single-order judgements won by slot 1. An order
-  judged exactly 0.5 decides nothing: such pairs/judgements are counted in ``position_ties``
-  / ``first_slot_ties`` and left out. These need no human label, so they use every AI label.
+  (P(slot 1 wins) with a shown first, ``"ab"``, and with b shown first, ``"ba"``), by
+  :func:`cai.feedback.label_methods.position_metrics` -- the same function behind the labelling
+  stage's ``label/...`` position metrics: ``position_consistency`` is the share of pairs judged
+  in both orders whose *response* wins in both; ``same_slot_rate`` the share whose *slot* wins in
+  both (the RLAIF paper's "same position preferred"); ``first_slot_rate`` the share of
+  single-order judgements won by slot 1. An order judged exactly 0.5 decides nothing: such
+  pairs/judgements are counted in ``position_ties`` / ``first_slot_ties`` and left out. These
+  need no human label, so they use every AI label.
 - ``principle/<id>/agreement`` (and ``/n``) from ``meta["per_principle"]`` (per order ``p_a``,
   averaged over the orders present); a label without it but with exactly one principle id
   counts its own ``p_a`` for that principle.
-- ``invalid_rate`` and ``invalid/<code>`` over all AI labels; ``<code>`` is the failure
-  reason's kind (``refusal``, ``unparseable``, ``http_429``, ``timeout``, ``budget``, ...).
+- ``invalid_rate`` and ``invalid/<code>`` over all AI labels; ``<code>`` is the failure kind
+  the labeller recorded in ``meta["failure_kind"]``, else that of the failure reason
+  (:func:`cai.judges.types.failure_kind`: ``refusal``, ``unparseable``, ``http_429``,
+  ``timeout``, ``budget``, ...).
 - ``cost_usd`` (sum of ``meta["cost_usd"]``) and ``cost_per_label_usd`` (per usable label).
 - ``agreement_ci_low/high`` and ``soft_agreement_ci_low/high``: seeded percentile bootstrap
   over pairs (:func:`cai.stats.bootstrap_ci`).
@@ -39,7 +43,6 @@ The pipeline stage ``label_quality`` (:func:`build_label_quality`) writes ``qual
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -50,6 +53,8 @@ import numpy as np
 
 from cai.data import Label, read_jsonl
 from cai.errors import ConfigError, DataError
+from cai.feedback.label_methods import meta_probability, position_metrics
+from cai.judges.types import failure_kind
 from cai.stats import bootstrap_ci
 
 P = "quality/"
@@ -99,17 +104,6 @@ class QualityReport:
 
 
 # ----------------------------------------------------------------------------- helpers
-def reason_code(reason: str | None) -> str:
-    """The kind of a failure reason: ``"http 500 after 5 attempts"`` -> ``"http_500"``,
-    ``"unparseable: ..."`` -> ``"unparseable"``, ``"refusal (3 of 5 samples)"`` -> ``"refusal"``."""
-    text = (reason or "").strip().lower()
-    m = re.match(r"http (\d{3})", text)
-    if m:
-        return f"http_{m.group(1)}"
-    m = re.match(r"[a-z][a-z_]*", text)
-    return m.group(0) if m else "other"
-
-
 def _index(labels: Iterable[Label], side: str) -> dict[str, Label]:
     out: dict[str, Label] = {}
     for i, label in enumerate(labels):
@@ -122,39 +116,6 @@ def _index(labels: Iterable[Label], side: str) -> dict[str, Label]:
     return out
 
 
-def _prob(value: Any, label: Label, field_name: str) -> float | None:
-    """A probability from label meta; None when absent (that order or principle was not judged)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise DataError(f"label of pair {label.pair_id!r}: meta.{field_name} must be a probability "
-                        f"in [0, 1] or null, got {value!r}")
-    return float(value)
-
-
-def first_slot_probs(label: Label) -> dict[str, float]:
-    """``{"ab": P(slot 1 wins | a first), "ba": P(slot 1 wins | b first)}`` for the orders present.
-
-    Read from ``meta["p_first"]``; else derived from ``meta["p_a_by_order"]`` (``ba``: slot 1 is
-    b, so ``1 - p_a``); else, for a single-order label, from its own ``p_a``.
-    """
-    meta = label.meta
-    out: dict[str, float] = {}
-    first = meta.get("p_first")
-    by_order = meta.get("p_a_by_order")
-    for order in ("ab", "ba"):
-        p = _prob(first.get(order), label, f"p_first.{order}") if isinstance(first, Mapping) else None
-        if p is None and isinstance(by_order, Mapping):
-            q = _prob(by_order.get(order), label, f"p_a_by_order.{order}")
-            p = None if q is None else (q if order == "ab" else 1.0 - q)
-        if p is not None:
-            out[order] = p
-    if not out and label.status == "ok" and label.order in ("ab", "ba"):
-        assert label.p_a is not None
-        out[label.order] = label.p_a if label.order == "ab" else 1.0 - label.p_a
-    return out
-
-
 def principle_probs(label: Label) -> dict[str, float]:
     """``{principle_id: p_a}`` of one ok label (mean over the orders judged for each principle)."""
     per = label.meta.get("per_principle")
@@ -162,8 +123,8 @@ def principle_probs(label: Label) -> dict[str, float]:
     if isinstance(per, Mapping) and per:
         for pid, orders in per.items():
             where = f"per_principle.{pid}"
-            ps = ([_prob(orders.get(o), label, f"{where}.{o}") for o in ("ab", "ba")] if isinstance(orders, Mapping)
-                  else [_prob(orders, label, where)])
+            ps = ([meta_probability(orders.get(o), label, f"{where}.{o}") for o in ("ab", "ba")] if isinstance(orders, Mapping)
+                  else [meta_probability(orders, label, where)])
             ps = [p for p in ps if p is not None]
             if ps:
                 out[str(pid)] = sum(ps) / len(ps)
@@ -202,46 +163,13 @@ def reliability_table(
     return table, (ece if total else None)
 
 
-def position_metrics(labels: Iterable[Label]) -> dict[str, Any]:
-    """Position consistency, same-slot rate and first-slot rate over ok AI labels."""
-    consistent = same_slot = both_n = position_ties = 0
-    first_wins = first_n = first_ties = 0
-    for label in labels:
-        if label.status != "ok":
-            continue
-        pf = first_slot_probs(label)
-        for p in pf.values():
-            if p == 0.5:
-                first_ties += 1
-            else:
-                first_n += 1
-                first_wins += p > 0.5
-        if "ab" in pf and "ba" in pf:
-            ab, ba = pf["ab"], pf["ba"]
-            if ab == 0.5 or ba == 0.5:
-                position_ties += 1
-                continue
-            both_n += 1
-            if (ab > 0.5) == (ba > 0.5):
-                same_slot += 1  # slot 1 (or slot 2) won both times: the answer followed the slot
-            else:
-                consistent += 1  # the same response won from either slot
-    return {
-        P + "position_consistency": consistent / both_n if both_n else None,
-        P + "same_slot_rate": same_slot / both_n if both_n else None,
-        P + "position_n": both_n,
-        P + "position_ties": position_ties,
-        P + "first_slot_rate": first_wins / first_n if first_n else None,
-        P + "first_slot_n": first_n,
-        P + "first_slot_ties": first_ties,
-    }
-
-
 def invalid_metrics(labels: list[Label]) -> tuple[dict[str, Any], dict[str, int]]:
     """Failure rate overall and per reason code, over every AI label."""
     failed = [lab for lab in labels if lab.status == "failed"]
     n = len(labels)
-    codes = Counter(reason_code(lab.failure_reason) for lab in failed)
+    # the kind the labeller recorded is that of the judge's own reason (a pairwise label's reason
+    # reads "order ab failed (principle p): <the judge's reason>")
+    codes = Counter(str(lab.meta.get("failure_kind") or failure_kind(lab.failure_reason)) for lab in failed)
     metrics: dict[str, Any] = {P + "invalid_rate": len(failed) / n if n else None, P + "n_failed": len(failed)}
     for code, count in sorted(codes.items()):
         metrics[f"{P}invalid/{code}"] = count / n
@@ -348,7 +276,7 @@ def quality_report(
         P + "soft_agreement_ci_low": soft_lo,
         P + "soft_agreement_ci_high": soft_hi,
         P + "ece": ece,
-        **position_metrics(ai_list),
+        **{P + k: v for k, v in position_metrics(ai_list).items()},
         **invalid,
         **_cost(ai_list, n_ok),
     }

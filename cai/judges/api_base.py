@@ -56,6 +56,7 @@ from cai.judges.types import (
     GenerateRequest,
     GenerateResult,
     SyncJudgeMixin,
+    failure_kind,
 )
 
 log = logging.getLogger(__name__)
@@ -357,7 +358,7 @@ class ApiJudge(SyncJudgeMixin, abc.ABC):
                 return self._choice_result(req, probs, "parsed", OK, None, answers, tally, t0)
             return self._choice_result(req, None, "parsed", FAILED, failures[0], answers, tally, t0)
         if 2 * len(votes) < n:  # most samples said nothing usable: no label from the rest
-            top_reason = Counter(f.split(":")[0] for f in failures).most_common(1)[0][0]
+            top_reason = Counter(failure_kind(f) for f in failures).most_common(1)[0][0]
             reason = f"{top_reason} ({len(failures)} of {n} samples)"
             return self._choice_result(req, None, "sampled", FAILED, reason, answers, tally, t0)
         probs = empirical_probs(votes, req.choices)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import re
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -35,6 +36,23 @@ BUDGET = "budget"
 ROLES = ("system", "user", "assistant")
 
 T = TypeVar("T")
+
+
+def failure_kind(reason: str | None) -> str:
+    """The kind of a failure reason: what failure counts and metric names (``label/failed_<kind>``,
+    ``quality/invalid/<kind>``, ``eval/.../invalid_<kind>``, ``ppo/judge/failed/<kind>``) use.
+
+    ``"http 500 after 6 attempts"`` -> ``"http_500"``; otherwise the reason's first word:
+    ``"unparseable: ..."`` -> ``"unparseable"``, ``"refusal (3 of 5 samples)"`` -> ``"refusal"``,
+    ``"malformed response (...) after 3 attempts"`` -> ``"malformed"``, ``"timeout ..."``,
+    ``"connection error ..."``, ``"budget"``; ``"unknown"`` when there is no reason.
+    """
+    text = (reason or "").strip().lower()
+    m = re.match(r"http (\d{3})", text)
+    if m:
+        return f"http_{m.group(1)}"
+    m = re.match(r"[a-z][a-z_]*", text)
+    return m.group(0) if m else "unknown"
 
 
 def _check_messages(messages: Any, tag: dict) -> None:

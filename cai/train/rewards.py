@@ -31,7 +31,7 @@ import torch
 
 from cai.feedback import templates as tpl
 from cai.hashing import stable_hash
-from cai.judges.types import ChoiceRequest, run_sync
+from cai.judges.types import ChoiceRequest, failure_kind, run_sync
 from cai.train.rl_math import shape_scores
 
 SCORE_MID, SCORE_HALF_RANGE = 5.5, 4.5
@@ -116,7 +116,7 @@ class JudgeScoreReward:
                 per[i].append(expected_score(res.probs))
             else:
                 failed += 1
-                key = (res.failure_reason or "unknown").split(":")[0]
+                key = failure_kind(res.failure_reason)
                 reasons[key] = reasons.get(key, 0) + 1
             cost += res.cost_usd
         raw = [sum(s) / len(s) if s else None for s in per]
