@@ -45,6 +45,7 @@ from typing import Any, Iterator
 
 from bench.common import build_bench_model, format_table, interleaved
 from cai.artifacts import ArtifactStore
+from cai.config import typed
 from cai.constitution import resolve_constitution
 from cai.data import Prompt, load_prompt_source, write_jsonl
 from cai.feedback.critique import TRACE_FILE, run_revisions
@@ -98,10 +99,16 @@ def _world(root: Path, n_prompts: int) -> dict[str, Path]:
 def _candidate(model_dir: Path, inputs: dict[str, Path], scratch: Path, device: str, rounds: int,
                batch_size: int, log: list[dict[str, Any]]):
     """One stage build per call, into a fresh store; appends its measurements to ``log``."""
+    from cai.config import compose_config
+    from cai.pipeline import make_stage
+
     dtype = "auto" if device.startswith("cuda") else "float32"
-    cfg = {"critique": {**CRITIQUE, "rounds": rounds, "batch_size": batch_size}, "seed": 0,
-           "policy": {"name_or_path": str(model_dir), "chat_format": "hh", "dtype": dtype}}
-    constitution = str(resolve_constitution(CONSTITUTION))
+    # CRITIQUE is the schema's default (cai.config.CritiqueConfig): only the swept fields are set
+    planned = make_stage("revisions", typed(compose_config(
+        f"critique.rounds={rounds}", f"critique.batch_size={batch_size}", "seed=0", f"policy.name_or_path={model_dir}",
+        "policy.chat_format=hh",
+        f"policy.dtype={dtype}", f"policy.device={device}", f"constitution.path={resolve_constitution(CONSTITUTION)}")))
+    cfg = planned.config
 
     def run() -> None:
         root = Path(tempfile.mkdtemp(prefix=f"store-b{batch_size}-", dir=scratch))
@@ -109,8 +116,7 @@ def _candidate(model_dir: Path, inputs: dict[str, Path], scratch: Path, device: 
 
         def stage(ctx: Any) -> None:
             clocks.append(_PhaseClock(ctx))
-            run_revisions(cfg, inputs, clocks[0], constitution_path=constitution,
-                          runtime={"device": device})
+            run_revisions(planned.cfg, inputs, clocks[0])
 
         try:
             store = ArtifactStore(root, durable=False)

@@ -258,10 +258,10 @@ def api_scenario(sc: Scenario, repeats: int, workdir: Path, warm_repeats: int) -
     with ServerProcess(sc.rpm) as srv:
         for rep in range(repeats):
             candidates = {
-                "ours": lambda: _ours(srv.base_url, sc, _choice_requests(f"ours{rep}", sc.n), cache),
-                "bare": lambda: _bare_async(srv.base_url, sc.concurrency, f"bare{rep}", sc.n),
-                "threads": lambda: _threads(srv.base_url, sc.concurrency, f"threads{rep}", sc.n),
-                "naive": lambda: _naive(srv.base_url, f"naive{rep}", NAIVE_N),
+                "ours": lambda rep=rep: _ours(srv.base_url, sc, _choice_requests(f"ours{rep}", sc.n), cache),
+                "bare": lambda rep=rep: _bare_async(srv.base_url, sc.concurrency, f"bare{rep}", sc.n),
+                "threads": lambda rep=rep: _threads(srv.base_url, sc.concurrency, f"threads{rep}", sc.n),
+                "naive": lambda rep=rep: _naive(srv.base_url, f"naive{rep}", NAIVE_N),
             }
             for name, fn in candidates.items():
                 time.sleep(WINDOW_S)  # every candidate starts with an empty rate window

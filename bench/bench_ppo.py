@@ -61,7 +61,14 @@ from types import SimpleNamespace
 
 import torch
 
-from bench.common import TransformerShape, build_bench_model, format_table, mfu, ppo_step_flops, quiet_logs
+from bench.common import (
+    TransformerShape,
+    build_bench_model,
+    format_table,
+    mfu,
+    ppo_step_flops,
+    quiet_logs,
+)
 from bench.common import peak_tflops as gpu_peak_tflops
 
 STEPS = 4
@@ -134,7 +141,12 @@ def _texts() -> list[str]:
 def _models(model_dir: Path, prec: Precision, value: str):
     """Tokenizer, policy (fp32), frozen reference and reward model (``prec.frozen_dtype``) and a
     value model (``AutoModel`` for ours and the floor, a sequence classifier for TRL), on the device."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     dev, frozen = prec.device, {"dtype": prec.frozen_dtype}
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -155,7 +167,7 @@ def _models(model_dir: Path, prec: Precision, value: str):
 # ----------------------------------------------------------------------------- ours
 def ours_config(prec: Precision, shape: Shape):
     """cai's PPO configuration for one shape (device and precision from ``prec``)."""
-    from cai.train.ppo import PPOConfig
+    from cai.config import PPOConfig
 
     return PPOConfig(steps=STEPS, rollout_batch_size=shape.batch, mini_batch_size=shape.mini,
                      micro_batch_size=shape.micro, ppo_epochs=EPOCHS, lr=LR, max_new_tokens=shape.new_tokens,
@@ -165,8 +177,8 @@ def ours_config(prec: Precision, shape: Shape):
 
 def _ours(model_dir: Path, prec: Precision, shape: Shape, tmp: Path):
     from cai.train.ppo import train_ppo
-    from cai.train.rewards import RMReward
     from cai.train.reward import RewardScorer
+    from cai.train.rewards import RMReward
 
     m = _models(model_dir, prec, "backbone")
     stats = {"mean": 0.0, "std": 1.0, "chat_format": "hh", "max_length": 512}
@@ -308,7 +320,7 @@ class Measured:
 def _time(setups: dict, repeats: int, prec: Precision, tmp: Path) -> dict[str, Measured]:
     """Fresh models per call (untimed setup); interleaved; one untimed warm-up round. Seconds per
     step: process CPU time on CPU, wall time between CUDA synchronisations on a GPU."""
-    from cai.train.common import read_train_log
+    from cai.train.log import read_train_log
 
     out = {name: Measured([], [], [], []) for name in setups}
     for rep in range(repeats + 1):

@@ -41,12 +41,18 @@ import torch.nn.functional as F
 
 from bench.bench_sft import interleaved_wall_and_cpu
 from bench.common import bench_corpus, build_bench_model, format_table, quiet_logs
+from cai.config import DPOConfig, RewardConfig
 from cai.data import Pair, Prompt
-from cai.models import ModelSpec, format_example, load_causal_lm, load_sequence_classifier
+from cai.models import (
+    ModelSpec,
+    format_example,
+    load_causal_lm,
+    load_sequence_classifier,
+)
 from cai.train.common import token_logprobs
-from cai.train.dpo import DPOConfig, pair_logps, sequence_logps, train_dpo
+from cai.train.dpo import pair_logps, sequence_logps, train_dpo
 from cai.train.pairs import LabelledPair, collate_pairs, encode_pairs
-from cai.train.reward import RewardConfig, train_reward_model
+from cai.train.reward import train_reward_model
 
 LR = 1e-4
 N_PAIRS = 64

@@ -39,8 +39,9 @@ from pathlib import Path
 import torch
 
 from bench.common import Timing, build_bench_model, format_table, quiet_logs
+from cai.config import SFTConfig
 from cai.models import ModelSpec, format_example, load_causal_lm
-from cai.train.sft import SFTConfig, encode_examples, train_sft
+from cai.train.sft import encode_examples, train_sft
 from cai.train.sft_data import SFTExample
 
 LR = 1e-4
@@ -86,8 +87,8 @@ def _ours(model, tok, examples, batch: int, device: str, state_dir: Path):
 
 def _trl(model, tok, examples, batch: int, device: str, out_dir: Path):
     from datasets import Dataset
-    from trl import SFTConfig as TRLConfig
     from transformers import PrinterCallback
+    from trl import SFTConfig as TRLConfig
     from trl import SFTTrainer
 
     rows = []

@@ -16,10 +16,10 @@ the same way.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import random
-import logging
 import statistics
 import subprocess
 import tempfile
@@ -30,11 +30,12 @@ from pathlib import Path
 
 import torch
 
-from cai.tiny import TinyModelConfig, build_tiny_causal_lm, default_tiny_corpus
+from cai.config import TinyConfig
+from cai.tiny import build_tiny_causal_lm, default_tiny_corpus
 
 MODEL_SIZES = {
-    "tiny": TinyModelConfig(vocab_size=2048, n_layer=2, n_head=4, n_embd=128, n_positions=512),
-    "small": TinyModelConfig(vocab_size=8192, n_layer=12, n_head=12, n_embd=768, n_positions=1024),
+    "tiny": TinyConfig(vocab_size=2048, n_layer=2, n_head=4, n_embd=128, n_positions=512),
+    "small": TinyConfig(vocab_size=8192, n_layer=12, n_head=12, n_embd=768, n_positions=1024),
 }
 
 
@@ -150,7 +151,7 @@ def bench_corpus(n_words: int = 60_000, seed: int = 0) -> list[str]:
 def build_bench_model(size: str, seed: int = 0) -> Path:
     """Build the benchmark model of ``size`` (see ``MODEL_SIZES``) in a temporary directory."""
     cfg = MODEL_SIZES[size]
-    cfg = TinyModelConfig(**{**cfg.__dict__, "seed": seed})
+    cfg = TinyConfig(**{**cfg.__dict__, "seed": seed})
     out = Path(tempfile.mkdtemp(prefix=f"cai-bench-{size}-"))
     return build_tiny_causal_lm(out, bench_corpus(), cfg)
 

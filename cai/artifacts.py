@@ -59,7 +59,11 @@ import filelock
 from cai.errors import CaiError, ConfigError, DataError
 from cai.hashing import canonical_json, stable_hash
 from cai.journal import BuildContext, Journal, fsync_dir, fsync_tree
-from cai.secrets import SCRUBBED, is_secret_name, scrub_secrets  # re-exported (see __all__)
+from cai.secrets import (  # re-exported (see __all__)
+    SCRUBBED,
+    is_secret_name,
+    scrub_secrets,
+)
 
 __all__ = ["SCRUBBED", "ArtifactError", "ArtifactStore", "BuildContext", "BuildResult", "Journal",
            "STAGE_FILE", "is_secret_name", "package_versions", "scrub_secrets"]

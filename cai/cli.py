@@ -51,7 +51,6 @@ def _quiet_libraries() -> None:
 
 def _hydra_run(argv: list[str]) -> int:
     import hydra
-    from omegaconf import DictConfig
 
     from cai.config import CONF_DIR, register_configs
 
@@ -121,13 +120,15 @@ def main(argv: list[str] | None = None) -> int:
 #
 # Before the sweep's report (and a single run's, when the run added arms beside itself), the
 # callback judges the arms head to head (``cai compare``, :mod:`cai.evaluate.compare`) so the report has its
-# "Head to head" section; ``head_to_head=false`` skips that. A comparison that fails is logged and the report is written without it.
+# "Head to head" section; ``head_to_head=false`` skips that. A comparison that fails is logged and the report is
+# written without it.
 report_log = logging.getLogger("cai.report")
 
 
 def _write(folder: str | Path | None, what: str) -> Path | None:
     from cai.errors import CaiError
-    from cai.report.build import RUN_FILE, find_run_dirs, write_report
+    from cai.report.build import write_report
+    from cai.report.runs import RUN_FILE, find_run_dirs
 
     if not folder:
         report_log.warning("report: no output folder known for this %s; skipped", what)
@@ -146,9 +147,9 @@ def _write(folder: str | Path | None, what: str) -> Path | None:
 
 def _compare(folder: str | Path | None) -> Path | None:
     """``cai compare`` on the sweep folder; logs and returns None when it cannot be done."""
-    from cai.evaluate.compare import compare
     from cai.errors import CaiError
-    from cai.report.build import find_run_dirs
+    from cai.evaluate.compare import compare
+    from cai.report.runs import find_run_dirs
 
     if not folder or not Path(folder).is_dir() or not find_run_dirs(Path(folder)):
         return None

@@ -62,6 +62,13 @@ class LoraSpec:
             self.target_modules = tuple(self.target_modules)
 
 
+
+def lora_spec(lora: Any) -> LoraSpec | None:
+    """The loader's :class:`LoraSpec` of a :class:`cai.config.LoraConfig`, or ``None`` when disabled."""
+    if not lora.enabled:
+        return None
+    return LoraSpec(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=tuple(lora.target_modules) or None)
+
 @dataclass
 class ModelSpec:
     """Where a model comes from and how to place it.

@@ -1,137 +1,405 @@
-"""The stage graph of an experiment, built and run through the artifact store.
+"""THE stage table, and the runs built through the artifact store.
 
-``plan(cfg)`` turns the composed config into an ordered list of :class:`Stage` (each with its
-own config slice and its upstream stages); ``run_experiment(cfg, run_dir)`` asks the store for
-each stage's artifact, building only what is missing, and writes into the run directory:
+Each row of :data:`STAGES` says, for one stage, everything the pipeline needs to know:
 
-- ``metrics.json``: flat, namespaced metrics of every stage (``data/...``, ``sample/...``),
-  plus ``pipeline/<stage>/reused`` and ``time/<stage>_s``;
-- ``stages/<stage>.json``: the stage's ``stage.json`` (config, input keys, constitution hash,
-  versions, phase timings, cost), with ``reused`` saying whether this run built it;
-- ``run.json``: the artifact key of every stage and the resolved config, so a report can show
-  which artifacts two arms of a sweep share.
+- ``run``: the stage function, ``"module:function"``, imported only when the stage is built (so
+  planning a run imports no torch). Its signature is ``run(cfg, inputs, ctx)``: ``cfg`` a
+  :class:`StageConfig` (the typed config sections the row lists, nothing else), ``inputs`` the
+  folders of its upstream artifacts by input name, ``ctx`` the store's build context.
+- ``reads``: the config paths the stage reads (``"ppo"``, ``"data.human"``, ``"seed"``; a
+  ``"-sft.answers"`` entry leaves a sub-section out). Their fields enter the artifact key, except
+  the fields the schema marks run-time (:func:`cai.config.key_fields`): device, per-forward batch
+  sizes, checkpoint interval, loggers, concurrency, prices, budgets. This is the one place that
+  decides what enters a key.
+- ``inputs``: input name -> upstream stage, a function of the config (explicit fields decide:
+  ``ppo.start_from``, ``eval.policy``, ``reward.labels_from``...).
+- ``constitution``: whether the constitution's hash enters the key.
+- ``files``: user files the stage reads (a prompts file, initial responses): their *contents*
+  (SHA-256) enter the key, so a file edited in place is a new key, not a stale reuse.
 
-New stages plug in by adding a builder to ``STAGES``: a function of the config returning a
-:class:`Stage`.
+``plan(cfg)`` turns the composed config into the ordered stages (upstream first, each once);
+``run_experiment(cfg, run_dir)`` asks the store for each, building only what is missing, and
+writes ``metrics.json``, ``stages/<stage>.json`` and ``run.json`` into the run directory.
+
+Adding a stage (a new RL algorithm, say) is one row here, one schema in :mod:`cai.config`, one
+file with its ``run``, and a header-only ``conf/<group>/default.yaml``.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
+import dataclasses
+import importlib
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
-from cai.generation import stages as st
 from cai.artifacts import ArtifactStore
+from cai.config import Config, Restricted, StageConfig, key_fields, typed
 from cai.errors import ConfigError
-from cai.feedback.critique import revisions_stage
-from cai.feedback.label import ai_labels_stage
-from cai.feedback.quality import _label_quality
-from cai.train.dpo import dpo_stage
-from cai.train.ppo import ppo_stage
-from cai.evaluate.baseline import eval_baseline_stage
-from cai.evaluate.stage import eval_reward_stage, evaluate_stage
-from cai.feedback.judge_answers import _judge_answers
-from cai.train.reward import reward_stage
-from cai.train.sft import _sft
 
 log = logging.getLogger(__name__)
 
-StageFn = Callable[[dict, dict, Any], None]
+
+def _select(cfg: Config, path: str) -> Any:
+    node: Any = cfg
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
 
 
+def _sections(cfg: Config, reads: Sequence[str], stage: str) -> dict[str, Any]:
+    """Top-level name -> the typed value (or a restricted window when only sub-paths are read)."""
+    tree: dict[str, Any] = {}
+    for path in reads:
+        if path.startswith("-"):
+            continue
+        node = tree
+        parts = path.split(".")
+        for i, part in enumerate(parts):
+            if i == len(parts) - 1:
+                node[part] = None  # the whole field
+            else:
+                if node.get(part, {}) is None:
+                    break  # the whole parent is read already
+                node = node.setdefault(part, {})
+    out = {}
+    for name, sub in tree.items():
+        value = getattr(cfg, name)
+        out[name] = value if sub is None else Restricted(value, sub, stage, name)
+    return out
+
+
+def _keyed(cfg: Config, path: str) -> bool:
+    """Whether the field at ``path`` enters a key: not run-time, and not a keyed-unless-default
+    field at its default (whole sections always do; their run-time fields drop out inside)."""
+    parent_path, _, name = path.rpartition(".")
+    parent = _select(cfg, parent_path) if parent_path else cfg
+    f = {f.name: f for f in dataclasses.fields(parent)}[name]
+    if f.metadata.get("runtime"):
+        return False
+    if f.metadata.get("keyed_unless_default"):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        return getattr(parent, name) != default
+    return True
+
+
+def stage_key_config(cfg: Config, reads: Sequence[str]) -> dict[str, Any]:
+    """The config part of a stage's artifact key: every read path's non-run-time fields."""
+    out: dict[str, Any] = {}
+    for path in reads:
+        if not path.startswith("-") and _keyed(cfg, path):
+            out[path] = key_fields(_select(cfg, path))
+    for path in reads:
+        if path.startswith("-"):
+            head, _, tail = path[1:].partition(".")
+            parent = out.get(head)
+            for part in tail.split(".")[:-1]:
+                parent = parent.get(part) if isinstance(parent, dict) else None
+            if isinstance(parent, dict):
+                parent.pop(tail.split(".")[-1], None)
+    return out
+
+
+def stage_config(name: str, cfg: Any) -> StageConfig:
+    """The ``cfg`` stage ``name`` gets from a composed config (or a :class:`~cai.config.Config`):
+    for tests, notebooks and scripts that call a stage function directly."""
+    return make_stage(name, typed(cfg)).cfg
+
+
+# ============================================================================= the stage table
 @dataclass(frozen=True)
-class Stage:
-    name: str
-    fn: StageFn
-    config: dict[str, Any]
-    inputs: dict[str, str] = field(default_factory=dict)  # input name -> upstream stage name
-    uses_constitution: bool = False
+class StageSpec:
+    """One row of the stage table (see the module docstring)."""
+
+    run: str | Callable[..., Any]  # "module:function" (a plugin or a test may give the function)
+    reads: Callable[[Config], list[str]]
+    inputs: Callable[[Config], dict[str, str]] = lambda c: {}
+    constitution: Callable[[Config], bool] = lambda c: False
+    files: Callable[[Config], list[str]] = lambda c: []
     version: str = "1"
 
 
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+def _tiny_policy(c: Config) -> dict[str, str]:
+    return {"policy_model": "policy_model"} if c.policy.name_or_path == "tiny" else {}
 
 
-def _prompts(cfg: DictConfig) -> Stage:
-    d = cfg.data
-    return Stage(
-        "prompts",
-        st.build_prompts,
-        {"prompts": d.prompts, "test_fraction": d.test_fraction, "split_salt": d.split_salt,
-         "max_prompts": d.max_prompts},
-    )
+def _start(c: Config, start_from: str) -> dict[str, str]:
+    """The input of a stage that starts from a policy: the sft artifact, or the initial policy."""
+    return {"sft": "sft"} if start_from == "sft" else _tiny_policy(c)
 
 
-def _policy_model(cfg: DictConfig) -> Stage:
+def _tiny_judge(judge: Any, c: Config) -> dict[str, str]:
+    """A judge named ``tiny`` is the tiny policy model: its artifact is an input."""
+    if judge.backend == "hf" and judge.model == "tiny":
+        if c.policy.name_or_path != "tiny":
+            raise ConfigError("judge.model=tiny means the tiny policy model, but policy.name_or_path is "
+                              f"{c.policy.name_or_path!r}; give the judge a hub name or local path")
+        return {"policy_model": "policy_model"}
+    return {}
+
+
+def _preference_inputs(c: Config, stage: str, labels_from: str) -> dict[str, str]:
+    """Labels of a stage trained on preferences: the AI labels (and the pairs they label), and the
+    human pairs whenever data.human.path is set (the human arm's labels, the AI arm's held-out check)."""
+    inputs = {"ai_labels": "ai_labels", "ai_pairs": c.labels.source} if labels_from == "ai" else {}
+    if c.data.human.path:
+        inputs["human_pairs"] = "human_pairs"
+    elif labels_from == "human":
+        raise ConfigError(f"{stage}.labels_from=human needs data.human.path (HH-RLHF pairs with human labels)")
+    return inputs
+
+
+def _local_file(spec: str | None) -> list[str]:
+    """``spec`` when it names a local file (a hub name or ``builtin`` does not)."""
+    if spec and Path(spec).expanduser().is_file():
+        return [str(Path(spec).expanduser())]
+    return []
+
+
+def _sampled(c: Config) -> list[str]:
+    return ["seed", "policy", "sampling"]
+
+
+def _revisions_reads(c: Config) -> list[str]:
+    return ["seed", "critique", "policy" if c.critique.generator == "policy" else "judge"]
+
+
+def _revisions_inputs(c: Config) -> dict[str, str]:
+    if c.critique.initial_responses and not _local_file(c.critique.initial_responses):
+        raise ConfigError(f"critique.initial_responses: {c.critique.initial_responses!r} is not a file")
+    inputs = {} if c.critique.initial_responses else {"prompts": "prompts", "responses": "responses"}
+    if c.critique.generator == "policy":
+        return {**inputs, **_tiny_policy(c)}
+    return {**inputs, **_tiny_judge(c.judge, c)}
+
+
+def _label_quality_inputs(c: Config) -> dict[str, str]:
+    if c.labels.source != "human_pairs":
+        raise ConfigError(f"stage label_quality compares AI labels with the human labels of the same pairs: it needs "
+                          f"labels.source=human_pairs, got {c.labels.source!r}")
+    return {"ai_labels": "ai_labels", "human_pairs": "human_pairs"}
+
+
+def _ppo_uses_judge(c: Config) -> bool:
+    return c.ppo.reward_from == "judge" or c.ppo.heldout_judge_every > 0
+
+
+def _ppo_inputs(c: Config) -> dict[str, str]:
+    inputs = {"prompts": "prompts", **_start(c, c.ppo.start_from)}
+    if c.ppo.reward_from == "reward_model":
+        inputs["reward"] = "reward"
+    if _ppo_uses_judge(c):
+        inputs.update(_tiny_judge(c.judge, c))
+    return inputs
+
+
+def _eval_baseline_reads(c: Config) -> list[str]:
+    reads = ["seed", "policy", "eval.baseline", "eval.max_prompts", "eval.max_new_tokens", "eval.temperature",
+             "eval.top_p", "eval.stop", "eval.batch_size", "eval.harmless", "eval.hf_batch_size", "eval.judge_batch"]
+    if c.eval.harmless:  # the judge only matters when it is asked something
+        reads += ["eval.harmless_question", "eval.harmless_prompts", "eval.judge"]
+    return reads
+
+
+def _eval_baseline_inputs(c: Config) -> dict[str, str]:
+    inputs = {"prompts": "prompts", **_tiny_policy(c)}
+    if c.eval.baseline == "sft":
+        inputs["baseline"] = "sft"
+    if c.eval.harmless:
+        inputs.update(_tiny_judge(c.eval.judge, c))
+    return inputs
+
+
+def _uses_eval_rm(c: Config) -> bool:
+    return c.eval.use_rm and bool(c.data.human.path)
+
+
+def _evaluate_reads(c: Config) -> list[str]:
+    reads = ["seed", "policy", "judge", "eval", "-eval.rm", "-eval.use_rm", "-eval.rm_seed_offset"]
+    if _uses_eval_rm(c):
+        reads.append("eval.rm")
+    return reads
+
+
+def _evaluate_inputs(c: Config) -> dict[str, str]:
+    inputs = {"prompts": "prompts", "eval_baseline": "eval_baseline", **_tiny_policy(c),
+              **_tiny_judge(c.eval.judge, c)}
+    if c.eval.policy != "initial":
+        inputs["arm"] = c.eval.policy
+    if c.eval.baseline == "sft":
+        inputs["baseline"] = "sft"
+    if _uses_eval_rm(c):
+        inputs["eval_reward"] = "eval_reward"
+    return inputs
+
+
+def _eval_reward_check(c: Config) -> list[str]:
+    if not c.data.human.path:
+        raise ConfigError("stage eval_reward trains on human labels: it needs data.human.path")
+    return ["seed", "eval.rm", "eval.rm_seed_offset"]
+
+
+def _human_pairs_reads(c: Config) -> list[str]:
+    if not c.data.human.path:
+        raise ConfigError("stage human_pairs needs data.human.path (a hub name or a .jsonl/.jsonl.gz file)")
+    return ["data.human"]
+
+
+STAGES: dict[str, StageSpec] = {
+    "prompts": StageSpec(
+        "cai.generation.stages:build_prompts",
+        reads=lambda c: ["data.prompts", "data.test_fraction", "data.split_salt", "data.max_prompts"],
+        files=lambda c: _local_file(c.data.prompts.removeprefix("hh:")), version="2"),
     # the tokenizer learns the whole prompt source, so the tiny model does not change with
     # data.max_prompts or the split: arms of a sweep share one initial policy
-    return Stage(
-        "policy_model", st.build_tiny_policy, {"tiny": _plain(cfg.policy.tiny), "prompts": cfg.data.prompts}
-    )
-
-
-def _responses(cfg: DictConfig) -> Stage:
-    inputs = {"prompts": "prompts"}
-    if cfg.policy.name_or_path == "tiny":
-        inputs["policy_model"] = "policy_model"
-    policy = _plain(cfg.policy)
-    # the device is where it runs, not what it computes: passed outside the key
-    device = policy.pop("device", "auto")
-    return Stage(
-        "responses",
-        functools.partial(st.sample_responses, device=device),
-        {"policy": policy, "sampling": _plain(cfg.sampling), "seed": cfg.seed},
-        inputs,
-    )
-
-
-def _policy_pairs(cfg: DictConfig) -> Stage:
-    base = _responses(cfg)
-    inputs = dict(base.inputs)
-    if "sft" in cfg.experiment.stages:
-        inputs["sft"] = "sft"  # the CAI recipe: pairs sampled from the SL-CAI policy
-    device = base.fn.keywords["device"]
-    return Stage("policy_pairs", functools.partial(st.sample_policy_pairs, device=device), base.config, inputs)
-
-
-def _human_pairs(cfg: DictConfig) -> Stage:
-    h = cfg.data.human
-    if not h.path:
-        raise ConfigError("stage human_pairs needs data.human.path (a hub name or a .jsonl/.jsonl.gz file)")
-    return Stage("human_pairs", st.build_human_pairs, {"path": h.path, "split": h.split, "limit": h.limit})
-
-
-STAGES: dict[str, Callable[[DictConfig], Stage]] = {
-    "prompts": _prompts,
-    "policy_model": _policy_model,
-    "responses": _responses,
-    "human_pairs": _human_pairs,
-    "policy_pairs": _policy_pairs,
-    "ai_labels": ai_labels_stage,
-    "label_quality": _label_quality,
-    "revisions": revisions_stage,
-    "judge_answers": _judge_answers,
-    "sft": _sft,
-    "reward": reward_stage,
-    "dpo": dpo_stage,
-    "ppo": ppo_stage,
-    "eval_reward": eval_reward_stage,
-    "eval_baseline": eval_baseline_stage,
-    "evaluate": evaluate_stage,
+    "policy_model": StageSpec(
+        "cai.generation.stages:build_tiny_policy", reads=lambda c: ["policy.tiny", "data.prompts"],
+        files=lambda c: _local_file(c.data.prompts.removeprefix("hh:")), version="2"),
+    "responses": StageSpec(
+        "cai.generation.stages:sample_responses", reads=_sampled,
+        inputs=lambda c: {"prompts": "prompts", **_tiny_policy(c)}, version="2"),
+    "human_pairs": StageSpec("cai.generation.stages:build_human_pairs", reads=_human_pairs_reads,
+                             files=lambda c: _local_file(c.data.human.path), version="2"),
+    "policy_pairs": StageSpec(
+        "cai.generation.stages:sample_policy_pairs", reads=lambda c: [*_sampled(c), "labels.pairs_from"],
+        inputs=lambda c: {"prompts": "prompts", **_tiny_policy(c), **_start(c, c.labels.pairs_from)}, version="2"),
+    "revisions": StageSpec(
+        "cai.feedback.critique:run_revisions", reads=_revisions_reads, inputs=_revisions_inputs,
+        constitution=lambda c: True, files=lambda c: _local_file(c.critique.initial_responses),
+        version="2/critique-text/1"),  # the suffix is cai.feedback.critique_text.PROMPT_VERSION (a test checks)
+    "ai_labels": StageSpec(
+        "cai.feedback.label:label_pairs",
+        reads=lambda c: ["seed", "judge", "labels", "-labels.pairs_from", "-labels.measure_agreement"],
+        inputs=lambda c: {"pairs": c.labels.source, **_tiny_judge(c.judge, c)},
+        constitution=lambda c: True, version="2"),
+    "label_quality": StageSpec(
+        "cai.feedback.quality:build_label_quality", reads=lambda c: ["seed", "quality"],
+        inputs=_label_quality_inputs, version="2"),
+    "judge_answers": StageSpec(
+        "cai.feedback.judge_answers:judge_answers", reads=lambda c: ["seed", "judge", "sft.answers"],
+        inputs=lambda c: {"prompts": "prompts", **_tiny_judge(c.judge, c)}, version="2"),
+    "sft": StageSpec(
+        "cai.train.sft:run", reads=lambda c: ["seed", "policy", "sft", "-sft.answers"],
+        inputs=lambda c: {("revisions" if c.sft.source == "revisions" else "answers"): c.sft.source, **_tiny_policy(c)},
+        version="2"),
+    "reward": StageSpec(
+        "cai.train.reward:run", reads=lambda c: ["seed", "reward"],
+        inputs=lambda c: {**_preference_inputs(c, "reward", c.reward.labels_from),
+                          **(_tiny_policy(c) if c.reward.backbone == "tiny" else {})},
+        version="2"),
+    "dpo": StageSpec(
+        "cai.train.dpo:run", reads=lambda c: ["seed", "policy", "dpo"],
+        inputs=lambda c: {**_preference_inputs(c, "dpo", c.dpo.labels_from), **_start(c, c.dpo.start_from)},
+        version="2"),
+    "ppo": StageSpec(
+        "cai.train.ppo:run",
+        reads=lambda c: ["seed", "policy", "ppo"] + (["judge", "constitution"] if _ppo_uses_judge(c) else []),
+        inputs=_ppo_inputs, constitution=_ppo_uses_judge, version="2"),
+    "eval_reward": StageSpec(
+        "cai.evaluate.stage:build_eval_reward", reads=_eval_reward_check,
+        inputs=lambda c: {"human_pairs": "human_pairs",
+                          **(_tiny_policy(c) if c.eval.rm.backbone == "tiny" else {})}, version="2"),
+    "eval_baseline": StageSpec(
+        "cai.evaluate.baseline:build_eval_baseline", reads=_eval_baseline_reads, inputs=_eval_baseline_inputs,
+        version="2"),
+    "evaluate": StageSpec(
+        "cai.evaluate.stage:evaluate", reads=_evaluate_reads, inputs=_evaluate_inputs, version="3"),
 }
 
 
-def plan(cfg: DictConfig) -> list[Stage]:
-    """The stages the experiment asks for, with their upstream stages first, each once."""
+# ============================================================================= planning
+@dataclass(frozen=True)
+class Stage:
+    """A planned stage: its row, its typed config window, its key's config part and its inputs."""
+
+    name: str
+    spec: StageSpec
+    cfg: StageConfig
+    config: dict[str, Any]
+    inputs: dict[str, str] = field(default_factory=dict)  # input name -> upstream stage name
+    uses_constitution: bool = False
+
+    @property
+    def version(self) -> str:
+        return self.spec.version
+
+    def run(self, inputs: dict[str, Path], ctx: Any) -> Any:
+        fn = self.spec.run
+        if isinstance(fn, str):  # "module:function", imported only when the stage is built
+            module, _, name = fn.partition(":")
+            fn = getattr(importlib.import_module(module), name)
+        return fn(self.cfg, inputs, ctx)
+
+
+def resolve_constitution_file(cfg: Config) -> Path:
+    from cai.config import CONSTITUTIONS_DIR
+    from cai.constitution import resolve_constitution
+
+    return Path(resolve_constitution(cfg.constitution.path, [CONSTITUTIONS_DIR]))
+
+
+def _store_root(cfg: Config) -> Path:
+    return Path(cfg.store.root or ArtifactStore.default_root()).expanduser()
+
+
+def make_stage(name: str, cfg: Config) -> Stage:
+    spec = STAGES[name]
+    reads = list(spec.reads(cfg))
+    inputs = dict(spec.inputs(cfg))
+    uses_constitution = bool(spec.constitution(cfg))
+    if uses_constitution and "constitution" not in reads:
+        reads.append("constitution")
+    view = StageConfig(name, _sections(cfg, reads, name), _store_root(cfg),
+                       resolve_constitution_file(cfg) if uses_constitution else None)
+    config = stage_key_config(cfg, [r for r in reads if r != "constitution"])
+    files = spec.files(cfg)
+    if files:
+        config["files"] = {path: _file_sha256(path) for path in files}
+    return Stage(name, spec, view, config, inputs, uses_constitution)
+
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_judges(cfg: Config, stages: Sequence[Stage]) -> None:
+    """Every judge a planned stage will ask is ready (a model; a price for a budget) and the labelling
+    method exists, before any stage is built."""
+    from cai.judges.config import ready_judge
+
+    names = {s.name for s in stages}
+    if names & {"ai_labels", "judge_answers"} or ("revisions" in names and cfg.critique.generator == "judge") \
+            or ("ppo" in names and _ppo_uses_judge(cfg)):
+        ready_judge(cfg.judge, "judge")
+    if "evaluate" in names or ("eval_baseline" in names and cfg.eval.harmless):
+        ready_judge(cfg.eval.judge, "eval.judge")
+    if "ai_labels" in names:
+        from cai.feedback.label_methods import LABEL_METHODS
+
+        if cfg.labels.method not in LABEL_METHODS or cfg.labels.method == "cot":
+            known = ", ".join(m for m in LABEL_METHODS if m != "cot")
+            raise ConfigError(f"labels.method: expected one of {known} (chain of thought: labels.cot=true), "
+                              f"got {cfg.labels.method!r}")
+
+
+def plan(cfg: Any) -> list[Stage]:
+    """The stages ``experiment.stages`` asks for, with their upstream stages first, each once.
+
+    ``cfg`` is the composed config (a ``DictConfig``) or a :class:`~cai.config.Config`; every value
+    is checked here, so a bad one fails before any stage is built.
+    """
+    cfg = typed(cfg)
     ordered: list[Stage] = []
     seen: set[str] = set()
 
@@ -139,44 +407,44 @@ def plan(cfg: DictConfig) -> list[Stage]:
         if name in seen:
             return
         if name not in STAGES:
-            raise ConfigError(
-                f"experiment.stages names unknown stage {name!r}; known stages: {', '.join(STAGES)}"
-            )
+            raise ConfigError(f"experiment.stages names unknown stage {name!r}; known stages: {', '.join(STAGES)}")
         if name in chain:
             raise ConfigError(f"stage cycle: {' -> '.join(chain + (name,))}")
-        stage = STAGES[name](cfg)
+        stage = make_stage(name, cfg)
         for upstream in stage.inputs.values():
             visit(upstream, chain + (name,))
         seen.add(name)
         ordered.append(stage)
 
-    wanted = list(cfg.experiment.stages)
-    if cfg.data.human.path and "human_pairs" not in wanted:
-        wanted.append("human_pairs")  # a configured human dataset adds the human-label arm's data
-    for name in wanted:
+    for name in cfg.experiment.stages:
         visit(name, ())
-    if "ai_labels" in seen and str(cfg.labels.source) == "human_pairs" and "label_quality" not in seen:
-        visit("label_quality", ())  # AI labels of human-labelled pairs: always measure their agreement
+    if "ai_labels" in seen and cfg.labels.source == "human_pairs" and cfg.labels.measure_agreement:
+        visit("label_quality", ())  # labels.measure_agreement: AI labels of human-labelled pairs are measured
+    _check_judges(cfg, ordered)
     return ordered
 
 
-def _constitution_hash(cfg: DictConfig) -> str:
-    from cai.config import CONSTITUTIONS_DIR
-    from cai.constitution import load_constitution, resolve_constitution
+# ============================================================================= running
+def _constitution_hash(path: Path) -> str:
+    from cai.constitution import load_constitution
 
-    return load_constitution(resolve_constitution(cfg.constitution.path, [CONSTITUTIONS_DIR])).hash
+    return load_constitution(path).hash
 
 
-def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+def run_experiment(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
     """Build (or reuse) every stage of ``cfg.experiment`` and write the run's records."""
+    from omegaconf import OmegaConf
+
     run_dir = Path(run_dir)
-    (run_dir / "stages").mkdir(parents=True, exist_ok=True)
-    store = ArtifactStore(cfg.store.root or ArtifactStore.default_root())
-    stages = plan(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, Config) else dataclasses.asdict(cfg)
     arm = human_arm_config(cfg)
+    cfg = typed(cfg)
+    (run_dir / "stages").mkdir(parents=True, exist_ok=True)
+    store = ArtifactStore(_store_root(cfg))
+    stages = plan(cfg)
     if arm is not None:
         plan(arm)  # a bad arm fails now, before any stage of this run is built
-    constitution = _constitution_hash(cfg) if any(s.uses_constitution for s in stages) else None
+    constitution = next((_constitution_hash(s.cfg.constitution_file) for s in stages if s.uses_constitution), None)
     log.info("experiment %s: %d stages, store %s", cfg.experiment.name, len(stages), store.root)
 
     keys: dict[str, str] = {}
@@ -189,9 +457,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         )
         paths = {name: store.path(k) for name, k in inputs.items()}
         t0 = time.perf_counter()
-        result = store.build(
-            key, lambda ctx, s=stage, p=paths: s.fn(s.config, p, ctx), meta={"seed": int(cfg.seed)}
-        )
+        result = store.build(key, lambda ctx, s=stage, p=paths: s.run(p, ctx), meta={"seed": int(cfg.seed)})
         elapsed = time.perf_counter() - t0
         keys[stage.name] = key
         info = dict(result.stage_info)
@@ -215,7 +481,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                 "store": str(store.root),
                 "artifacts": keys,
                 "constitution_hash": constitution,
-                "config": OmegaConf.to_container(cfg, resolve=True),
+                "config": resolved,
             },
             indent=2,
             sort_keys=True,
@@ -229,16 +495,21 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
 
 HUMAN_ARM_DIR = Path("arms") / "human"
+_ABSENT = object()
 
 
-def human_arm_config(cfg: DictConfig) -> DictConfig | None:
-    """The config of the human-label arm ``cfg`` adds (``experiment.human_arm`` overrides applied),
-    or None when it adds none (no overrides, or no human data configured).
+def human_arm_config(cfg: Any) -> Any | None:
+    """The config of the human-label arm ``cfg`` adds (``experiment.human_arm`` overrides applied,
+    a ``DictConfig``), or None when it adds none (no overrides, or no human data configured).
 
     The arm is a second run in ``<run>/arms/human``: every stage whose config the overrides leave
     alone has the same key and is reused from the store, so only what the labels change is built
     (reward model, DPO, PPO, evaluation); the report reads it as one more arm.
     """
+    from omegaconf import OmegaConf
+
+    if isinstance(cfg, Config):
+        cfg = OmegaConf.structured(cfg)
     overrides = list(cfg.experiment.get("human_arm") or [])
     if not overrides or not cfg.data.human.path:
         return None
@@ -254,6 +525,3 @@ def human_arm_config(cfg: DictConfig) -> DictConfig | None:
         OmegaConf.update(arm, key, value, merge=False, force_add=key.startswith("tags."))
     arm.experiment.human_arm = []
     return arm
-
-
-_ABSENT = object()

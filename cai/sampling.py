@@ -51,7 +51,12 @@ from typing import Literal
 import torch
 
 from cai.errors import ConfigError, DataError
-from cai.sampling_steps import LiveRows, StopWatcher, build_sampler, logprobs_from_logits
+from cai.sampling_steps import (
+    LiveRows,
+    StopWatcher,
+    build_sampler,
+    logprobs_from_logits,
+)
 
 __all__ = ["SamplingParams", "Completion", "SamplingEngine", "build_sampler", "logprobs_from_logits"]
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from cai.config import TinyConfig
 from cai.errors import ConfigError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -60,40 +60,6 @@ _ANSWERS = (
     "scatters the most.", "Spiders have eight legs.", "No, mixing them releases a toxic gas.",
     "Listen to them, stay with them and suggest they talk to someone they trust.",
 )
-
-
-@dataclass
-class TinyModelConfig:
-    """Shape and seed of a tiny GPT-2-style model.
-
-    vocab_size: target BPE vocabulary (<= 8192); a small corpus may yield fewer merges, in
-        which case the model's embedding matrix matches the tokenizer's real size.
-    n_layer, n_head, n_embd, n_positions: GPT-2 shape parameters.
-    dropout: residual, embedding and attention dropout (0 keeps tiny training runs stable).
-    seed: seeds the weight initialisation (the tokenizer's training is deterministic).
-    """
-
-    vocab_size: int = 2048
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 128
-    n_positions: int = 512
-    dropout: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 259 <= self.vocab_size <= 8192:
-            raise ConfigError(
-                f"TinyModelConfig.vocab_size={self.vocab_size}: expected 259..8192 "
-                "(the 256 byte symbols and 3 special tokens at least, at most 8192)"
-            )
-        if self.n_embd % self.n_head:
-            raise ConfigError(
-                f"TinyModelConfig: n_embd={self.n_embd} must be divisible by n_head={self.n_head}"
-            )
-        for name in ("n_layer", "n_head", "n_embd", "n_positions"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"TinyModelConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
 def default_tiny_corpus(n_sentences: int = 400, seed: int = 0) -> list[str]:
@@ -150,7 +116,7 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def _gpt2_config(cfg: TinyModelConfig, tokenizer, **extra):
+def _gpt2_config(cfg: TinyConfig, tokenizer, **extra):
     from transformers import GPT2Config
 
     return GPT2Config(
@@ -169,8 +135,8 @@ def _gpt2_config(cfg: TinyModelConfig, tokenizer, **extra):
     )
 
 
-def _build(model_cls, out_dir, corpus, cfg: TinyModelConfig | None, **config_extra) -> Path:
-    cfg = cfg or TinyModelConfig()
+def _build(model_cls, out_dir, corpus, cfg: TinyConfig | None, **config_extra) -> Path:
+    cfg = cfg or TinyConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     texts = list(corpus) if corpus is not None else default_tiny_corpus()
@@ -186,7 +152,7 @@ def _build(model_cls, out_dir, corpus, cfg: TinyModelConfig | None, **config_ext
 
 
 def build_tiny_causal_lm(
-    out_dir: str | Path, corpus: Iterable[str] | None = None, cfg: TinyModelConfig | None = None
+    out_dir: str | Path, corpus: Iterable[str] | None = None, cfg: TinyConfig | None = None
 ) -> Path:
     """Build and save a tiny ``GPT2LMHeadModel`` and its tokenizer into ``out_dir``.
 
@@ -199,7 +165,7 @@ def build_tiny_causal_lm(
 
 
 def build_tiny_sequence_classifier(
-    out_dir: str | Path, corpus: Iterable[str] | None = None, cfg: TinyModelConfig | None = None
+    out_dir: str | Path, corpus: Iterable[str] | None = None, cfg: TinyConfig | None = None
 ) -> Path:
     """Build and save a tiny ``GPT2ForSequenceClassification`` (one scalar output: a reward)."""
     from transformers import GPT2ForSequenceClassification

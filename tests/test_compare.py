@@ -12,9 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from cai.evaluate.compare import Side, check_same_prompts, pair_settings
 from cai.errors import ConfigError, DataError
-from cai.report.h2h import h2h_matrices, load_head_to_head, mean_matrix, paired_rows, per_prompt
+from cai.evaluate.compare import Side, check_same_prompts, pair_settings
+from cai.report.h2h import (
+    h2h_matrices,
+    mean_matrix,
+    paired_rows,
+    per_prompt,
+)
+from cai.report.runs import load_head_to_head
 
 
 def _row(seed, a, b, w, lo, hi, **counts):

@@ -69,21 +69,23 @@ PRICE_FORMS = [
 @pytest.mark.parametrize("judge", ["judge", "eval.judge"])
 @pytest.mark.parametrize("form", PRICE_FORMS, ids=["plus-entry", "whole-table", "dotted"])
 def test_a_switched_judge_model_is_priced_on_the_command_line(judge: str, form: list[str]):
-    from cai.judges.config import PriceConfig, coerce_config
+    from cai.config import PriceConfig
+    from cai.judges.config import ready_judge
 
     preset = "eval=api_judge" if judge == "eval.judge" else "judge=openai_gpt4_1_mini"
     overrides = [preset, f"{judge}.model=gpt-4o", *(o.format(j=judge) for o in form)]
-    cfg = coerce_config(OmegaConf.select(_compose(overrides), judge), judge)
+    cfg = ready_judge(OmegaConf.select(_compose(overrides), judge), judge)
     assert cfg.model == "gpt-4o" and cfg.max_dollars == 20.0
     assert cfg.prices["gpt-4o"] == PriceConfig(2.5, 10.0)
     assert cfg.prices["gpt-4.1-mini"] == PriceConfig(0.4, 1.6)  # the preset's table is extended, not lost
 
 
 @pytest.mark.parametrize("override, field", [
-    ("judge.prices={gpt-4o: {input_per_mtok: cheap, output_per_mtok: 1}}", r"^judge: .*prices\.gpt-4o\.input_per_mtok"),
+    ("judge.prices={gpt-4o: {input_per_mtok: cheap, output_per_mtok: 1}}", r"^judge\.prices\.gpt-4o\.input_per_mtok: "),
     ("+eval.judge.prices.gpt-4o={input_per_mtok: 1, output_per_mtok: -2}",
-     r"eval\.judge: .*prices\.gpt-4o\.output_per_mtok"),
-    ("+judge.prices.gpt-4o={input: 1}", r"prices\['gpt-4o'\] must have only input_per_mtok and output_per_mtok"),
+     r"^eval\.judge\.prices\.gpt-4o\.output_per_mtok: expected >= 0"),
+    ("+judge.prices.gpt-4o={input: 1}",
+     r"^judge\.prices\['gpt-4o'\]: must have only input_per_mtok and output_per_mtok"),
 ])
 def test_a_malformed_price_fails_at_planning_naming_the_field(override: str, field: str):
     """Composition accepts any table (its keys are model names); planning checks every entry."""
@@ -97,6 +99,7 @@ def test_a_malformed_price_fails_at_planning_naming_the_field(override: str, fie
 def test_prices_stay_out_of_every_artifact_key(tmp_path):
     """Prices are run time only: pricing the judges on the command line changes no stage's key,
     and the evaluation stages get the eval judge's table at run time."""
+    from cai.config import PriceConfig
     from cai.pipeline import plan
 
     plain = {s.name: s for s in plan(_compose([f"store.root={tmp_path}"]))}
@@ -105,9 +108,8 @@ def test_prices_stay_out_of_every_artifact_key(tmp_path):
                                                 "eval.judge.prices={m: {input_per_mtok: 1, output_per_mtok: 2}}"]))}
     assert {"ai_labels", "eval_baseline", "evaluate"} <= set(priced)
     assert {n: s.config for n, s in priced.items()} == {n: s.config for n, s in plain.items()}
-    for name in ("eval_baseline", "evaluate"):
-        runtime = priced[name].fn.keywords["runtime"]["judge"]
-        assert runtime["prices"] == {"m": {"input_per_mtok": 1, "output_per_mtok": 2}}
+    for name in ("eval_baseline", "evaluate"):  # the stage reads the prices from its typed config
+        assert priced[name].cfg.eval.judge.prices == {"m": PriceConfig(1.0, 2.0)}
 
 
 def test_a_bad_judge_fails_at_planning_before_anything_is_built(tmp_path):
@@ -117,8 +119,8 @@ def test_a_bad_judge_fails_at_planning_before_anything_is_built(tmp_path):
     from cai.pipeline import run_experiment
 
     store = tmp_path / "store"
-    with pytest.raises(ConfigError, match="eval.judge: max_dollars is set but 'prices' has no entry for model 'fake'"):
+    with pytest.raises(ConfigError, match="eval.judge.max_dollars: is set but 'prices' has no entry for model 'fake'"):
         run_experiment(_compose(["eval=api_judge", "eval.judge.model=fake", f"store.root={store}"]), tmp_path / "run")
-    with pytest.raises(ConfigError, match="^judge: field 'timeout_s'"):
+    with pytest.raises(ConfigError, match=r"^judge\.timeout_s: expected > 0"):
         run_experiment(_compose(["judge.timeout_s=0", f"store.root={store}"]), tmp_path / "run")
     assert not any(store.rglob("stage.json"))

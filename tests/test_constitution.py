@@ -26,16 +26,20 @@ from cai.constitution import (
     PreferencePrinciple,
     SamplingSettings,
     as_hh_prompt,
-    cli_import,
-    cli_validate,
-    dump_constitution,
     load_constitution,
     load_constitution_text,
     resolve_constitution,
-    to_yaml_dict,
     validate_file,
 )
-from cai.constitution.importer import convert_anthropic, dump_constitution_text, import_anthropic
+from cai.constitution.importer import (
+    cli_import,
+    cli_validate,
+    convert_anthropic,
+    dump_constitution,
+    dump_constitution_text,
+    import_anthropic,
+    to_yaml_dict,
+)
 from cai.errors import CaiError, ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,7 +174,9 @@ def test_shipped_constitutions_validate(capsys):
 
 
 def test_resolve_constitution(tmp_path, monkeypatch):
-    from cai.config import CONSTITUTIONS_DIR  # the one constant; in a checkout, its constitutions/
+    from cai.config import (
+        CONSTITUTIONS_DIR,  # the one constant; in a checkout, its constitutions/
+    )
 
     assert CONSTITUTIONS_DIR == Path(cai.__file__).resolve().parent.parent / "constitutions"
     assert resolve_constitution("harmless") == CONSTITUTIONS_DIR / "harmless.yaml"

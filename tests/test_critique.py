@@ -10,15 +10,11 @@ from pathlib import Path
 import pytest
 
 from cai.artifacts import ArtifactStore
+from cai.config import Config, CritiqueConfig, build
 from cai.constitution import load_constitution
 from cai.data import Prompt, load_prompt_source, read_jsonl, write_jsonl
 from cai.errors import ConfigError, DataError
-from cai.feedback.critique import (
-    critique_config,
-    revision_at,
-    round_principles,
-    run_revisions,
-)
+from cai.feedback.critique import revision_at, round_principles, run_revisions
 from cai.feedback.critique_text import clean_output, example_turns
 from cai.journal import Journal
 from cai.testing.servers import FakeOpenAIServer, Faults
@@ -152,15 +148,20 @@ def _critique(**overrides):
 
 def _policy_cfg(tiny_model_dir, **critique):
     return {"critique": _critique(**critique), "seed": 0,
-            "policy": {"name_or_path": str(tiny_model_dir), "chat_format": "hh", "dtype": "float32"}}
+            "policy": {"name_or_path": str(tiny_model_dir), "chat_format": "hh", "dtype": "float32",
+                       "device": "cpu"}}
 
 
-def _build(store_root: Path, cfg: dict, world: dict, runtime: dict | None = None):
+def _build(store_root: Path, cfg: dict, world: dict):
+    """Build the stage from the config sections ``cfg`` (plus the world's constitution) as the
+    pipeline would: its row's typed config window, and its artifact key."""
+    from cai.pipeline import make_stage
+
+    stage = make_stage("revisions", Config(**cfg, constitution={"path": world["constitution"]},
+                                           store={"root": str(store_root)}))
     store = ArtifactStore(store_root, durable=False)
-    key = store.key("revisions", cfg)
-    return store.build(key, lambda ctx: run_revisions(
-        cfg, world["inputs"], ctx, constitution_path=world["constitution"],
-        runtime=runtime or {"device": "cpu"}))
+    key = store.key("revisions", stage.config, version=stage.version)
+    return store.build(key, lambda ctx: run_revisions(stage.cfg, world["inputs"], ctx))
 
 
 # ----------------------------------------------------------------------------- the stage, policy
@@ -240,7 +241,7 @@ def test_judge_generator_through_the_openai_loopback_server(tmp_path, world):
     with FakeOpenAIServer() as srv:
         cfg = {"critique": _critique(generator="judge", max_new_tokens=16), "seed": 0,
                "judge": _judge_cfg(srv, tmp_path / "cache.sqlite")}
-        result = _build(tmp_path / "s", cfg, world, runtime={})
+        result = _build(tmp_path / "s", cfg, world)
         n_requests = srv.count()
     rows = read_jsonl(result.path / "revisions.jsonl")
     metrics = result.stage_info["metrics"]
@@ -264,7 +265,7 @@ def test_judge_failures_keep_the_previous_response_and_are_counted(tmp_path, wor
     with FakeOpenAIServer(faults=Faults(server_error=0.3, seed=3)) as srv:
         cfg = {"critique": _critique(generator="judge", rounds=1, max_new_tokens=8), "seed": 0,
                "judge": _judge_cfg(srv, tmp_path / "cache.sqlite", max_retries=0)}
-        result = _build(tmp_path / "s", cfg, world, runtime={})
+        result = _build(tmp_path / "s", cfg, world)
     rows = read_jsonl(result.path / "revisions.jsonl")
     metrics = result.stage_info["metrics"]
     failed = [r for row in rows for r in row["rounds"] if r["failures"]]
@@ -285,22 +286,26 @@ def test_initial_responses_from_a_dataset_and_bad_rows(tmp_path, world):
     with FakeOpenAIServer() as srv:
         cfg = {"critique": _critique(generator="judge", rounds=1, initial_responses=str(data)), "seed": 0,
                "judge": _judge_cfg(srv, tmp_path / "cache.sqlite")}
-        result = _build(tmp_path / "s", cfg, {**world, "inputs": {}}, runtime={})
+        result = _build(tmp_path / "s", cfg, {**world, "inputs": {}})
         out = read_jsonl(result.path / "revisions.jsonl")
         assert [r["initial_response"] for r in out] == ["Easy: ...", "No."]
         data.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"messages": rows[1]["messages"]}) + "\n")
         with pytest.raises(DataError, match=r"initial\.jsonl:2: field 'response'"):
-            _build(tmp_path / "t", cfg, {**world, "inputs": {}}, runtime={})
+            _build(tmp_path / "t", cfg, {**world, "inputs": {}})
+        missing = {**cfg, "critique": {**cfg["critique"], "initial_responses": str(tmp_path / "missing.jsonl")}}
+        # a missing file fails when the run is planned, before any stage is built
+        with pytest.raises(ConfigError, match=r"critique\.initial_responses: .*missing\.jsonl.* is not a file"):
+            _build(tmp_path / "u", missing, {**world, "inputs": {}})
 
 
 # ----------------------------------------------------------------------------- config, pipeline
 def test_config_and_revision_at_errors_name_the_field():
     with pytest.raises(ConfigError, match="critique.rounds"):
-        critique_config({"rounds": 0})
+        build(CritiqueConfig, {"rounds": 0})
     with pytest.raises(ConfigError, match="critique.generator"):
-        critique_config({"generator": "gpt"})
-    with pytest.raises(ConfigError, match="unknown field"):
-        critique_config({"round": 2})
+        build(CritiqueConfig, {"generator": "gpt"})
+    with pytest.raises(ConfigError, match=r"critique\.round: Key 'round' not in"):  # an unknown field, named
+        build(CritiqueConfig, {"round": 2})
     record = {"prompt_id": "p", "initial_response": "a", "rounds": [
         {"usable": True, "revision": "b"}, {"usable": False, "revision": "b"}, {"usable": True, "revision": "d"}]}
     assert [revision_at(record, r) for r in range(4)] == ["a", "b", "b", "d"]
@@ -308,7 +313,7 @@ def test_config_and_revision_at_errors_name_the_field():
         revision_at(record, 4)
 
 
-def test_pipeline_plans_the_revisions_stage_and_keys_what_matters():
+def test_pipeline_plans_the_revisions_stage_and_keys_what_matters(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from cai.artifacts import ArtifactStore as Store
@@ -337,6 +342,14 @@ def test_pipeline_plans_the_revisions_stage_and_keys_what_matters():
     assert k1 == k2 and "policy_model" not in j1.inputs and "max_concurrency" not in j1.config["judge"]
     with pytest.raises(ConfigError, match="critique.few_shot"):
         stage("critique.few_shot=-1")
+    # initial responses from a file: no upstream responses, and the file's contents are keyed
+    data = tmp_path / "initial.jsonl"
+    write_jsonl(data, [{"messages": [{"role": "user", "content": "Hi"}], "response": "Go away."}])
+    names, given, k3 = stage(f"critique.initial_responses={data}")
+    assert names == ["policy_model", "revisions"] and given.inputs == {"policy_model": "policy_model"}
+    assert stage(f"critique.initial_responses={data}")[2] == k3
+    write_jsonl(data, [{"messages": [{"role": "user", "content": "Hi"}], "response": "Hello!"}])  # edited in place
+    assert stage(f"critique.initial_responses={data}")[2] != k3
 
 
 def test_judge_generator_with_the_local_hf_backend(tmp_path, world, tiny_model_dir):
@@ -345,12 +358,12 @@ def test_judge_generator_with_the_local_hf_backend(tmp_path, world, tiny_model_d
              "cache_path": str(tmp_path / "cache.sqlite")}
     cfg = {"critique": _critique(generator="judge", rounds=1, max_prompts=4, batch_size=4, temperature=0.0),
            "seed": 0, "judge": judge}
-    first = _build(tmp_path / "a", cfg, world, runtime={})
+    first = _build(tmp_path / "a", cfg, world)
     rows = read_jsonl(first.path / "revisions.jsonl")
     assert len(rows) == 4 and all(r["rounds"][0]["critique_raw"] is not None for r in rows)
     assert first.stage_info["metrics"]["critique/judge_cache_hits"] == 0
     # a rebuild elsewhere is answered from the judge's cache, with the same trace
-    again = _build(tmp_path / "b", cfg, world, runtime={})
+    again = _build(tmp_path / "b", cfg, world)
     assert again.stage_info["metrics"]["critique/judge_cache_hits"] > 0
     cached = read_jsonl(again.path / "revisions.jsonl")
     # every request (a critique, and a revision where the critique was usable) is a cache hit

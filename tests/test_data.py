@@ -400,3 +400,59 @@ def test_record_validation_messages(tmp_path):
     assert Label(pair.id, 0.5, "judge").chosen is None and Label(pair.id, 1, "judge").p_a == 1.0
     assert pair.swapped().swapped() == pair and pair.swapped().id != pair.id
     assert prompt.id == Prompt.create(prompt.messages, "elsewhere", ("other",)).id  # id ignores source/tags
+
+
+# ----------------------------------------------------------------------------- the data stages
+def build_stage(tmp_path: Path, name: str, cfg, inputs: dict | None = None):
+    """Build stage ``name`` of the hand-made ``cfg`` (a :class:`cai.config.Config`) in a store under
+    ``tmp_path``, as the pipeline would: its typed cfg from its row in ``cai.pipeline.STAGES``."""
+    from cai.artifacts import ArtifactStore
+    from cai.pipeline import make_stage
+
+    stage = make_stage(name, cfg)
+    store = ArtifactStore(tmp_path / "store")
+    key = store.key(name, stage.config, {}, version=stage.version)
+    return store.build(key, lambda ctx: stage.run(dict(inputs or {}), ctx))
+
+
+def test_prompts_stage_reads_its_typed_data_fields(tmp_path):
+    from cai.config import Config, DataConfig
+    from cai.pipeline import stage_config
+
+    cfg = Config(data=DataConfig(max_prompts=5, test_fraction=0.25, split_salt="s"))
+    res = build_stage(tmp_path, "prompts", cfg)
+    prompts = load_prompts()
+    unique = {p.id: p for p in prompts}
+    splits = split_by_hash(list(unique.values()), fractions={"train": 0.75, "test": 0.25}, salt="s")
+    train = [Prompt.from_dict(d) for d in read_jsonl(res.path / "train.jsonl")]
+    test = [Prompt.from_dict(d) for d in read_jsonl(res.path / "test.jsonl")]
+    assert [p.id for p in train] == [p.id for p in splits["train"][:5]]
+    assert [p.id for p in test] == [p.id for p in splits["test"]]
+    m = res.stage_info["metrics"]
+    assert m["data/prompts_in"] == len(prompts) and m["data/prompts_train"] == 5
+    assert m["data/prompts_train_beyond_limit"] == len(splits["train"]) - 5
+    assert m["data/prompts_test"] == len(test) and m["data/prompts_duplicate"] == len(prompts) - len(unique)
+    # the key holds what the stage reads, and a read outside its row is refused
+    assert stage_config("prompts", cfg).data.max_prompts == 5
+    with pytest.raises(ConfigError, match="data.human"):
+        _ = stage_config("prompts", cfg).data.human
+    with pytest.raises(ConfigError, match="cfg.sampling"):
+        _ = stage_config("prompts", cfg).sampling
+
+
+def test_human_pairs_stage_counts_every_exclusion(tmp_path):
+    from cai.config import Config, DataConfig, HumanDataConfig
+
+    path = write_rows(tmp_path / "bad.jsonl")
+    cfg = Config(data=DataConfig(human=HumanDataConfig(path=str(path), limit=12)))
+    res = build_stage(tmp_path, "human_pairs", cfg)
+    parsed = load_hh_rlhf(str(path), limit=12)
+    pairs = read_jsonl(res.path / "pairs.jsonl", Pair)
+    labels = read_jsonl(res.path / "labels.jsonl", Label)
+    excluded = read_jsonl(res.path / "excluded.jsonl")
+    assert len(pairs) == len(labels) == len(parsed.records)
+    assert [e["line"] for e in excluded] == [line for line, _ in parsed.excluded]
+    m = res.stage_info["metrics"]
+    assert m["human/pairs"] == len(pairs) and m["human/excluded"] == len(excluded) and m["human/total_in"] == 12
+    with pytest.raises(ConfigError, match="needs data.human.path"):
+        build_stage(tmp_path, "human_pairs", Config())

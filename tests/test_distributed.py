@@ -33,11 +33,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from cai.config import TinyConfig
 from cai.testing.preference_task import task_corpus, write_task
-from cai.tiny import TinyModelConfig, build_tiny_causal_lm, build_tiny_sequence_classifier, default_tiny_corpus
+from cai.tiny import (
+    build_tiny_causal_lm,
+    build_tiny_sequence_classifier,
+    default_tiny_corpus,
+)
 from cai.train.pairs import loss_scale, step_share
 
-SHAPE = TinyModelConfig(vocab_size=512, n_layer=1, n_head=2, n_embd=32, seed=0)
+SHAPE = TinyConfig(vocab_size=512, n_layer=1, n_head=2, n_embd=32, seed=0)
 TOL = 1e-4
 
 
@@ -128,8 +133,9 @@ def test_whitening_over_shards_equals_whitening_the_whole_batch():
 
 
 def test_batch_sizes_must_split_evenly_over_processes():
+    from cai.config import PPOConfig
     from cai.errors import ConfigError
-    from cai.train.ppo import PPOConfig, check_world_size
+    from cai.train.ppo import check_world_size
 
     check_world_size(PPOConfig(rollout_batch_size=8, mini_batch_size=4), 2)
     with pytest.raises(ConfigError, match="mini_batch_size=3 is split over 2 processes"):

@@ -8,15 +8,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from cai.config import DPOConfig, ModelConfig, TinyConfig
 from cai.models import ModelSpec, load_causal_lm
 from cai.testing.preference_task import task_corpus, write_task
-from cai.tiny import TinyModelConfig, build_tiny_causal_lm, default_tiny_corpus
-from cai.train.common import read_train_log
-from cai.train.dpo import DPOConfig, train_dpo
-from cai.train.dpo import load_policy, run_dpo
-from cai.train.pairs import LabelledPair, PreferenceData, encode_pairs, load_labelled_pairs, split_pairs
+from cai.tiny import build_tiny_causal_lm, default_tiny_corpus
+from cai.train.dpo import load_policy, run_dpo, train_dpo
+from cai.train.log import read_train_log
+from cai.train.pairs import (
+    LabelledPair,
+    PreferenceData,
+    encode_pairs,
+    load_labelled_pairs,
+    split_pairs,
+)
 
-SHAPE = TinyModelConfig(vocab_size=512, n_layer=1, n_head=2, n_embd=64, seed=0)
+SHAPE = TinyConfig(vocab_size=512, n_layer=1, n_head=2, n_embd=64, seed=0)
 FAST = {"epochs": 2, "batch_size": 16, "lr": 2e-3, "warmup": 0, "max_length": 64, "log_every": 1, "device": "cpu"}
 
 
@@ -35,7 +41,8 @@ def task(tmp_path_factory):
 
 def _run(tmp_path, policy_dir, data, **overrides):
     cfg = DPOConfig(**{**FAST, **overrides})
-    model, tok, chat_format = load_policy({"chat_format": "hh", "max_length": 64}, str(policy_dir), cfg, 0)
+    policy = ModelConfig(name_or_path=str(policy_dir), chat_format="hh", max_length=64)
+    model, tok, chat_format = load_policy(policy, str(policy_dir), cfg, 0)
     return run_dpo(cfg, data, model, tok, chat_format, seed=0, out_dir=tmp_path / "out", state_dir=tmp_path / "state")
 
 
@@ -120,21 +127,17 @@ def test_dpo_config_is_checked():
 
 def test_pipeline_reward_and_dpo_stages_on_human_pairs(tmp_path, shared_data_dir):
     """The reward and dpo stages through the pipeline on 60 HH-RLHF pairs; a second run reuses both."""
-    from hydra import compose, initialize_config_dir
-
-    from cai.config import CONF_DIR, register_configs
+    from cai.config import compose_config
     from cai.pipeline import run_experiment
 
     hh = shared_data_dir / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
     overrides = ["experiment.stages=[reward,dpo]", "reward.labels_from=human", "dpo.labels_from=human",
-                 f"data.human.path={hh}", "data.human.limit=60",
+                 "dpo.start_from=initial", f"data.human.path={hh}", "data.human.limit=60",
                  "policy.tiny.n_layer=1", "policy.tiny.n_embd=32", "policy.tiny.n_head=2",
                  "policy.tiny.vocab_size=512", "reward.lr=1e-3", "reward.max_length=96", "dpo.max_length=96",
                  "dpo.lr=1e-4", "reward.ensemble_size=2", "reward.ensemble_kind=heads",
                  f"store.root={tmp_path / 'store'}"]
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = compose_config(*overrides)
     m1 = run_experiment(cfg, tmp_path / "run1")
     m2 = run_experiment(cfg, tmp_path / "run2")
     assert m1["rm/data/used"] + m1["rm/data/skipped"] == m1["rm/data/pairs_in"] - m1["rm/data/duplicate_pairs"]
@@ -151,29 +154,36 @@ def test_pipeline_reward_and_dpo_stages_on_human_pairs(tmp_path, shared_data_dir
 def test_dpo_and_reward_plan_the_same_label_inputs(tmp_path):
     """Both preference stages take their labels through one planning rule, and a human arm
     without human pairs fails naming the stage whose setting asked for them."""
-    from hydra import compose, initialize_config_dir
-
-    from cai.config import CONF_DIR, register_configs
+    from cai.config import compose_config
     from cai.errors import ConfigError
     from cai.pipeline import plan
 
-    register_configs()
     hh = tmp_path / "hh.jsonl"
     label_inputs = {"ai_labels", "ai_pairs", "human_pairs"}
     expected = {"human": {"human_pairs": "human_pairs"},
                 "ai": {"ai_labels": "ai_labels", "ai_pairs": "policy_pairs", "human_pairs": "human_pairs"}}
     for arm, want in expected.items():
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=[
-                "experiment.stages=[reward,dpo]", f"reward.labels_from={arm}", f"dpo.labels_from={arm}",
-                "labels.source=policy_pairs", f"data.human.path={hh}"])
+        cfg = compose_config("experiment.stages=[reward,dpo]", f"reward.labels_from={arm}", f"dpo.labels_from={arm}",
+                             "labels.source=policy_pairs", f"data.human.path={hh}")
         stages = {s.name: s for s in plan(cfg)}
         for name in ("reward", "dpo"):
             assert {k: v for k, v in stages[name].inputs.items() if k in label_inputs} == want, (arm, name)
             assert "device" not in stages[name].config[name]
     for stage in ("reward", "dpo"):
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=[f"experiment.stages=[{stage}]",
-                                                           f"{stage}.labels_from=human"])
+        cfg = compose_config(f"experiment.stages=[{stage}]", f"{stage}.labels_from=human")
         with pytest.raises(ConfigError, match=rf"^{stage}\.labels_from=human needs data\.human\.path"):
             plan(cfg)
+
+
+def test_dpo_starts_from_the_policy_dpo_start_from_names():
+    """dpo.start_from decides the starting policy (also the reference): the sft artifact, or the
+    initial policy (the tiny policy artifact here); nothing looks at experiment.stages."""
+    from cai.config import compose_config
+    from cai.pipeline import plan
+
+    human = ["experiment.stages=[dpo]", "data.human.path=hh.jsonl", "dpo.labels_from=human"]
+    initial = {s.name: s for s in plan(compose_config(*human, "dpo.start_from=initial"))}["dpo"]
+    assert initial.inputs == {"human_pairs": "human_pairs", "policy_model": "policy_model"}
+    sft = {s.name: s for s in plan(compose_config(*human, "dpo.start_from=sft"))}
+    assert sft["dpo"].inputs == {"human_pairs": "human_pairs", "sft": "sft"} and "sft" in sft
+    assert sft["dpo"].config["dpo"]["start_from"] == "sft"  # two starts, two keys

@@ -10,26 +10,24 @@ import pytest
 
 from cai.data import Prompt
 from cai.errors import DataError
-from cai.evaluate.winrates import (
-    Judgement,
-    binary_rate,
-    fit_logistic,
-    length_controlled_win_rate,
-    outcome_scores,
-    paired_comparison,
-    seed_summary,
-    win_rate,
-)
 from cai.evaluate.requests import (
     comparison_requests,
     harmless_rate,
     harmlessness_request,
     judgements_from_results,
 )
+from cai.evaluate.winrates import (
+    Judgement,
+    binary_rate,
+    fit_logistic,
+    length_controlled_win_rate,
+    outcome_scores,
+    win_rate,
+)
 from cai.judges import ChoiceResult, make_judge
-from cai.feedback.templates import parse_prompt
+from cai.judges.templates import parse_prompt
+from cai.stats import paired_comparison, seed_summary, t_cdf, t_quantile
 from cai.testing import FakeOpenAIServer
-from cai.stats import t_cdf, t_quantile
 
 
 def J(pid, p1, p2, failure=None):

@@ -3,6 +3,7 @@ it counts failed judgements (invalid, never losses)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -12,6 +13,7 @@ import pytest
 
 from cai.config import compose_config
 from cai.errors import ConfigError
+from cai.pipeline import plan
 
 TINY = [
     "data.max_prompts=6",
@@ -23,6 +25,10 @@ TINY = [
     "eval.max_prompts=6",
     "eval.max_new_tokens=6",
     "eval.bootstrap_resamples=100",
+    # the SFT-only arm: the initial policy is evaluated and is the baseline (the quickstart's
+    # default evaluates its ppo policy against its sft policy)
+    "eval.policy=initial",
+    "eval.baseline=initial",
 ]
 
 
@@ -68,9 +74,17 @@ def _perturbed_arm(info, out: Path, scale: float = 0.5) -> Path:
     return out
 
 
+def _stage(name: str, cfg):
+    """Stage ``name`` as the pipeline plans it for ``cfg`` (a composed config)."""
+    from cai.config import typed
+    from cai.pipeline import make_stage
+
+    return make_stage(name, typed(cfg))
+
+
 def _build(store, stage, artifacts: dict[str, str], arm_dir: Path | None = None):
-    """Build ``stage`` in ``store`` from upstream ``artifacts`` (stage -> key); ``arm_dir`` stands in
-    for the trained policy (input ``arm``)."""
+    """Build ``stage`` in ``store`` from upstream ``artifacts`` (stage -> key), keyed as the pipeline
+    keys it; ``arm_dir`` stands in for the trained policy (input ``arm``)."""
     keys, paths = {}, {}
     for name, upstream in stage.inputs.items():
         if name == "arm":
@@ -78,22 +92,21 @@ def _build(store, stage, artifacts: dict[str, str], arm_dir: Path | None = None)
         else:
             keys[name] = artifacts[upstream]
             paths[name] = store.path(keys[name])
-    key = store.key(stage.name, stage.config, keys)
-    return store.build(key, lambda ctx: stage.fn(stage.config, paths, ctx))
+    key = store.key(stage.name, stage.config, keys, version=stage.version)
+    return store.build(key, lambda ctx: stage.run(paths, ctx))
 
 
 def _evaluate(cfg, info, arm_dir: Path, store=None):
-    """Build eval_baseline and then evaluate of ``cfg`` with ``arm_dir`` as the trained (ppo) policy.
-    Returns the evaluate result and the eval_baseline result."""
-    from cai.evaluate.baseline import eval_baseline_stage
-    from cai.evaluate.stage import evaluate_stage
-
+    """Build eval_baseline and then evaluate of ``cfg`` (a copy, with ``eval.policy=ppo``) with
+    ``arm_dir`` as the trained ppo policy. Returns the evaluate result and the eval_baseline result."""
+    cfg = copy.deepcopy(cfg)
     cfg.experiment.stages = ["ppo", "evaluate"]
+    cfg.eval.policy = "ppo"
     store = store or _store(info)
     artifacts = dict(info["artifacts"])
-    base = _build(store, eval_baseline_stage(cfg), artifacts)
+    base = _build(store, _stage("eval_baseline", cfg), artifacts)
     artifacts["eval_baseline"] = base.key
-    stage = evaluate_stage(cfg)
+    stage = _stage("evaluate", cfg)
     assert stage.inputs["arm"] == "ppo" and stage.inputs["eval_baseline"] == "eval_baseline"
     return _build(store, stage, artifacts, arm_dir), base
 
@@ -148,7 +161,8 @@ def test_trained_arm_is_judged_and_kl_measured(sft_run, tmp_path):
     n = m["eval/vs_sft/n"]
     assert m["eval/vs_sft/identical"] < n
     assert m["eval/vs_sft/wins"] + m["eval/vs_sft/ties"] + m["eval/vs_sft/losses"] + m["eval/vs_sft/invalid"] == n
-    assert 0.0 <= m["eval/vs_sft/win_rate_ci_low"] <= m["eval/vs_sft/win_rate"] <= m["eval/vs_sft/win_rate_ci_high"] <= 1
+    assert 0.0 <= m["eval/vs_sft/win_rate_ci_low"] <= m["eval/vs_sft/win_rate"] \
+        <= m["eval/vs_sft/win_rate_ci_high"] <= 1
     assert math.isfinite(m["eval/kl"]) and m["eval/kl"] != 0.0
     rows = [json.loads(x) for x in (folder / "samples.jsonl").read_text().splitlines()]
     assert sum(r["kl"] for r in rows) / len(rows) == pytest.approx(m["eval/kl"])
@@ -164,9 +178,10 @@ def test_trained_arm_is_judged_and_kl_measured(sft_run, tmp_path):
 
 
 def test_failed_judgements_are_invalid_not_losses(sft_run, tmp_path):
-    from cai.testing.servers import Faults, FakeOpenAIServer
+    from cai.testing.servers import FakeOpenAIServer, Faults
 
     cfg, _, _, info = sft_run
+    cfg = copy.deepcopy(cfg)  # the module's run keeps its judge
     arm = _perturbed_arm(info, tmp_path / "arm_api")
     with FakeOpenAIServer(faults=Faults(refusal=0.4, seed=3)) as srv:
         cfg.eval.judge.backend = "openai"
@@ -187,44 +202,71 @@ def test_failed_judgements_are_invalid_not_losses(sft_run, tmp_path):
         assert m["eval/vs_sft/win_rate"] == pytest.approx(expected)  # invalid is outside the denominator
 
 
-def test_builder_picks_the_last_trained_policy_and_keeps_runtime_out_of_the_key():
-    from cai.evaluate.stage import evaluate_stage
-
-    for stages, arm in ((["evaluate"], None), (["sft", "evaluate"], "sft"),
-                        (["sft", "dpo", "evaluate"], "dpo"), (["dpo", "ppo", "evaluate"], "ppo")):
-        stage = evaluate_stage(compose(f"experiment.stages=[{','.join(stages)}]"))
-        assert stage.inputs.get("arm") == arm
-        assert stage.config["arm"] == (arm or "initial")
+def test_evaluated_policy_and_baseline_are_explicit_and_runtime_stays_out_of_the_key():
+    for policy in ("initial", "sft", "dpo", "ppo"):
+        stage = _stage("evaluate", compose("experiment.stages=[evaluate]", f"eval.policy={policy}",
+                                           "eval.baseline=initial"))
+        assert stage.inputs.get("arm") == (None if policy == "initial" else policy)
+        assert stage.config["eval"]["policy"] == policy
+        assert "baseline" not in stage.inputs and stage.config["eval"]["baseline"] == "initial"
+    # the arms of the matched study say which policy they evaluate, against the initial policy
+    for arm, policy in (("sft", None), ("sl_cai", "sft"), ("dpo_ai", "dpo"), ("rlaif", "ppo")):
+        inputs = _stage("evaluate", compose("experiment=rlaif_vs_rlhf", f"arm={arm}")).inputs
+        assert inputs.get("arm") == policy and "baseline" not in inputs, arm
     # eval.baseline=sft: PPO/DPO on top of the run's own SFT are compared with that SFT policy
-    on_sft = evaluate_stage(compose("experiment.stages=[sft,ppo,evaluate]", "eval.baseline=sft"))
-    assert on_sft.inputs["baseline"] == "sft" and on_sft.config["eval"]["baseline"] == "sft"
-    sl_cai = evaluate_stage(compose("experiment.stages=[sft,evaluate]", "eval.baseline=sft"))
-    assert "baseline" not in sl_cai.inputs and sl_cai.config["eval"]["baseline"] == "initial"
-    a = evaluate_stage(compose("experiment.stages=[evaluate]"))
-    b = evaluate_stage(compose("experiment.stages=[evaluate]", "eval.judge.max_concurrency=4",
-                               "eval.hf_batch_size=2", "policy.device=cpu"))
+    on_sft = _stage("evaluate", compose("experiment.stages=[sft,ppo,evaluate]", "eval.policy=ppo",
+                                        "eval.baseline=sft"))
+    assert on_sft.inputs["baseline"] == "sft" and on_sft.inputs["arm"] == "ppo"
+    assert on_sft.config["eval"]["baseline"] == "sft"
+    # planning builds the stage the evaluated policy comes from, and the baseline's
+    planned = [s.name for s in plan(compose("experiment.stages=[evaluate]", "eval.policy=sft",
+                                            "eval.baseline=sft"))]
+    assert planned.index("sft") < planned.index("eval_baseline") < planned.index("evaluate")
+    a = _stage("evaluate", compose("experiment.stages=[evaluate]"))
+    assert (a.inputs["arm"], a.inputs["baseline"]) == ("ppo", "sft")  # the quickstart: its ppo against its sft
+    b = _stage("evaluate", compose("experiment.stages=[evaluate]", "eval.judge.max_concurrency=4",
+                                   "eval.hf_batch_size=2", "policy.device=cpu"))
     assert a.config == b.config  # how fast / where: not what it computes
-    c = evaluate_stage(compose("experiment.stages=[evaluate]", "eval.max_new_tokens=7"))
+    assert (b.cfg.eval.hf_batch_size, b.cfg.policy.device) == (2, "cpu")  # ... but read at run time
+    c = _stage("evaluate", compose("experiment.stages=[evaluate]", "eval.max_new_tokens=7"))
     assert c.config != a.config
 
 
-def test_one_baseline_artifact_for_every_arm_keyed_by_what_determines_it():
-    import copy
+def test_stage_refuses_inputs_that_disagree_with_the_config(tmp_path):
+    """The arm's and the baseline's artifacts are the inputs the pipeline wires from eval.policy and
+    eval.baseline; a hand-made call that disagrees is refused, naming the field."""
+    from cai.evaluate.baseline import baseline_location, policy_artifact
 
+    on_sft = _stage("eval_baseline", compose("eval.baseline=sft")).cfg  # the quickstart's
+    assert baseline_location(on_sft, {"baseline": tmp_path}) == str(tmp_path / "model")
+    with pytest.raises(ConfigError, match="eval.baseline=sft"):
+        baseline_location(on_sft, {"policy_model": tmp_path})
+    initial = _stage("eval_baseline", compose("eval.baseline=initial")).cfg
+    assert baseline_location(initial, {"policy_model": tmp_path}) == str(tmp_path / "model")
+    with pytest.raises(ConfigError, match="eval.baseline=initial"):
+        baseline_location(initial, {"policy_model": tmp_path, "baseline": tmp_path})
+    # the arm's artifact likewise (what evaluate reads it with)
+    assert policy_artifact({"arm": tmp_path}, "arm", "ppo", "eval.policy") == str(tmp_path / "model")
+    with pytest.raises(ConfigError, match="eval.policy=ppo"):
+        policy_artifact({"policy_model": tmp_path}, "arm", "ppo", "eval.policy")
+    assert policy_artifact({}, "arm", "initial", "eval.policy") is None
+
+
+def test_one_baseline_artifact_for_every_arm_keyed_by_what_determines_it():
     from omegaconf import OmegaConf
 
-    from cai.evaluate.baseline import eval_baseline_stage
-
-    composed = compose("experiment.stages=[evaluate]")  # composed once; each case edits a copy
+    composed = compose("experiment.stages=[evaluate]", "eval.policy=initial",
+                       "eval.baseline=initial")  # composed once; each case edits a copy
 
     def base(*overrides):
         cfg = copy.deepcopy(composed)
         for item in overrides:
             key, value = item.split("=", 1)
             OmegaConf.update(cfg, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=False)
-        return eval_baseline_stage(cfg)
+        return _stage("eval_baseline", cfg)
 
-    arms = [base(f"experiment.stages=[{s}]") for s in ("evaluate", "sft,evaluate", "dpo,evaluate", "ppo,evaluate")]
+    arms = [base(f"experiment.stages=[{s},evaluate]", f"eval.policy={s}") for s in ("sft", "dpo", "ppo")]
+    arms.insert(0, base())
     assert all(b.config == arms[0].config and b.inputs == arms[0].inputs for b in arms)  # shared by every arm
     assert arms[0].inputs == {"prompts": "prompts", "policy_model": "policy_model"}
     # how fast and where, and what only the arm's side uses: not in the key
@@ -240,68 +282,104 @@ def test_one_baseline_artifact_for_every_arm_keyed_by_what_determines_it():
     assert base("eval.harmless=false", "eval.judge.model=a").config == \
         base("eval.harmless=false", "eval.judge.model=b").config
     # eval.baseline=sft: PPO on the run's own SFT is compared with that SFT policy
-    on_sft = base("experiment.stages=[sft,ppo,evaluate]", "eval.baseline=sft")
-    assert on_sft.inputs["baseline"] == "sft" and on_sft.config["eval"]["baseline"] == "sft"
-    # the same builder through Hydra: a run-time override composes to the same key
-    assert eval_baseline_stage(compose("experiment.stages=[ppo,evaluate]", "eval.judge_batch=5")).config == \
-        arms[0].config
+    on_sft = base("experiment.stages=[sft,ppo,evaluate]", "eval.policy=ppo", "eval.baseline=sft")
+    assert on_sft.inputs["baseline"] == "sft" and on_sft.config["eval.baseline"] == "sft"
+    # the same row through Hydra: a run-time override composes to the same key
+    assert _stage("eval_baseline", compose("experiment.stages=[ppo,evaluate]", "eval.policy=ppo",
+                                           "eval.baseline=initial", "eval.judge_batch=5")).config == arms[0].config
+
+
+def _eval_judge_key(stage) -> dict:
+    """eval.judge's part of a stage's key (evaluate reads all of eval, eval_baseline eval.judge)."""
+    return stage.config["eval"]["judge"] if "eval" in stage.config else stage.config["eval.judge"]
 
 
 def test_eval_judge_is_keyed_and_run_like_the_labeller(tmp_path):
     """eval.judge's key is judge_key (a non-auto dtype included), the rest reaches the judge at run
     time: device, and batch size, which wins over eval.hf_batch_size. The default config's keys are
-    those of the code before (placeholder upstream keys: only this stage's own slice counts)."""
+    pinned (placeholder upstream keys: only this stage's own slice counts)."""
     from cai.artifacts import ArtifactStore
-    from cai.evaluate.baseline import JudgeSession, eval_baseline_stage
-    from cai.evaluate.stage import evaluate_stage
+    from cai.evaluate.baseline import JudgeSession
+    from cai.evaluate.stage import judge_is_labeller
     from cai.journal import BuildContext
+    from cai.judges.config import stage_judge
 
     def stages(*extra):  # (evaluate, eval_baseline)
         cfg = compose(f"store.root={tmp_path}", *extra)
-        return evaluate_stage(cfg), eval_baseline_stage(cfg)
+        return _stage("evaluate", cfg), _stage("eval_baseline", cfg)
 
     default, half = stages(), stages("eval.judge.dtype=bfloat16")
     local = stages("eval.judge.device=cpu", "eval.judge.batch_size=3")
     store = ArtifactStore(tmp_path)
-    keys = [store.key(s.name, s.config, {n: f"{u}-upstream" for n, u in s.inputs.items()}) for s in default]
-    assert keys == ["evaluate-1ab82f1886928822ae12", "eval_baseline-7e3964e0b8b71cb3f39a"]
+    keys = [store.key(s.name, s.config, {n: f"{u}-upstream" for n, u in s.inputs.items()}, version=s.version)
+            for s in default]
+    assert keys == KEYS
     for d, loc, h in zip(default, local, half):
-        assert loc.config == d.config and loc.fn.keywords["runtime"]["judge"]["device"] == "cpu"
-        assert h.config["eval"]["judge"] == {**d.config["eval"]["judge"], "dtype": "bfloat16"}
+        assert loc.config == d.config and loc.cfg.eval.judge.device == "cpu"
+        assert _eval_judge_key(h) == {**_eval_judge_key(d), "dtype": "bfloat16"}
     # the labeller's judge is the eval judge when their keys are equal, whatever their run-time fields
-    assert default[0].config["judge_is_labeller"] and not half[0].config["judge_is_labeller"]
+    assert judge_is_labeller(default[0].cfg) and not judge_is_labeller(half[0].cfg)
     same = stages("judge.dtype=bfloat16", "eval.judge.dtype=bfloat16", "judge.device=cpu")[0]
-    assert same.config["judge_is_labeller"]
+    assert judge_is_labeller(same.cfg)
+    assert same.config != half[0].config  # the labeller is read (to say whether it judges): keyed
     for stage, batch, device in ((local[0], 3, "cpu"), (default[0], 8, "auto")):
         ctx = BuildContext("evaluate-x", tmp_path / "out", tmp_path / f"state{batch}", False, 1)
-        runtime = stage.fn.keywords["runtime"]
-        with JudgeSession(ctx, stage.config["eval"], {"policy_model": tmp_path}, runtime, "evaluate") as session:
+        judge = stage_judge(stage.cfg.eval.judge, {"policy_model": tmp_path}, "eval.judge")
+        assert judge.model == str(tmp_path / "model")  # model tiny: the tiny policy artifact
+        with JudgeSession(ctx, judge, stage="evaluate", cache_path=stage.cfg.judge_cache,
+                          judge_batch=stage.cfg.eval.judge_batch,
+                          hf_batch_size=stage.cfg.eval.hf_batch_size) as session:
             backend = session._open()  # the hf judge loads its model on first use: nothing is loaded here
             assert (backend.batch_size, backend.spec.device) == (batch, device)
 
 
-def test_held_out_rm_only_with_human_data(shared_data_dir):
-    from cai.evaluate.stage import eval_reward_stage, evaluate_stage
+# the default config's (evaluate, eval_baseline) keys with placeholder upstream keys: a change is a
+# change of every stored evaluation's key (bump the row's version on purpose, or fix the key)
+KEYS = ["evaluate-7d78a5739c79b6b39924", "eval_baseline-509f592fcac4d5d8dd21"]
+
+
+def test_held_out_rm_only_with_human_data(shared_data_dir, tmp_path, monkeypatch):
+    import cai.train.reward as reward
 
     path = shared_data_dir / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
     cfg = compose("experiment.stages=[evaluate]", f"data.human.path={path}", "data.prompts=builtin")
-    stage = evaluate_stage(cfg)
-    assert stage.inputs["eval_reward"] == "eval_reward"
-    rm = eval_reward_stage(cfg)
-    assert rm.config["seed"] == cfg.seed + cfg.eval.rm_seed_offset and rm.config["reward"]["labels_from"] == "human"
-    assert "eval_reward" not in evaluate_stage(compose("experiment.stages=[evaluate]",
-                                                       f"data.human.path={path}", "eval.use_rm=false")).inputs
+    stage = _stage("evaluate", cfg)
+    # another held-out RM: another key
+    assert stage.inputs["eval_reward"] == "eval_reward" and "eval.rm" in stage.config
+    rm = _stage("eval_reward", cfg)
+    assert rm.config["eval.rm"]["labels_from"] == "human" and rm.inputs["human_pairs"] == "human_pairs"
+    assert rm.config["eval.rm_seed_offset"] == cfg.eval.rm_seed_offset and rm.config["seed"] == cfg.seed
+    # the held-out RM trains with seed + eval.rm_seed_offset, its metrics renamed eval_rm/...
+    seen = {}
+
+    def build_reward_model(rcfg, seed, inputs, ctx):
+        seen.update(rcfg=rcfg, seed=seed)
+        ctx.set_metrics({"rm/accuracy": 1.0})
+
+    class Ctx:
+        def set_metrics(self, metrics):
+            seen["metrics"] = metrics
+
+    monkeypatch.setattr(reward, "build_reward_model", build_reward_model)
+    rm.run({"human_pairs": tmp_path}, Ctx())
+    assert seen["seed"] == cfg.seed + cfg.eval.rm_seed_offset and seen["rcfg"].labels_from == "human"
+    assert seen["metrics"] == {"eval_rm/accuracy": 1.0}
+    without = _stage("evaluate",
+                     compose("experiment.stages=[evaluate]", f"data.human.path={path}", "eval.use_rm=false"))
+    assert "eval_reward" not in without.inputs and "eval.rm" not in without.config \
+        and "rm" not in without.config["eval"]
+    with pytest.raises(ConfigError, match="eval_reward trains on human labels"):
+        _stage("eval_reward", compose("experiment.stages=[evaluate]"))
 
 
 @pytest.mark.parametrize("override, field", [("eval.harmless_prompts=some", "harmless_prompts"),
                                              ("eval.ties=never", "ties"), ("eval.tie_margin=0.7", "tie_margin"),
                                              ("eval.max_prompts=0", "max_prompts"),
-                                             ("eval.baseline=best", "baseline"), ("eval.judge_batch=0", "judge_batch")])
+                                             ("eval.baseline=best", "baseline"), ("eval.policy=rlhf", "policy"),
+                                             ("eval.judge_batch=0", "judge_batch")])
 def test_bad_eval_config_names_the_field(override, field):
-    from cai.evaluate.stage import evaluate_stage
-
     with pytest.raises(ConfigError, match=f"eval.{field}"):
-        evaluate_stage(compose("experiment.stages=[evaluate]", override))
+        plan(compose("experiment.stages=[evaluate]", override))
 
 
 def test_held_out_rm_scores_every_response(shared_data_dir, tmp_path):

@@ -28,13 +28,17 @@ def sweep_params(experiment: str) -> dict[str, str]:
     import yaml
 
     doc = yaml.safe_load((REPO / "conf" / "experiment" / f"{experiment}.yaml").read_text())
-    return dict(doc.get("hydra", {}).get("sweeper", {}).get("params", {}))
+    params = dict(doc.get("hydra", {}).get("sweeper", {}).get("params", {}))
+    for group, values in params.items():  # glob(*): every option of the group (Hydra's sweep grammar)
+        if str(values).replace(" ", "") == "glob(*)":
+            params[group] = ",".join(sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml")))
+    return params
 
 
 def test_arm_group_matches_the_study_sweep():
     files = sorted(p.stem for p in (REPO / "conf" / "arm").glob("*.yaml"))
     assert files == sorted(ARMS)
-    assert sweep_params("rlaif_vs_rlhf")["arm"].split(",") == list(ARMS)
+    assert sorted(sweep_params("rlaif_vs_rlhf")["arm"].split(",")) == sorted(ARMS)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -82,10 +86,13 @@ def test_arms_are_matched(extra):
     # each arm evaluates its own final policy, with one evaluation config
     expected = {"sft": "initial", "sl_cai": "sft", "rlhf": "ppo", "rlaif": "ppo", "dpo_human": "dpo",
                 "dpo_ai": "dpo", "d_rlaif": "ppo", "distil_judge": "sft"}
+    def without_policy(config: dict) -> dict:
+        return {**config, "eval": {k: v for k, v in config["eval"].items() if k != "policy"}}
+
     for arm, p in plans.items():
-        cfg = dict(p["evaluate"]["config"])
-        assert cfg.pop("arm") == expected[arm]
-        assert cfg == {k: v for k, v in plans["sft"]["evaluate"]["config"].items() if k != "arm"}
+        assert p["evaluate"]["config"]["eval"]["policy"] == expected[arm]  # eval.policy, an explicit field
+        assert p["evaluate"]["inputs"].get("arm", "initial") == expected[arm]
+        assert without_policy(p["evaluate"]["config"]) == without_policy(plans["sft"]["evaluate"]["config"])
 
 
 TINY = [

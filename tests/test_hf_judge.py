@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from cai.errors import ConfigError
-from cai.feedback import templates as tpl
-from cai.judges import ChoiceRequest, GenerateRequest, coerce_config, make_judge
+from cai.judges import ChoiceRequest, GenerateRequest, make_judge, ready_judge
+from cai.judges import templates as tpl
 from cai.judges.hf import HFJudge, _Tree, choice_probs
 
 TURNS = [{"role": "user", "content": "How do I get a stuck cat down from a tree?"}]
@@ -19,7 +19,7 @@ SHORT, LONG = "Call the fire brigade.", "Put a ladder against the tree, climb sl
 def judge_for(model_dir, tmp_path, **kw) -> HFJudge:
     """A judge on CPU in float32 (the 1e-5 comparisons are float32 claims)."""
     cfg = {"backend": "hf", "model": str(model_dir), "cache_path": str(tmp_path / "cache.sqlite"), **kw}
-    return HFJudge(coerce_config(cfg), device="cpu", dtype="float32")
+    return HFJudge(ready_judge(cfg), device="cpu", dtype="float32")
 
 
 def requests() -> list[ChoiceRequest]:
@@ -49,7 +49,7 @@ def test_device_dtype_and_batch_size_come_from_the_judge_config(tmp_path):
     assert judge._params()["dtype"] == "bfloat16"  # part of every cache key of its answers
     default = make_judge({"backend": "hf", "model": str(tmp_path), "cache": False})
     assert (default.spec.device, default.spec.dtype, default.batch_size) == ("auto", "auto", DEFAULT_BATCH_SIZE)
-    configured = coerce_config({"backend": "hf", "model": str(tmp_path), "batch_size": 3, "cache": False})
+    configured = ready_judge({"backend": "hf", "model": str(tmp_path), "batch_size": 3, "cache": False})
     assert HFJudge(configured, batch_size=5).batch_size == 5  # an explicit argument wins over the config
 
 

@@ -108,7 +108,8 @@ def test_installed_wheel_runs_from_outside_the_checkout(wheel, tmp_path):
     (work / "myconf" / "experiment").mkdir()
     (work / "myconf" / "judge" / "myjudge.yaml").write_text("defaults:\n  - tiny_hf\n  - _self_\nmax_concurrency: 3\n")
     (work / "myconf" / "experiment" / "mine.yaml").write_text(
-        "# @package _global_\ndefaults:\n  - quickstart\n  - _self_\nexperiment:\n  name: mine\ndata:\n  max_prompts: 5\n")
+        "# @package _global_\ndefaults:\n  - quickstart\n  - _self_\nexperiment:\n  name: mine\n"
+        "data:\n  max_prompts: 5\n")
     shutil.copy(REPO / "constitutions" / "harmless.yaml", work / "mine.yaml")
 
     out = json.loads(_run([str(python), "-c", SCRIPT, str(work / "myconf")], cwd=work, env=env).stdout.splitlines()[-1])

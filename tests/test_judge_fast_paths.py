@@ -7,9 +7,9 @@ import random
 
 import pytest
 
+from cai.hashing import stable_hash
 from cai.judges import ChoiceRequest, JudgeCache, make_judge
 from cai.judges.cache import SCHEMA_VERSION, call_key, endpoint_of, fast_stable_hash
-from cai.hashing import stable_hash
 from cai.testing.servers import FakeOpenAIServer
 
 
@@ -33,7 +33,8 @@ def test_fast_hash_equals_stable_hash_on_plain_json():
         assert fast_stable_hash(obj) == stable_hash(obj)
 
 
-@pytest.mark.parametrize("obj", [{"x": math.inf}, {"x": {"nested": (1, 2)}}, {"p": __import__("pathlib").PurePath("a")}])
+@pytest.mark.parametrize("obj", [{"x": math.inf}, {"x": {"nested": (1, 2)}},
+                                 {"p": __import__("pathlib").PurePath("a")}])
 def test_values_outside_plain_json_take_the_slow_path_with_the_same_hash(obj):
     assert fast_stable_hash(obj) == stable_hash(obj)
 

@@ -15,6 +15,7 @@ import textwrap
 import pytest
 from omegaconf import OmegaConf
 
+from cai.config import JudgeConfig, PriceConfig
 from cai.errors import ConfigError, DataError
 from cai.judges import (
     BudgetExhausted,
@@ -22,21 +23,25 @@ from cai.judges import (
     ChoiceResult,
     CostLedger,
     JudgeCache,
-    JudgeConfig,
-    PriceConfig,
     call_key,
-    coerce_config,
     empirical_probs,
     make_judge,
     parse_choice,
     probs_from_logprobs,
+    ready_judge,
     redact,
     register_backend,
     resolve_api_key,
     run_sync,
 )
 from cai.judges.ratelimit import RateLimiter, TokenBucket
-from cai.judges.retry import CallFailure, Outcome, RetryPolicy, call_with_retries, parse_retry_after
+from cai.judges.retry import (
+    CallFailure,
+    Outcome,
+    RetryPolicy,
+    call_with_retries,
+    parse_retry_after,
+)
 
 AB = ("A", "B")
 
@@ -333,7 +338,7 @@ def test_budget_exhausted_message_counts():
 def test_judge_config_is_an_omegaconf_structured_config():
     schema = OmegaConf.structured(JudgeConfig)
     cfg = OmegaConf.merge(schema, {"model": "gpt", "prices": {"gpt": {"input_per_mtok": 1.0, "output_per_mtok": 4}}})
-    judge_cfg = coerce_config(cfg)
+    judge_cfg = ready_judge(cfg)
     assert judge_cfg.prices["gpt"] == PriceConfig(1.0, 4.0)
     assert isinstance(OmegaConf.to_object(cfg), JudgeConfig)
 
@@ -349,42 +354,43 @@ def test_judge_config_is_an_omegaconf_structured_config():
         ({"temprature": 0.5}, "temprature"),
         ({"max_dollars": 5.0}, "prices"),
         ({"prices": {"m": {"input": 1.0}}}, "prices"),
-        ({"backend": "hf", "dtype": "fp16"}, "'dtype'"),
-        ({"backend": "hf", "device": "gpu 0"}, "'device'"),
-        ({"backend": "hf", "batch_size": 0}, "'batch_size'"),
+        ({"backend": "hf", "dtype": "fp16"}, r"^judges\.mine\.dtype: "),
+        ({"backend": "hf", "device": "gpu 0"}, r"^judges\.mine\.device: "),
+        ({"backend": "hf", "batch_size": 0}, r"^judges\.mine\.batch_size: "),
         ({"backend": "openai", "dtype": "bfloat16"}, "dtype='bfloat16'.*backend hf"),
         ({"backend": "anthropic", "device": "cuda", "batch_size": 4}, "device='cuda', batch_size=4"),
     ],
 )
 def test_config_errors_name_the_field(over, field):
     with pytest.raises(ConfigError, match=field):
-        coerce_config({"model": "m", **over}, where="judges.mine")
+        ready_judge({"model": "m", **over}, where="judges.mine")
 
 
 def test_judge_key_keeps_old_keys_and_adds_a_non_default_dtype():
     """The key of a judge config: the answer-changing fields it always had, plus ``dtype`` only
     when it is not ``auto`` (so configs that leave it alone keep their artifact keys); where a
     local judge runs and how many rows it batches never enter a key."""
-    from cai.judges.config import judge_key, judge_runtime
+    from cai.config import runtime_fields
+    from cai.judges.config import judge_key
 
-    before = ("backend", "model", "base_url", "temperature", "top_p", "max_tokens", "top_logprobs", "n_samples",
-              "fallback")  # the key's fields before device/dtype/batch_size existed
-    plain = {b: dataclasses.asdict(coerce_config({"backend": b, "model": "m"})) for b in ("hf", "openai")}
+    # the fields that change a judge's answers; everything else is marked run-time in cai.config
+    before = ("backend", "model", "base_url", "temperature", "top_p", "max_tokens", "top_logprobs", "n_samples")
+    plain = {b: dataclasses.asdict(ready_judge({"backend": b, "model": "m"})) for b in ("hf", "openai")}
     for cfg in plain.values():
         assert judge_key(cfg) == {k: cfg[k] for k in before}
-        assert {**judge_key(cfg), **judge_runtime(cfg)} == {k: v for k, v in cfg.items() if k != "dtype"}
-    local = dataclasses.asdict(coerce_config({"backend": "hf", "model": "m", "device": "cpu", "batch_size": 2}))
+        assert set(judge_key(cfg)) | set(runtime_fields(JudgeConfig)) == set(cfg) - {"dtype"}
+    local = dataclasses.asdict(ready_judge({"backend": "hf", "model": "m", "device": "cpu", "batch_size": 2}))
     assert judge_key(local) == judge_key(plain["hf"])
-    assert judge_runtime(local)["device"] == "cpu" and judge_runtime(local)["batch_size"] == 2
-    half = dataclasses.asdict(coerce_config({"backend": "hf", "model": "m", "dtype": "bfloat16"}))
-    assert judge_key(half) == {**judge_key(local), "dtype": "bfloat16"} and "dtype" not in judge_runtime(half)
+    assert {"device", "batch_size"} <= set(runtime_fields(JudgeConfig))
+    half = dataclasses.asdict(ready_judge({"backend": "hf", "model": "m", "dtype": "bfloat16"}))
+    assert judge_key(half) == {**judge_key(local), "dtype": "bfloat16"} and "dtype" not in runtime_fields(JudgeConfig)
 
 
 def test_missing_api_key_names_the_variable(monkeypatch):
     monkeypatch.delenv("CAI_TEST_MISSING_KEY", raising=False)
     with pytest.raises(ConfigError, match="CAI_TEST_MISSING_KEY"):
-        resolve_api_key(coerce_config({"model": "m", "api_key_env": "CAI_TEST_MISSING_KEY"}))
-    assert resolve_api_key(coerce_config({"model": "m", "api_key_env": None})) == "no-key-needed"
+        resolve_api_key(ready_judge({"model": "m", "api_key_env": "CAI_TEST_MISSING_KEY"}))
+    assert resolve_api_key(ready_judge({"model": "m", "api_key_env": None})) == "no-key-needed"
 
 
 def test_redact_removes_keys_and_fragments():
@@ -427,14 +433,6 @@ def test_hf_backend_registers_itself(tmp_path):
     # "tiny" names the pipeline's tiny policy artifact: outside the pipeline it is a clear error
     with pytest.raises(ConfigError, match="tiny"):
         make_judge({"backend": "hf", "model": "tiny", "api_key_env": None})
-
-
-def test_fallback_must_name_a_known_config_and_not_loop(tmp_path):
-    base = {"model": "m", "api_key_env": None, "cache_path": str(tmp_path / "c.sqlite")}
-    with pytest.raises(ConfigError, match="fallback 'other' is not a known judge config"):
-        make_judge({**base, "fallback": "other"})
-    with pytest.raises(ConfigError, match="loops"):
-        make_judge({**base, "fallback": "b"}, judges={"a": {**base, "fallback": "b"}, "b": {**base, "fallback": "a"}})
 
 
 def test_run_sync_works_inside_a_running_loop():

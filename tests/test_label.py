@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 
 from cai.artifacts import ArtifactStore
+from cai.config import Config, LabelConfig
+from cai.config import build as build_schema
 from cai.data import Label, Pair, Prompt, load_hh_rlhf, read_jsonl, write_jsonl
 from cai.errors import CaiError, ConfigError
 from cai.feedback import label_methods as lm
-from cai.feedback import templates as tpl
 from cai.feedback.label import label_pairs
-from cai.feedback.label_methods import coerce_labels
 from cai.judges import ChoiceRequest
+from cai.judges import templates as tpl
 from cai.testing import FakeOpenAIServer, Faults
 from cai.testing.fake_model import FakeModel
 
@@ -58,18 +59,26 @@ def fake_cfg(srv: FakeOpenAIServer, **labels) -> dict:
 
 
 def runtime(tmp_path: Path, **judge) -> dict:
+    """Run-time settings (never in the key): the judge's transport, cache and budget, the stage's batching."""
     j = {"api_key_env": None, "cache_path": str(tmp_path / "cache.sqlite"), "backoff_base_s": 0.001,
          "backoff_max_s": 0.01, "timeout_s": 5.0, **judge}
-    return {"judge": j, "constitution": "harmless", "labels": {"batch_pairs": 8}}
+    return {"judge": j, "labels": {"batch_pairs": 8}}
 
 
 def build(store: ArtifactStore, cfg: dict, inputs: dict, rt: dict, wrap=None):
-    key = store.key("ai_labels", cfg, {"pairs": "human_pairs-" + "0" * 20})
+    """Build the stage as the pipeline would: ``cfg`` and the run-time settings ``rt`` make one
+    config (harmless constitution); the key is the stage's key config (run-time fields left out)."""
+    from cai.pipeline import make_stage
+
+    full = Config(seed=cfg["seed"], judge={**cfg["judge"], **rt["judge"]}, labels={**cfg["labels"], **rt["labels"]},
+                  constitution={"path": "harmless"}, store={"root": str(store.root)})
+    stage = make_stage("ai_labels", full)
+    key = store.key("ai_labels", stage.config, {"pairs": "human_pairs-" + "0" * 20}, version=stage.version)
 
     def fn(ctx):
         if wrap is not None:
             wrap(ctx)
-        label_pairs(cfg, inputs, ctx, rt)
+        label_pairs(stage.cfg, inputs, ctx)
 
     return store.build(key, fn)
 
@@ -222,9 +231,9 @@ def run_labeller(lc, judge, pairs):
 def test_the_three_methods_are_registered_and_picked_from_the_config():
     assert lm.LABEL_METHODS == {"pairwise": lm.Pairwise, "cot": lm.ChainOfThought, "direct_score": lm.DirectScore}
     c = _constitution()
-    assert type(lm.method_for(coerce_labels({}), c)) is lm.Pairwise
-    assert type(lm.method_for(coerce_labels({"cot": True}), c)) is lm.ChainOfThought
-    assert type(lm.method_for(coerce_labels({"method": "direct_score"}), c)) is lm.DirectScore
+    assert type(lm.method_for(build_schema(LabelConfig, {}), c)) is lm.Pairwise
+    assert type(lm.method_for(build_schema(LabelConfig, {"cot": True}), c)) is lm.ChainOfThought
+    assert type(lm.method_for(build_schema(LabelConfig, {"method": "direct_score"}), c)) is lm.DirectScore
     with pytest.raises(ConfigError, match="no labelling method 'nope'"):
         lm.method_for(lm.LabelConfig(method="nope"), c)
 
@@ -232,7 +241,7 @@ def test_the_three_methods_are_registered_and_picked_from_the_config():
 def test_chain_of_thought_asks_in_two_rounds_for_the_whole_batch():
     pairs = make_pairs(3)
     judge = ScriptedJudge()
-    _, labels = run_labeller(coerce_labels({"cot": True, "self_consistency": 2}), judge, pairs)
+    _, labels = run_labeller(build_schema(LabelConfig, {"cot": True, "self_consistency": 2}), judge, pairs)
     # every reasoning of the batch in one call, then every letter in one call (3 pairs x 2 orders x 2 samples)
     assert [(kind, len(reqs)) for kind, reqs in judge.calls] == [("generate", 12), ("choose", 12)]
     assert [r.tag["step"] for r in judge.calls[1][1]] == ["answer"] * 12
@@ -266,7 +275,7 @@ def test_a_fourth_method_is_one_class_and_one_registry_row(monkeypatch):
     monkeypatch.setitem(lm.LABEL_METHODS, "ask_once", AskOnce)
     pairs = make_pairs(2)
     judge = ScriptedJudge()
-    # LabelConfig built directly: its ``method`` choices (coerce_labels) do not list the toy
+    # LabelConfig built directly: labels.method is checked against LABEL_METHODS when a run is planned
     lc = lm.LabelConfig(method="ask_once", principles="all", clamp=[0.4, 0.6])
     labeller, labels = run_labeller(lc, judge, pairs)
     assert isinstance(labeller.method, AskOnce)
@@ -286,12 +295,12 @@ def test_a_fourth_method_is_one_class_and_one_registry_row(monkeypatch):
 @pytest.mark.parametrize("bad,field", [
     ({"principles": "some"}, "labels.principles"), ({"clamp": [0.7, 0.9]}, "labels.clamp"),
     ({"self_consistency": 3}, "cot: true"), ({"k_principles": 3}, "ensemble"),
-    ({"method": "direct_score", "cot": True}, "direct_score"), ({"bogus": 1}, "unknown field"),
+    ({"method": "direct_score", "cot": True}, "direct_score"), ({"bogus": 1}, "labels.bogus: Key 'bogus' not in"),
     ({"max_pairs": 0}, "labels.max_pairs"),
 ])
 def test_bad_label_settings_are_named(bad, field):
     with pytest.raises(ConfigError, match=re.escape(field)):
-        coerce_labels(bad)
+        build_schema(LabelConfig, bad)
 
 
 # ----------------------------------------------------------------------------- templates
@@ -551,7 +560,7 @@ def test_pipeline_plans_the_stage_with_the_tiny_judge_resolved():
     assert st.inputs == {"pairs": "human_pairs", "policy_model": "policy_model"} and st.uses_constitution
     assert st.config["labels"]["cot"] is True and st.config["labels"]["clamp"] == [0.4, 0.6]
     assert "max_concurrency" not in st.config["judge"] and "batch_pairs" not in st.config["labels"]
-    assert st.fn.keywords["runtime"]["judge"]["max_concurrency"] == 3
+    assert st.cfg.judge.max_concurrency == 3  # run time: the stage reads it, its key does not hold it
 
 
 def test_only_a_non_default_judge_dtype_changes_the_stage_key():
@@ -564,8 +573,8 @@ def test_only_a_non_default_judge_dtype_changes_the_stage_key():
     from cai.pipeline import plan
 
     register_configs()
-    fields = ("backend", "model", "base_url", "temperature", "top_p", "max_tokens", "top_logprobs", "n_samples",
-              "fallback")  # the judge's key fields before device/dtype/batch_size existed
+    fields = ("backend", "model", "base_url", "temperature", "top_p", "max_tokens", "top_logprobs",
+              "n_samples")  # the judge's key fields before device/dtype/batch_size existed
     stages = {}
     for name, overrides in (("default", []), ("placed", ["judge.device=cpu", "judge.batch_size=4"]),
                             ("half", ["judge.dtype=bfloat16"])):
@@ -575,6 +584,5 @@ def test_only_a_non_default_judge_dtype_changes_the_stage_key():
     default, placed, half = stages["default"], stages["placed"], stages["half"]
     assert list(default.config["judge"]) == list(fields)
     assert placed.config == default.config
-    assert placed.fn.keywords["runtime"]["judge"]["device"] == "cpu"
-    assert placed.fn.keywords["runtime"]["judge"]["batch_size"] == 4
+    assert placed.cfg.judge.device == "cpu" and placed.cfg.judge.batch_size == 4
     assert half.config["judge"] == {**default.config["judge"], "dtype": "bfloat16"}

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from cai.config import TinyConfig
 from cai.errors import ConfigError, DataError, ModelLoadError
 from cai.models import (
     LoraSpec,
@@ -27,13 +28,12 @@ from cai.models import (
 )
 from cai.sampling import SamplingEngine, SamplingParams
 from cai.tiny import (
-    TinyModelConfig,
     build_tiny_causal_lm,
     build_tiny_sequence_classifier,
     default_tiny_corpus,
 )
 
-SMALL = TinyModelConfig(vocab_size=400, n_layer=1, n_head=2, n_embd=32, n_positions=64, seed=0)
+SMALL = TinyConfig(vocab_size=400, n_layer=1, n_head=2, n_embd=32, n_positions=64, seed=0)
 TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -48,7 +48,7 @@ def test_tiny_factory_is_deterministic(tmp_path):
     corpus = default_tiny_corpus(200)
     a = build_tiny_causal_lm(tmp_path / "a", corpus, SMALL)
     b = build_tiny_causal_lm(tmp_path / "b", corpus, SMALL)
-    c = build_tiny_causal_lm(tmp_path / "c", corpus, TinyModelConfig(**{**SMALL.__dict__, "seed": 1}))
+    c = build_tiny_causal_lm(tmp_path / "c", corpus, TinyConfig(**{**SMALL.__dict__, "seed": 1}))
     ha, hb, hc = file_hashes(a), file_hashes(b), file_hashes(c)
     assert {"model.safetensors", "tokenizer.json", "config.json"} <= set(ha)
     assert ha == hb
@@ -58,9 +58,9 @@ def test_tiny_factory_is_deterministic(tmp_path):
 
 def test_tiny_config_validation():
     with pytest.raises(ConfigError, match="vocab_size"):
-        TinyModelConfig(vocab_size=9000)
+        TinyConfig(vocab_size=9000)
     with pytest.raises(ConfigError, match="divisible"):
-        TinyModelConfig(n_embd=30, n_head=4)
+        TinyConfig(n_embd=30, n_head=4)
     assert default_tiny_corpus() == default_tiny_corpus()
     assert 2_000 < sum(map(len, default_tiny_corpus())) < 100_000
 
@@ -233,3 +233,30 @@ def test_gemma_gguf_generates():
     scored = engine.score(prompts, [o.token_ids for o in outs])
     for out, lp in zip(outs, scored):
         assert max(abs(a - b) for a, b in zip(lp, out.logprobs)) < 1e-3
+
+
+# ----------------------------------------------------------------------------- specs from the typed policy config
+def test_model_spec_from_the_typed_policy_config(tmp_path):
+    from cai.config import LoraConfig, ModelConfig
+    from cai.generation.stages import model_spec, policy_location, training_model_spec
+
+    policy = ModelConfig(name_or_path="org/model", revision="main", dtype="bfloat16", device="cpu",
+                         chat_format="hh", max_length=256,
+                         lora=LoraConfig(enabled=True, r=4, alpha=8, target_modules=["c_attn"]))
+    assert policy_location(policy, {}) == "org/model"
+    assert policy_location(ModelConfig(), {"policy_model": tmp_path}) == str(tmp_path / "model")
+    spec = model_spec(policy, "/x")
+    assert spec == ModelSpec("/x", revision="main", dtype="bfloat16", device="cpu", chat_format="hh",
+                             max_length=256, lora=LoraSpec(r=4, alpha=8, target_modules=("c_attn",)))
+    assert model_spec(ModelConfig(), "/x").lora is None  # adapters only when enabled
+    assert model_spec(policy, "/x", device="cuda:1").device == "cuda:1"
+    with pytest.raises(TypeError, match="devcie"):
+        model_spec(policy, "/x", devcie="cpu")
+    # a training stage loads the policy without its own adapters; full fine-tuning of an auto
+    # dtype gets fp32 weights, LoRA (not full) keeps auto; an explicit dtype is kept either way
+    auto = ModelConfig(lora=LoraConfig(enabled=True))
+    full = training_model_spec(auto, "/x", True, device="cpu")
+    assert full.lora is None and full.dtype == "float32" and full.device == "cpu"
+    assert training_model_spec(auto, "/x", False).dtype == "auto"
+    assert training_model_spec(policy, "/x", True).dtype == "bfloat16"
+    assert training_model_spec(policy, "/x", True).lora is None

@@ -6,11 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cai.config import PPOConfig
 from cai.judges.types import ChoiceResult
-from cai.train.common import read_train_log
-from cai.train.ppo import PPOConfig, train_ppo
-from cai.train.rewards import ScoredBatch
-from cai.train.rewards import JudgeScoreReward, ScriptedReward, expected_score
+from cai.train.log import read_train_log
+from cai.train.ppo import train_ppo
+from cai.train.rewards import (
+    JudgeScoreReward,
+    ScoredBatch,
+    ScriptedReward,
+    expected_score,
+)
 
 PROMPTS = [[{"role": "user", "content": f"Tell me about topic number {i}, please."}] for i in range(24)]
 
@@ -208,42 +213,41 @@ def test_failed_rewards_are_left_out_and_counted(tiny_model_dir, tmp_path):
 
 
 def test_pipeline_plans_ppo_after_reward_and_rejects_bad_values():
-    from hydra import compose, initialize_config_dir
-
-    from cai.config import CONF_DIR, register_configs
+    from cai.config import compose_config
     from cai.errors import ConfigError
     from cai.pipeline import plan
 
-    register_configs()
-    with initialize_config_dir(str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides=["experiment.stages=[ppo]", "data.human.path=pairs.jsonl"])
-        stages = {s.name: s for s in plan(cfg)}
-        assert stages["ppo"].inputs == {"prompts": "prompts", "policy_model": "policy_model", "reward": "reward"}
-        assert not stages["ppo"].uses_constitution and "device" not in stages["ppo"].config["ppo"]
-        judge = {s.name: s for s in plan(compose("config", overrides=["experiment.stages=[ppo]", "ppo=d_rlaif"]))}
-        assert "reward" not in judge["ppo"].inputs and judge["ppo"].uses_constitution
-        with pytest.raises(ConfigError, match="ppo.kl_estimator"):
-            plan(compose("config", overrides=["experiment.stages=[ppo]", "ppo.kl_estimator=k9"]))
+    initial = ["experiment.stages=[ppo]", "ppo.start_from=initial"]
+    cfg = compose_config(*initial, "data.human.path=pairs.jsonl")
+    stages = {s.name: s for s in plan(cfg)}
+    assert stages["ppo"].inputs == {"prompts": "prompts", "policy_model": "policy_model", "reward": "reward"}
+    assert not stages["ppo"].uses_constitution and "device" not in stages["ppo"].config["ppo"]
+    assert "judge" not in stages["ppo"].config  # no judge asked: none in the key
+    assert stages["ppo"].cfg.ppo.device == cfg.ppo.device  # run-time: out of the key, still given
+    judge = {s.name: s for s in plan(compose_config(*initial, "ppo=d_rlaif"))}
+    assert "reward" not in judge["ppo"].inputs and judge["ppo"].uses_constitution
+    assert judge["ppo"].cfg.constitution_file.is_file() and "model" in judge["ppo"].config["judge"]
+    sft = {s.name: s for s in plan(compose_config(*initial, "ppo.start_from=sft", "data.human.path=pairs.jsonl"))}
+    assert sft["ppo"].inputs == {"prompts": "prompts", "sft": "sft", "reward": "reward"} and "sft" in sft
+    with pytest.raises(ConfigError, match="ppo.kl_estimator"):
+        plan(compose_config(*initial, "ppo.kl_estimator=k9"))
 
 
 def test_pipeline_reward_then_ppo_stage(tmp_path, shared_data_dir):
     """Stage ppo through the pipeline on a tiny RM trained on 40 HH-RLHF pairs; a rerun reuses it."""
     import json
 
-    from hydra import compose, initialize_config_dir
-
-    from cai.config import CONF_DIR, register_configs
+    from cai.config import compose_config
     from cai.pipeline import run_experiment
 
     hh = shared_data_dir / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
-    overrides = ["experiment.stages=[ppo]", f"data.human.path={hh}", "data.human.limit=40", "data.max_prompts=12",
+    overrides = ["experiment.stages=[ppo]", "ppo.start_from=initial", f"data.human.path={hh}", "data.human.limit=40",
+                 "data.max_prompts=12",
                  "policy.tiny.n_layer=1", "policy.tiny.n_embd=32", "policy.tiny.n_head=2", "policy.tiny.vocab_size=512",
                  "reward.max_length=96", "reward.lr=1e-3", "ppo.steps=2", "ppo.rollout_batch_size=4",
                  "ppo.mini_batch_size=4", "ppo.micro_batch_size=2", "ppo.max_new_tokens=6", "ppo.checkpoint_every=1",
                  f"store.root={tmp_path / 'store'}"]
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = compose_config(*overrides)
     m1 = run_experiment(cfg, tmp_path / "run1")
     assert m1["ppo/steps"] == 2 and m1["ppo/objective/kl"] >= -1.0 and "ppo/objective/scores" in m1
     keys = json.loads((tmp_path / "run1" / "run.json").read_text())["artifacts"]
@@ -255,18 +259,15 @@ def test_pipeline_reward_then_ppo_stage(tmp_path, shared_data_dir):
 
 def test_pipeline_d_rlaif_scores_online_with_the_judge(tmp_path):
     """ppo=d_rlaif: no reward model; the (tiny, local) judge rates every response 1-10 online."""
-    from hydra import compose, initialize_config_dir
-
-    from cai.config import CONF_DIR, register_configs
+    from cai.config import compose_config
     from cai.pipeline import run_experiment
 
-    overrides = ["experiment.stages=[ppo]", "ppo=d_rlaif", "data.max_prompts=8", "policy.tiny.n_layer=1",
+    overrides = ["experiment.stages=[ppo]", "ppo=d_rlaif", "ppo.start_from=initial", "data.max_prompts=8",
+                 "policy.tiny.n_layer=1",
                  "policy.tiny.n_embd=32", "policy.tiny.n_head=2", "policy.tiny.vocab_size=512", "ppo.steps=2",
                  "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4", "ppo.micro_batch_size=2",
                  "ppo.max_new_tokens=6", "ppo.judge_principles=2", f"store.root={tmp_path / 'store'}"]
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = compose_config(*overrides)
     m = run_experiment(cfg, tmp_path / "run")
     assert "pipeline/reward/reused" not in m  # no reward model was trained
     assert m["ppo/judge/requests"] == 8 and m["ppo/judge/failed"] + m["ppo/reward_failed"] == 0
@@ -300,17 +301,17 @@ def test_command_line_trains_against_a_reward_artifact_and_rejects_bad_input(tmp
     """``python -m cai.train.ppo`` in-process (one process): a reward artifact, prompt records, saved policy."""
     import json
 
+    from cai.config import RewardConfig, TinyConfig
     from cai.data import Prompt, write_jsonl
     from cai.errors import ConfigError
     from cai.testing.preference_task import task_corpus, write_task
-    from cai.tiny import TinyModelConfig, build_tiny_sequence_classifier, default_tiny_corpus
+    from cai.tiny import build_tiny_sequence_classifier, default_tiny_corpus
     from cai.train.pairs import PreferenceData, load_labelled_pairs, split_pairs
     from cai.train.ppo import main
-    from cai.train.reward import RewardConfig
     from cai.train.reward import backbone_loader, run_reward
 
     backbone = build_tiny_sequence_classifier(tmp_path / "bb", default_tiny_corpus() + task_corpus(),
-                                              TinyModelConfig(vocab_size=512, n_layer=1, n_head=2, n_embd=32))
+                                              TinyConfig(vocab_size=512, n_layer=1, n_head=2, n_embd=32))
     items, stats = load_labelled_pairs(*write_task(tmp_path / "task", 32, seed=1))
     train, test = split_pairs(items, 0.25)
     rcfg = RewardConfig(backbone=str(backbone), epochs=1, batch_size=8, max_length=64, device="cpu",

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
+from cai.config import MonitorConfig
 from cai.errors import ConfigError
 from cai.train import rl_math as K
-from cai.train.monitors import MonitorConfig, PPOMonitors, top_ngram_share
+from cai.train.monitors import PPOMonitors, top_ngram_share
 
 
 def test_gae_matches_a_hand_computed_case():

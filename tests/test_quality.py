@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from cai.artifacts import ArtifactStore
+from cai.config import Config, QualityConfig
 from cai.data import Label, write_jsonl
 from cai.errors import ConfigError, DataError
 from cai.feedback.label_methods import first_slot_probs
 from cai.feedback.quality import (
-    QualityConfig,
     build_label_quality,
     label_quality,
     quality_report,
@@ -276,13 +276,20 @@ def test_paired_permutation_test_exact_and_sampled():
 
 # ----------------------------------------------------------------------------- the stage
 def _store_build(tmp_path, ai_labels, human_labels, config):
+    """Build the stage as the pipeline would, from ``config``: the quality settings and ``seed``."""
+    from cai.pipeline import make_stage
+
     ai_dir, human_dir = tmp_path / "ai", tmp_path / "human"
     write_jsonl(ai_dir / "labels.jsonl", ai_labels)
     write_jsonl(human_dir / "labels.jsonl", human_labels)
     store = ArtifactStore(tmp_path / "store", durable=False)
-    key = store.key("label_quality", config, {"ai_labels": "ai_labels-x", "human_pairs": "human_pairs-y"})
+    quality = {k: v for k, v in config.items() if k != "seed"}
+    stage = make_stage("label_quality", Config(seed=config["seed"], quality=quality,
+                                               store={"root": str(store.root)}))
+    key = store.key("label_quality", stage.config, {"ai_labels": "ai_labels-x", "human_pairs": "human_pairs-y"},
+                    version=stage.version)
     inputs = {"ai_labels": ai_dir, "human_pairs": human_dir}
-    return store.build(key, lambda ctx: build_label_quality(config, inputs, ctx))
+    return store.build(key, lambda ctx: build_label_quality(stage.cfg, inputs, ctx))
 
 
 def test_stage_writes_quality_json_and_sets_metrics(tmp_path):
@@ -307,18 +314,23 @@ def test_stage_refuses_labels_of_other_pairs(tmp_path):
 def test_stage_is_registered_with_its_config_slice():
     from hydra import compose, initialize_config_dir
 
-    from cai.config import CONF_DIR, register_configs
-    from cai.pipeline import STAGES
+    from cai.config import CONF_DIR, register_configs, typed
+    from cai.pipeline import make_stage
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["quality.bootstrap=300", "seed=7"])
-        bad = compose(config_name="config", overrides=["quality.alpha=1.5"])
-    stage = STAGES["label_quality"](cfg)
+        cfg = compose(config_name="config", overrides=["labels.source=human_pairs", "quality.bootstrap=300", "seed=7"])
+        bad = compose(config_name="config", overrides=["labels.source=human_pairs", "quality.alpha=1.5"])
+        policy_pairs = compose(config_name="config", overrides=["labels.source=policy_pairs"])
+    stage = make_stage("label_quality", typed(cfg))
     assert stage.inputs == {"ai_labels": "ai_labels", "human_pairs": "human_pairs"}
-    assert stage.config == {"n_bins": 10, "bootstrap": 300, "alpha": 0.05, "seed": 7}
+    assert stage.config == {"quality": {"n_bins": 10, "bootstrap": 300, "alpha": 0.05}, "seed": 7}
+    assert stage.cfg.quality.bootstrap == 300 and stage.cfg.seed == 7
     with pytest.raises(ConfigError, match="alpha"):
-        STAGES["label_quality"](bad)
+        make_stage("label_quality", typed(bad))
+    # AI labels of on-policy pairs have no human labels to compare with: refused at planning
+    with pytest.raises(ConfigError, match="label_quality .* needs labels.source=human_pairs, got 'policy_pairs'"):
+        make_stage("label_quality", typed(policy_pairs))
 
 
 def test_a_bad_probability_in_meta_names_the_pair_and_field():

@@ -25,7 +25,8 @@ from cai.cli import ReportCallback
 from cai.config import Config
 from cai.errors import DataError
 from cai.evaluate.winrates import Judgement, win_rate
-from cai.report.build import collect, main, write_report
+from cai.report.build import main, write_report
+from cai.report.runs import collect
 
 REPO = Path(__file__).resolve().parents[1]
 PRINCIPLES = ("harm-avoid", "honesty", "no-preach")
@@ -39,7 +40,7 @@ def _log(ctx, rows):
 
 
 def _labels(cfg, inputs, ctx):
-    ai = cfg["source"] == "ai"
+    ai = cfg.reward.labels_from == "ai"
     ctx.add_cost(tokens_in=5000 if ai else 0, tokens_out=400 if ai else 0, dollars=0.125 if ai else 0.0)
     if ai:
         m = {"quality/agreement": 0.71, "quality/agreement_ci_low": 0.62, "quality/agreement_ci_high": 0.79}
@@ -50,15 +51,15 @@ def _labels(cfg, inputs, ctx):
 
 
 def _reward(cfg, inputs, ctx):
-    rng = np.random.default_rng(cfg["seed"])
+    rng = np.random.default_rng(cfg.seed)
     _log(ctx, [{"step": s, "rm/loss": 0.7 * 0.97**s + 0.01 * rng.random()} for s in range(30)])
-    acc = 0.68 + 0.02 * cfg["seed"] + (0.03 if cfg["arm"] == "human" else 0.0)
+    acc = 0.68 + 0.02 * cfg.seed + (0.03 if cfg.reward.labels_from == "human" else 0.0)
     ctx.set_metrics({"rm/accuracy": acc, "rm/accuracy_ci_low": acc - 0.05, "rm/accuracy_ci_high": acc + 0.05})
 
 
 def _ppo(cfg, inputs, ctx):
-    rng = np.random.default_rng(10 + cfg["seed"] + (5 if cfg["arm"] == "ai" else 0))
-    kl = 0.02 if cfg["arm"] == "ai" else 0.03
+    rng = np.random.default_rng(10 + cfg.seed + (5 if cfg.reward.labels_from == "ai" else 0))
+    kl = 0.02 if cfg.reward.labels_from == "ai" else 0.03
     _log(ctx, [{"step": s, "ppo/objective/kl": kl * s, "ppo/objective/rlhf_reward": np.log1p(s) + rng.random(),
                 "ppo/val/mean_len": 40 + s * rng.random(), "ppo/policy/clipfrac_avg": 0.1} for s in range(0, 40, 2)])
     ctx.add_cost(tokens_in=100, tokens_out=900)
@@ -66,33 +67,34 @@ def _ppo(cfg, inputs, ctx):
 
 
 def _evaluate(cfg, inputs, ctx):
-    rng = np.random.default_rng([cfg["seed"], int(cfg["arm"] == "ai")])
-    p = 0.7 if cfg["arm"] == "ai" else 0.6
+    rng = np.random.default_rng([cfg.seed, int(cfg.reward.labels_from == "ai")])
+    p = 0.7 if cfg.reward.labels_from == "ai" else 0.6
     js = [Judgement(f"p{i}", float(w), float(w)) for i, w in enumerate(rng.random(60) < p)]
     js.append(Judgement("bad", None, 0.4, "refusal (arm shown first)"))
-    ctx.set_metrics(win_rate(js, n_boot=300, seed=cfg["seed"]).to_metrics("eval/vs_sft"))
+    ctx.set_metrics(win_rate(js, n_boot=300, seed=cfg.seed).to_metrics("eval/vs_sft"))
 
 
 def _baseline(cfg, inputs, ctx):
     ctx.set_metrics({"baseline/prompts": 60})
 
 
-def _stage(name, fn, inputs, config_of, uses_constitution=False):
-    return lambda cfg: pipeline.Stage(name, fn, config_of(cfg), inputs, uses_constitution)
+def _stage(fn, inputs, reads=("seed", "reward.labels_from"), constitution=False):
+    """A stand-in row of the stage table (the arm is reward.labels_from)."""
+    return pipeline.StageSpec(fn, reads=lambda c: list(reads), inputs=lambda c: inputs,
+                              constitution=lambda c: constitution)
 
 
 FAKE_STAGES = {
-    "labels": _stage("labels", _labels, {"prompts": "prompts"}, lambda c: {"source": c.tags.labels}, True),
-    "reward": _stage("reward", _reward, {"labels": "labels"}, lambda c: {"arm": c.tags.labels, "seed": c.seed}),
-    "ppo": _stage("ppo", _ppo, {"reward": "reward"}, lambda c: {"arm": c.tags.labels, "seed": c.seed}),
-    "baseline": _stage("baseline", _baseline, {"prompts": "prompts"}, lambda c: {"seed": c.seed}),
-    "evaluate": _stage("evaluate", _evaluate, {"ppo": "ppo", "baseline": "baseline"},
-                       lambda c: {"arm": c.tags.labels, "seed": c.seed}),
+    "labels": _stage(_labels, {"prompts": "prompts"}, reads=["reward.labels_from"], constitution=True),
+    "reward": _stage(_reward, {"labels": "labels"}),
+    "ppo": _stage(_ppo, {"reward": "reward"}),
+    "baseline": _stage(_baseline, {"prompts": "prompts"}, reads=["seed"]),
+    "evaluate": _stage(_evaluate, {"ppo": "ppo", "baseline": "baseline"}),
 }
 
 
 def make_sweep(root: Path, store: Path) -> Path:
-    """A 2-arm x 2-seed sweep folder shaped like `cai run -m tags.labels=ai,human seed=0,1`."""
+    """A 2-arm x 2-seed sweep folder shaped like `cai run -m reward.labels_from=ai,human seed=0,1`."""
     sweep = root / "sweep"
     with pytest.MonkeyPatch.context() as mp:
         for name, builder in FAKE_STAGES.items():
@@ -105,11 +107,11 @@ def make_sweep(root: Path, store: Path) -> Path:
                 cfg.data.max_prompts = 8
                 cfg.experiment.name = "rlaif_vs_rlhf"
                 cfg.experiment.stages = ["prompts", "labels", "reward", "ppo", "baseline", "evaluate"]
-                cfg.tags = {"labels": arm}
+                cfg.reward.labels_from = arm
                 run_dir = sweep / str(job)
                 pipeline.run_experiment(cfg, run_dir)
                 (run_dir / ".hydra").mkdir()
-                (run_dir / ".hydra" / "overrides.yaml").write_text(f"- tags.labels={arm}\n- seed={seed}\n")
+                (run_dir / ".hydra" / "overrides.yaml").write_text(f"- reward.labels_from={arm}\n- seed={seed}\n")
                 job += 1
     return sweep
 
@@ -126,9 +128,9 @@ def sweep(tmp_path_factory) -> Path:
 def test_runs_are_grouped_into_arms_over_seeds(sweep):
     data = collect(sweep)
     assert [r.name for r in data.runs] == ["0", "1", "2", "3"]
-    assert data.varying == ["seed", "tags.labels"]
-    assert [(a.name, len(a.runs)) for a in data.arms] == [("tags.labels=ai", 2), ("tags.labels=human", 2)]
-    assert data.runs[0].overrides == ["tags.labels=ai", "seed=0"]
+    assert data.varying == ["reward.labels_from", "seed"]
+    assert [(a.name, len(a.runs)) for a in data.arms] == [("reward.labels_from=ai", 2), ("reward.labels_from=human", 2)]
+    assert data.runs[0].overrides == ["reward.labels_from=ai", "seed=0"]
     assert set(data.runs[0].train_logs) == {"reward", "ppo"}
 
 
@@ -146,7 +148,7 @@ def test_markdown_has_every_section_with_real_numbers(sweep):
         assert title in md
     for pid in PRINCIPLES:
         assert f"| {pid} |" in md
-    assert "| tags.labels | ai | ai | human | human |" in md
+    assert "| reward.labels_from | ai | ai | human | human |" in md
     # matching verified from run.json: prompts shared by all four runs, labels within an arm, the
     # baseline within a seed; where keys differ, the stage.json field that makes them differ
     keys = [json.loads((sweep / str(i) / "run.json").read_text())["artifacts"] for i in range(4)]
@@ -160,15 +162,18 @@ def test_markdown_has_every_section_with_real_numbers(sweep):
     assert f"| 4 | 1 | one artifact for all 4 runs ({short['prompts'][0]}) | — |" in rows["prompts"]
     assert f"| all arms: one per seed (0: {short['baseline'][0]}, 1: {short['baseline'][1]}) | config: seed |" \
         in rows["baseline"]
-    assert (f"| tags.labels=ai: one artifact for all seeds ({short['labels'][0]}); tags.labels=human: one artifact "
-            f"for all seeds ({short['labels'][2]}) | config: source |") in rows["labels"]
-    assert "| 4 | 4 | none: one per run (all arms; seeds 0, 1) | config: arm, seed; inputs: labels |" in rows["reward"]
+    assert (f"| reward.labels_from=ai: one artifact for all seeds ({short['labels'][0]}); "
+            "reward.labels_from=human: one artifact "
+            f"for all seeds ({short['labels'][2]}) | config: reward.labels_from |") in rows["labels"]
+    assert ("| 4 | 4 | none: one per run (all arms; seeds 0, 1) | config: reward.labels_from, seed; inputs: labels |"
+            in rows["reward"])
     assert "inputs: baseline, ppo" in rows["evaluate"]
     assert list(rows)[1:] == ["prompts", "baseline", "labels", "reward", "ppo", "evaluate"]  # upstream first
     # the folded list has every full key and the runs that use it
-    assert f"| labels | {keys[0]['labels']} | 0 (tags.labels=ai, seed 0), 1 (tags.labels=ai, seed 1) |" in folded
+    assert (f"| labels | {keys[0]['labels']} | 0 (reward.labels_from=ai, seed 0), 1 (reward.labels_from=ai, seed 1) |"
+            in folded)
     # cost: the ai arm paid for its labels once (the second seed reused them)
-    assert "| tags.labels=ai | 2 |" in md and "$0.1250" in md
+    assert "| reward.labels_from=ai | 2 |" in md and "$0.1250" in md
     const = json.loads((sweep / "0" / "run.json").read_text())["constitution_hash"]
     assert const[:16] in md and "file unchanged" in md
     for name in ("win_rates", "curves_ppo", "curves_reward", "principle_agreement"):
@@ -178,8 +183,8 @@ def test_markdown_has_every_section_with_real_numbers(sweep):
 
 def test_artifact_sharing_is_described_per_arm_and_seed(tmp_path):
     """The sharing line of each pattern, from hand-made run records (no stage.json: said so)."""
-    from cai.report.build import Arm, ReportData, RunRecord
     from cai.report.artifacts import artifacts_section
+    from cai.report.runs import Arm, ReportData, RunRecord
 
     def key(stage, n):  # a well-formed key whose digest starts with n's two hex digits, repeated
         return f"{stage}-{f'{n:02x}' * 10}"
@@ -337,18 +342,18 @@ def test_callback_writes_the_report_when_the_head_to_head_fails(sweep, tmp_path,
 def test_head_to_head_matrices_per_seed_and_over_seeds(sweep, tmp_path):
     copy = tmp_path / "sweep"
     shutil.copytree(sweep, copy, ignore=shutil.ignore_patterns("report*"))
-    row = {"arm_a": "tags.labels=ai", "arm_b": "tags.labels=human", "wins": 5, "ties": 2, "losses": 2,
+    row = {"arm_a": "reward.labels_from=ai", "arm_b": "reward.labels_from=human", "wins": 5, "ties": 2, "losses": 2,
            "invalid": 1, "n": 10}
     rows = [{**row, "seed": 0, "win_rate": 0.6, "ci_low": 0.5, "ci_high": 0.7},
             {**row, "seed": 1, "win_rate": 0.8, "ci_low": 0.7, "ci_high": 0.9}]
     (copy / "head_to_head.json").write_text(json.dumps({"version": 1, "rows": rows, "skipped": []}))
     md = write_report(copy)[0].read_text()
     section = md.split("## Head to head", 1)[1].split("\n## ", 1)[0]
-    assert "| tags.labels=ai | — | 0.6 [0.5, 0.7] |" in section
-    assert "| tags.labels=human | 0.4 [0.3, 0.5] | — |" in section  # the mirror cell
-    assert "| tags.labels=human | 0.2 [0.1, 0.3] | — |" in section
+    assert "| reward.labels_from=ai | — | 0.6 [0.5, 0.7] |" in section
+    assert "| reward.labels_from=human | 0.4 [0.3, 0.5] | — |" in section  # the mirror cell
+    assert "| reward.labels_from=human | 0.2 [0.1, 0.3] | — |" in section
     # over 2 seeds: mean 0.7, Student-t half width 12.706 * 0.1414 / sqrt(2) = 1.271
-    assert "| tags.labels=ai | — | 0.7 [-0.571, 1.97] (2 seeds) |" in section
+    assert "| reward.labels_from=ai | — | 0.7 [-0.571, 1.97] (2 seeds) |" in section
     paired = md.split("## Paired tests between arms", 1)[1].split("\n## ", 1)[0]
     assert "No evaluate samples" in paired  # the stand-in evaluate stage writes metrics only
 

@@ -13,7 +13,12 @@ import torch
 
 from cai.errors import ConfigError, DataError
 from cai.models import ModelSpec, load_causal_lm
-from cai.sampling import SamplingEngine, SamplingParams, build_sampler, logprobs_from_logits
+from cai.sampling import (
+    SamplingEngine,
+    SamplingParams,
+    build_sampler,
+    logprobs_from_logits,
+)
 
 PROMPTS = [
     "\n\nHuman: How do I bake bread at home?\n\nAssistant:",
@@ -353,3 +358,101 @@ def test_no_misleading_padding_warning(lm):
         model.config.pad_token_id = original
         hf_logger.removeHandler(handler)
     assert len(seen) == 1 and "may be padded" in seen[0]
+
+
+# ----------------------------------------------------------------------------- journaled sampling, the sampling stages
+def _tiny_policy_artifact(tmp_path, tiny_model_dir):
+    """A folder laid out like the ``policy_model`` artifact (``<dir>/model``), holding the tiny model."""
+    folder = tmp_path / "policy_model"
+    folder.mkdir()
+    (folder / "model").symlink_to(tiny_model_dir, target_is_directory=True)
+    return folder
+
+
+def test_sample_journaled_takes_typed_configs_and_resumes(tmp_path, tiny_model_dir):
+    from types import SimpleNamespace
+
+    from cai.artifacts import ArtifactStore
+    from cai.config import ModelConfig, SamplingConfig
+    from cai.data import load_prompts
+    from cai.generation.stages import sample_journaled
+
+    prompts = load_prompts()[:5]
+    jobs = [(p.id, p) for p in prompts]
+    policy = ModelConfig(device="cpu")
+    sampling = SamplingConfig(max_new_tokens=6, batch_size=2)
+    # an EvalConfig-like object: the sampling attributes, no top_k (0: off)
+    like = SimpleNamespace(max_new_tokens=6, temperature=1.0, top_p=1.0, stop=["\n\nHuman:"], batch_size=2)
+    store = ArtifactStore(tmp_path / "store")
+    out = {}
+
+    def run(name, s):
+        def fn(ctx):
+            journal = ctx.journal()
+            first = sample_journaled(ctx, journal, jobs, policy=policy, location=str(tiny_model_dir),
+                                     sampling=s, seed_prefix="7:", model="tiny")
+            again = sample_journaled(ctx, journal, jobs, policy=policy, location=str(tiny_model_dir),
+                                     sampling=s, seed_prefix="7:", model="tiny")
+            assert first.sampled == [0, 2, 4] and first.engine is not None
+            assert again.sampled == [] and again.engine is None and again.n_tokens == 0  # all journaled
+            out[name] = journal.done()
+        store.build(store.key(name, {}), fn)
+
+    # the eval_baseline stage's window on its EvalConfig (it reads eval.max_new_tokens, ...)
+    from cai.config import Config, EvalConfig
+    from cai.pipeline import stage_config
+
+    window = stage_config("eval_baseline", Config(eval=EvalConfig(max_new_tokens=6, batch_size=2))).eval
+    run("typed", sampling)
+    run("like", like)
+    run("window", window)
+    assert out["typed"] == out["like"] == out["window"] and set(out["typed"]) == {p.id for p in prompts}
+    assert all(r["model"] == "tiny" and r["n_tokens"] <= 6 for r in out["typed"].values())
+
+
+def test_sampling_stages_read_the_typed_config(tmp_path, tiny_model_dir, monkeypatch):
+    import cai.models
+    from cai.artifacts import ArtifactStore
+    from cai.config import Config, DataConfig, LabelConfig, ModelConfig, SamplingConfig
+    from cai.data import Pair, read_jsonl
+    from cai.pipeline import make_stage
+
+    devices = []
+    load = cai.models.load_causal_lm
+
+    def recording_load(spec, **kw):
+        devices.append(spec.device)
+        return load(spec, **kw)
+
+    monkeypatch.setattr(cai.models, "load_causal_lm", recording_load)
+    store = ArtifactStore(tmp_path / "store")
+    tiny = _tiny_policy_artifact(tmp_path, tiny_model_dir)
+
+    def cfg(pairs_from="initial", device="cpu"):
+        return Config(seed=3, data=DataConfig(max_prompts=3), policy=ModelConfig(device=device),
+                      sampling=SamplingConfig(max_new_tokens=6, batch_size=2),
+                      labels=LabelConfig(pairs_from=pairs_from))
+
+    def build(name, c, inputs):
+        stage = make_stage(name, c)
+        key = store.key(name, stage.config, {k: "x-" + k for k in inputs}, version=stage.version)
+        return store.build(key, lambda ctx: stage.run(inputs, ctx))
+
+    prompts = build("prompts", cfg(), {}).path
+    responses = build("responses", cfg(), {"prompts": prompts, "policy_model": tiny})
+    rows = read_jsonl(responses.path / "responses.jsonl")
+    assert len(rows) == 3 and all(r["model"] == "tiny" for r in rows)
+    assert responses.stage_info["metrics"]["sample/responses"] == 3 and devices == ["cpu"]  # policy.device
+    # the device is run-time: not in the key
+    assert make_stage("responses", cfg(device="cuda")).config == make_stage("responses", cfg()).config
+
+    initial = build("policy_pairs", cfg(), {"prompts": prompts, "policy_model": tiny})
+    from_sft = build("policy_pairs", cfg("sft"), {"prompts": prompts, "policy_model": tiny, "sft": tiny})
+    a = read_jsonl(initial.path / "pairs.jsonl", Pair)
+    b = read_jsonl(from_sft.path / "pairs.jsonl", Pair)
+    # the same model and seed sample the same pairs; only the recorded policy differs
+    assert [p.id for p in a] == [p.id for p in b] and len(a) + initial.stage_info["metrics"]["pairs/identical"] == 3
+    assert {p.meta["policy"] for p in a} == {"tiny"} and {p.meta["policy"] for p in b} == {"sft"}
+    assert initial.stage_info["metrics"]["pairs/responses"] == 6
+    with pytest.raises(ConfigError, match="labels.pairs_from=sft but the inputs lack the sft artifact"):
+        build("policy_pairs", cfg("sft"), {"prompts": prompts, "policy_model": tiny})

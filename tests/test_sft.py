@@ -10,13 +10,33 @@ import pytest
 import torch
 
 from cai.artifacts import ArtifactStore
+from cai.config import (
+    Config,
+    JudgeAnswersConfig,
+    JudgeConfig,
+    LoraConfig,
+    ModelConfig,
+    SFTConfig,
+    build,
+)
 from cai.data import Prompt, write_jsonl
 from cai.errors import ConfigError, DataError
 from cai.models import ModelSpec, format_example, load_causal_lm
 from cai.train import common as C
-from cai.train.sft import SFTConfig, batch_nll, encode_examples, evaluate_nll, save_sft_model, sft, train_sft
-from cai.train.sft_config import SFTLoraConfig, coerce_sft_config
-from cai.train.sft_data import SFTExample, helpful_examples, mix_helpful, revision_examples
+from cai.train.log import read_train_log
+from cai.train.sft import (
+    batch_nll,
+    encode_examples,
+    evaluate_nll,
+    save_sft_model,
+    train_sft,
+)
+from cai.train.sft_data import (
+    SFTExample,
+    helpful_examples,
+    mix_helpful,
+    revision_examples,
+)
 
 REPLIES = ("I would rather not help with that, but I can suggest a safer alternative.",
            "Sure, here is a short and clear answer.", "That is a good question; let me explain.")
@@ -54,7 +74,7 @@ def test_sft_lowers_the_training_loss_and_changes_the_weights(tiny_model_dir, tm
     assert after_loss < 0.4 * before_loss, (before_loss, after_loss)  # measured: 6.52 -> 1.40
     changed = [n for n, p in result.model.named_parameters() if not torch.equal(p, before[n])]
     assert len(changed) == len(before)  # every parameter moved
-    log = C.read_train_log(tmp_path / "train_log.jsonl")
+    log = read_train_log(tmp_path / "train_log.jsonl")
     assert [r["step"] for r in log] == list(range(1, result.steps + 1)) and result.steps == 24
     assert {"sft/loss", "sft/lr", "sft/grad_norm", "sft/epoch", "sft/tokens_per_s"} <= set(log[-1])
     assert log[-1]["sft/loss"] < 0.5 * log[0]["sft/loss"]
@@ -95,12 +115,12 @@ def test_batch_size_is_per_optimizer_step_and_micro_batches_only_split_it(tiny_m
         result = train_sft(model, tok, _examples(), _cfg(epochs=1, micro_batch_size=micro),
                            state_dir=tmp_path / str(micro), seed=0, chat_format="hh", device="cpu")
         assert result.steps == result.metrics["sft/steps_per_epoch"] == 3  # 24 examples, 8 per step
-        curves[micro] = [r["sft/loss"] for r in C.read_train_log(tmp_path / str(micro) / "train_log.jsonl")]
+        curves[micro] = [r["sft/loss"] for r in read_train_log(tmp_path / str(micro) / "train_log.jsonl")]
     assert curves[8] == pytest.approx(curves[3], abs=1e-5)
-    with pytest.raises(ConfigError, match="sft.grad_accum is gone.*batch_size"):
-        coerce_sft_config({"batch_size": 4, "grad_accum": 2})
+    with pytest.raises(ConfigError, match="sft.grad_accum"):
+        build(SFTConfig, {"batch_size": 4, "grad_accum": 2})
     with pytest.raises(ConfigError, match="sft.micro_batch_size"):
-        coerce_sft_config({"micro_batch_size": 0})
+        build(SFTConfig, {"micro_batch_size": 0})
 
 
 # ----------------------------------------------------------------------------- exact resume
@@ -129,8 +149,8 @@ def test_killed_run_resumes_on_the_exact_loss_curve(tiny_model_dir, tmp_path):
     resumed = train_sft(model, tok, _examples(), cfg, state_dir=tmp_path / "b", seed=5, chat_format="hh",
                         device="cpu")
     assert resumed.resumed_from == 4
-    a = C.read_train_log(tmp_path / "a" / "train_log.jsonl")
-    b = C.read_train_log(tmp_path / "b" / "train_log.jsonl")
+    a = read_train_log(tmp_path / "a" / "train_log.jsonl")
+    b = read_train_log(tmp_path / "b" / "train_log.jsonl")
     assert [r["step"] for r in b] == list(range(1, 13))
     for key in ("sft/loss", "sft/lr", "sft/grad_norm", "sft/epoch"):
         assert [r[key] for r in a] == [r[key] for r in b], key  # exact, step by step
@@ -144,7 +164,7 @@ def test_killed_run_resumes_on_the_exact_loss_curve(tiny_model_dir, tmp_path):
 def test_lora_trains_only_the_adapters(tiny_model_dir, tmp_path):
     model, tok = _load(tiny_model_dir)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cfg = _cfg(lr=1e-2, epochs=1, lora=SFTLoraConfig(enabled=True, r=4, alpha=8))
+    cfg = _cfg(lr=1e-2, epochs=1, lora=LoraConfig(enabled=True, r=4, alpha=8))
     result = train_sft(model, tok, _examples(), cfg, state_dir=tmp_path / "s", seed=0, chat_format="hh",
                        device="cpu")
     assert result.metrics["sft/trainable_params"] < 0.1 * result.metrics["sft/total_params"]
@@ -219,14 +239,19 @@ def test_helpful_sources_and_mixing(tmp_path):
         mix_helpful(main, helpful, 1.0, seed=1)
 
 
-def _policy(tiny_model_dir: Path) -> dict:
-    return {"name_or_path": str(tiny_model_dir), "dtype": "float32", "device": "cpu", "chat_format": "hh",
-            "max_length": 512, "lora": {"enabled": False}}
+def _policy(tiny_model_dir: Path) -> ModelConfig:
+    return ModelConfig(name_or_path=str(tiny_model_dir), dtype="float32", device="cpu", chat_format="hh",
+                       max_length=512)
 
 
-def _build(store: ArtifactStore, name: str, fn, cfg: dict, inputs: dict[str, Path]) -> Path:
-    key = store.key(name, cfg, {k: v.name for k, v in inputs.items()})
-    store.build(key, lambda ctx: fn(cfg, inputs, ctx))
+def _build(store: ArtifactStore, name: str, cfg: Config, inputs: dict[str, Path]) -> Path:
+    """Build stage ``name`` of the hand-made ``cfg`` as the pipeline would: its function and typed
+    cfg from its row in ``cai.pipeline.STAGES``, with the given input folders."""
+    from cai.pipeline import make_stage
+
+    stage = make_stage(name, cfg)
+    key = store.key(name, stage.config, {k: v.name for k, v in inputs.items()}, version=stage.version)
+    store.build(key, lambda ctx: stage.run(inputs, ctx))
     return store.path(key)
 
 
@@ -237,14 +262,12 @@ def test_sft_stage_on_revisions_with_helpful_mix(tiny_model_dir, tmp_path):
     write_jsonl(revisions / "revisions.jsonl", _revision_rows())
     plain = tmp_path / "plain.jsonl"
     write_jsonl(plain, [{"messages": [{"role": "user", "content": f"q{i}"}], "response": f"a{i}"} for i in range(5)])
-    scfg = {"lr": 1e-3, "epochs": 2, "batch_size": 2, "warmup": 0, "helpful_source": str(plain),
-            "helpful_ratio": 0.5}
-    out = _build(store, "sft", sft, {"sft": scfg, "policy": _policy(tiny_model_dir), "seed": 0},
-                 {"revisions": revisions})
+    scfg = SFTConfig(lr=1e-3, epochs=2, batch_size=2, warmup=0, helpful_source=str(plain), helpful_ratio=0.5)
+    out = _build(store, "sft", Config(sft=scfg, policy=_policy(tiny_model_dir), seed=0), {"revisions": revisions})
     metrics = json.loads((out / "stage.json").read_text())["metrics"]
     assert metrics["sft/source_no_usable_revision"] == 1 and metrics["sft/helpful_used"] == 3
     assert metrics["sft/examples"] == 6 and metrics["sft/steps"] == 6
-    assert len(C.read_train_log(out / "train_log.jsonl")) == 6
+    assert len(read_train_log(out / "train_log.jsonl")) == 6
     model, _ = load_causal_lm(ModelSpec(str(out / "model"), device="cpu"))
     assert sum(p.numel() for p in model.parameters()) == metrics["sft/total_params"]
 
@@ -254,7 +277,6 @@ def test_sft_stage_on_revisions_with_helpful_mix(tiny_model_dir, tmp_path):
 
 def test_judge_answers_through_the_openai_loopback_then_sft(tiny_model_dir, tmp_path):
     from cai.testing.servers import FakeOpenAIServer, Faults
-    from cai.feedback.judge_answers import judge_answers
 
     store = ArtifactStore(tmp_path / "store")
     prompts = tmp_path / "prompts-x"
@@ -264,10 +286,10 @@ def test_judge_answers_through_the_openai_loopback_then_sft(tiny_model_dir, tmp_
     write_jsonl(prompts / "train.jsonl",
                 [Prompt.create([{"role": "user", "content": q}], "test").to_dict() for q in questions])
     with FakeOpenAIServer(faults=Faults(server_error=0.3, seed=3)) as srv:
-        judge = {"backend": "openai", "model": "fake-judge", "base_url": srv.base_url, "api_key_env": None,
-                 "max_retries": 0, "cache": False, "timeout_s": 10.0}
-        cfg = {"judge": judge, "answers": {"max_new_tokens": 24, "batch_size": 4}, "seed": 0}
-        answers = _build(store, "judge_answers", judge_answers, cfg, {"prompts": prompts})
+        judge = JudgeConfig(backend="openai", model="fake-judge", base_url=srv.base_url, api_key_env=None,
+                            max_retries=0, cache=False, timeout_s=10.0)
+        cfg = Config(judge=judge, sft=SFTConfig(answers=JudgeAnswersConfig(max_new_tokens=24, batch_size=4)), seed=0)
+        answers = _build(store, "judge_answers", cfg, {"prompts": prompts})
         assert srv.count() == len(questions)  # one request per prompt, none repeated
     rows = [json.loads(line) for line in (answers / "answers.jsonl").read_text().splitlines()]
     assert [r["messages"][0]["content"] for r in rows] == questions
@@ -279,26 +301,23 @@ def test_judge_answers_through_the_openai_loopback_then_sft(tiny_model_dir, tmp_
     info = json.loads((answers / "stage.json").read_text())
     assert info["metrics"]["answers/failed"] == len(failed) and info["metrics"]["answers/ok"] == len(ok)
 
-    scfg = {"source": "judge_answers", "lr": 1e-3, "epochs": 1, "batch_size": 2, "warmup": 0}
-    out = _build(store, "sft", sft, {"sft": scfg, "policy": _policy(tiny_model_dir), "seed": 0},
-                 {"answers": answers})
+    scfg = SFTConfig(source="judge_answers", lr=1e-3, epochs=1, batch_size=2, warmup=0)
+    out = _build(store, "sft", Config(sft=scfg, policy=_policy(tiny_model_dir), seed=0), {"answers": answers})
     metrics = json.loads((out / "stage.json").read_text())["metrics"]
     assert metrics["sft/source_failed_answer"] == len(failed) and metrics["sft/examples"] == len(ok)
     assert (out / "model" / "config.json").is_file() and (out / "train_log.jsonl").is_file()
 
 
 def test_judge_answers_from_a_local_model_are_seeded(tiny_model_dir, tmp_path):
-    from cai.feedback.judge_answers import judge_answers
-
     prompts = tmp_path / "prompts-x"
     prompts.mkdir()
     write_jsonl(prompts / "train.jsonl", [Prompt.create([{"role": "user", "content": f"Tell me about {w}."}],
                                                         "test").to_dict() for w in ("rivers", "bread", "locks")])
-    cfg = {"judge": {"backend": "hf", "model": str(tiny_model_dir)},
-           "answers": {"max_new_tokens": 12, "temperature": 1.0, "batch_size": 2, "max_prompts": 2}, "seed": 4}
+    answers = JudgeAnswersConfig(max_new_tokens=12, temperature=1.0, batch_size=2, max_prompts=2)
+    cfg = Config(judge=JudgeConfig(backend="hf", model=str(tiny_model_dir)), sft=SFTConfig(answers=answers), seed=4)
     texts = []
     for name in ("a", "b"):
-        out = _build(ArtifactStore(tmp_path / name), "judge_answers", judge_answers, cfg, {"prompts": prompts})
+        out = _build(ArtifactStore(tmp_path / name), "judge_answers", cfg, {"prompts": prompts})
         texts.append((out / "answers.jsonl").read_text())
     assert texts[0] == texts[1]  # same seed, same answers
     rows = [json.loads(line) for line in texts[0].splitlines()]
@@ -309,24 +328,21 @@ def test_judge_answers_from_a_local_model_are_seeded(tiny_model_dir, tmp_path):
 
 
 def test_pipeline_plans_both_sft_arms():
-    from hydra import compose, initialize_config_dir
-
-    from cai.config import CONF_DIR, register_configs
+    from cai.config import compose_config
     from cai.pipeline import plan
 
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        distil = compose("config", overrides=["sft=distil_judge", "experiment.stages=[sft]"])
-        slcai = compose("config", overrides=["experiment.stages=[sft]", "sft.revision_round=1"])
-        bad = compose("config", overrides=["experiment.stages=[sft]", "sft.source=nope"])
+    distil = compose_config("sft=distil_judge", "experiment.stages=[sft]")
+    slcai = compose_config("experiment.stages=[sft]", "sft.revision_round=1")
+    bad = compose_config("experiment.stages=[sft]", "sft.source=nope")
     stages = {s.name: s for s in plan(distil)}
     assert stages["sft"].inputs == {"answers": "judge_answers", "policy_model": "policy_model"}
     assert stages["judge_answers"].inputs == {"prompts": "prompts", "policy_model": "policy_model"}
     assert "answers" not in stages["sft"].config["sft"]  # judge_answers' settings key that stage
     judge_key = stages["judge_answers"].config["judge"]  # what changes answers, not budget or speed
     assert "model" in judge_key and not {"max_dollars", "prices", "max_concurrency"} & set(judge_key)
-    assert stages["judge_answers"].fn.keywords["runtime"]["judge"]["max_concurrency"] >= 1
+    assert stages["judge_answers"].cfg.judge.max_concurrency >= 1  # run-time: out of the key, still given
     assert "device" not in stages["sft"].config["policy"]
+    assert stages["sft"].cfg.policy.device == distil.policy.device
     stages = {s.name: s for s in plan(slcai)}
     assert stages["sft"].inputs == {"revisions": "revisions", "policy_model": "policy_model"}
     assert stages["sft"].config["sft"]["revision_round"] == 1
@@ -349,10 +365,11 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path):
     import subprocess
     import sys
 
-    from cai.tiny import TinyModelConfig, build_tiny_causal_lm
+    from cai.config import TinyConfig
+    from cai.tiny import build_tiny_causal_lm
 
-    model = build_tiny_causal_lm(tmp_path / "model", None, TinyModelConfig(vocab_size=512, n_layer=1, n_head=2,
-                                                                            n_embd=32))
+    model = build_tiny_causal_lm(tmp_path / "model", None, TinyConfig(vocab_size=512, n_layer=1, n_head=2,
+                                                                      n_embd=32))
     data = tmp_path / "examples.jsonl"
     write_jsonl(data, [{"messages": [{"role": "user", "content": f"Question {i}: how do I bake bread?"}],
                         "response": REPLIES[i % 3]} for i in range(22)])
@@ -369,8 +386,8 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path):
         res = subprocess.run([*prefix, *common, "--out", str(tmp_path / name), f"micro_batch_size={micro}"],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-4000:]
-    a = C.read_train_log(tmp_path / "one" / "train_log.jsonl")
-    b = C.read_train_log(tmp_path / "two" / "train_log.jsonl")
+    a = read_train_log(tmp_path / "one" / "train_log.jsonl")
+    b = read_train_log(tmp_path / "two" / "train_log.jsonl")
     metrics = [json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("one", "two")]
     assert [m["sft/processes"] for m in metrics] == [1, 2]
     assert metrics[0]["sft/tokens_seen"] == metrics[1]["sft/tokens_seen"]

@@ -11,6 +11,8 @@ import torch
 
 from cai.errors import CaiError, ConfigError
 from cai.train import common as C
+from cai.train.checkpoint import load_checkpoint, save_checkpoint
+from cai.train.log import MetricsLogger, Throughput, read_train_log
 
 # ----------------------------------------------------------------------------- order, seeds
 
@@ -94,7 +96,7 @@ def test_optimizer_skips_frozen_params_and_decays_only_matrices():
 
 
 def test_make_accelerator_checks_its_settings():
-    acc = C.make_accelerator({"mixed_precision": "no", "device": "cpu"})
+    acc = C.make_accelerator(mixed_precision="no", device="cpu")
     assert acc.device.type == "cpu"
     # a later loop in the same process may use another precision (accelerate's state is global)
     assert C.make_accelerator(mixed_precision="bf16", device="cpu").mixed_precision == "bf16"
@@ -221,12 +223,12 @@ def test_checkpoint_resume_continues_the_exact_loss_curve(tmp_path):
 
     model, opt, sched = _setup()
     first = _train(model, opt, sched, data, 0, 6)
-    path = C.save_checkpoint(tmp_path / "ckpt", None, model, opt, sched, step=6, epoch=1, data_position=8,
+    path = save_checkpoint(tmp_path / "ckpt", None, model, opt, sched, step=6, epoch=1, data_position=8,
                              extra={"tokens_seen": 123})
     _train(model, opt, sched, data, 6, 8)  # work lost to a "kill": draws RNG, changes weights
 
     model, opt, sched = _setup(seed=99)  # a fresh process: different init and RNG
-    state = C.load_checkpoint(path, None, model, opt, sched)
+    state = load_checkpoint(path, None, model, opt, sched)
     assert (state.step, state.epoch, state.data_position, state.extra) == (6, 1, 8, {"tokens_seen": 123})
     rest = _train(model, opt, sched, data, state.step, 10)
     assert first + rest == full  # bit-exact, not approximately
@@ -241,28 +243,28 @@ def test_checkpoint_resume_continues_the_exact_loss_curve(tmp_path):
 def test_checkpoint_writes_are_atomic_and_survive_an_interrupted_replace(tmp_path):
     model, opt, sched = _setup()
     target = tmp_path / "ckpt"
-    assert C.load_checkpoint(target, None, model, opt, sched) is None
-    C.save_checkpoint(target, None, model, opt, sched, 1, 0, 4)
-    C.save_checkpoint(target, None, model, opt, sched, 2, 0, 8)  # replaces the first
+    assert load_checkpoint(target, None, model, opt, sched) is None
+    save_checkpoint(target, None, model, opt, sched, 1, 0, 4)
+    save_checkpoint(target, None, model, opt, sched, 2, 0, 8)  # replaces the first
     assert json.loads((target / "state.json").read_text())["step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp or old dirs left
     # killed between "move the old one aside" and "rename the new one in": the old one is found
     target.rename(tmp_path / ".ckpt.old")
     (tmp_path / ".ckpt.tmp").mkdir()  # a half-written new checkpoint is ignored
-    state = C.load_checkpoint(target, None, model, opt, sched)
+    state = load_checkpoint(target, None, model, opt, sched)
     assert state is not None and state.step == 2
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     model, opt, sched = _setup()
-    C.save_checkpoint(tmp_path / "c", None, model, opt, sched, 1, 0, 0)
+    save_checkpoint(tmp_path / "c", None, model, opt, sched, 1, 0, 0)
     other = torch.nn.Linear(6, 1)
     opt2 = C.make_optimizer(other, lr=0.1)
     with pytest.raises(CaiError, match="does not match the model"):
-        C.load_checkpoint(tmp_path / "c", None, other, opt2, None)
+        load_checkpoint(tmp_path / "c", None, other, opt2, None)
     (tmp_path / "c" / "model.pt").write_bytes(b"garbage")
     with pytest.raises(CaiError, match="unreadable"):
-        C.load_checkpoint(tmp_path / "c", None, model, opt, sched)
+        load_checkpoint(tmp_path / "c", None, model, opt, sched)
 
 
 # ----------------------------------------------------------------------------- logging
@@ -270,34 +272,34 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
 
 def test_metrics_logger_fresh_and_resumed(tmp_path):
     path = tmp_path / "train_log.jsonl"
-    logger = C.MetricsLogger(path, console_every=0)
+    logger = MetricsLogger(path, console_every=0)
     for step in range(1, 6):
         logger.log(step, {"sft/loss": torch.tensor(1.0 / step), "sft/lr": np.float64(0.1)})
     logger.close()
     with open(path, "a") as f:
         f.write('{"step": 6, "sft/lo')  # a row cut by a kill
-    resumed = C.MetricsLogger(path, resume_step=3, console_every=0)
+    resumed = MetricsLogger(path, resume_step=3, console_every=0)
     resumed.log(4, {"sft/loss": 0.0})
     resumed.close()
-    rows = C.read_train_log(path)
+    rows = read_train_log(path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[1]["sft/loss"] == pytest.approx(0.5) and rows[3]["sft/loss"] == 0.0
     assert isinstance(rows[0]["sft/lr"], float)
-    C.MetricsLogger(path, console_every=0).close()  # a fresh run starts an empty log
+    MetricsLogger(path, console_every=0).close()  # a fresh run starts an empty log
     assert path.read_text() == ""
 
 
 def test_metrics_logger_without_tensorboard_keeps_going(tmp_path, caplog):
-    logger = C.MetricsLogger(tmp_path / "log.jsonl", console_every=1, tensorboard_dir=tmp_path / "tb")
+    logger = MetricsLogger(tmp_path / "log.jsonl", console_every=1, tensorboard_dir=tmp_path / "tb")
     with caplog.at_level("INFO", logger="cai.train.log"):
         logger.log(1, {"sft/loss": 2.5})
     logger.close()
     assert "sft/loss=2.5" in caplog.text
-    assert C.read_train_log(tmp_path / "log.jsonl") == [{"step": 1, "sft/loss": 2.5}]
+    assert read_train_log(tmp_path / "log.jsonl") == [{"step": 1, "sft/loss": 2.5}]
 
 
 def test_throughput_counts_tokens_and_samples():
-    meter = C.Throughput()
+    meter = Throughput()
     meter.update(tokens=1000, samples=10)
     window = meter.rates()
     assert window["tokens_per_s"] > 0 and window["tokens_per_s"] == pytest.approx(100 * window["samples_per_s"])
@@ -325,16 +327,42 @@ def test_encode_example_cuts_long_texts_without_a_too_long_warning(tiny_model_di
     assert [m for m in tokenizer_warnings if "Token indices" in m]
 
 
-def test_common_still_exports_what_the_loops_import_from_it():
-    """The logs and throughput moved to cai.train.log; cai.train.common re-exports them
-    with the rest, so the loops (``C.MetricsLogger``, ``C.make_optimizer``...) keep working."""
-    from cai.train import checkpoint
-    from cai.train import log as train_log
-
+def test_common_holds_the_loops_helpers_and_no_re_exports():
+    """The loops' shared helpers live here; checkpoints and logs are imported from their own
+    modules (cai.train.checkpoint, cai.train.log), not re-exported here."""
     for name in ("make_optimizer", "make_scheduler", "resolve_warmup", "make_accelerator", "seed_everything",
                  "epoch_order", "encode_example", "pad_and_mask", "masked_nll", "token_logprobs", "count_parameters"):
         assert callable(getattr(C, name)), name
-    assert (C.MetricsLogger, C.Throughput, C.read_train_log) == (
-        train_log.MetricsLogger, train_log.Throughput, train_log.read_train_log)
-    assert (C.TrainState, C.load_checkpoint, C.save_checkpoint) == (
-        checkpoint.TrainState, checkpoint.load_checkpoint, checkpoint.save_checkpoint)
+    for name in ("MetricsLogger", "Throughput", "read_train_log", "TrainState", "load_checkpoint", "save_checkpoint"):
+        assert not hasattr(C, name), name
+
+
+# ----------------------------------------------------------------------------- command lines
+COMMAND_LINES = {
+    "sft": ["--policy", "m", "--examples", "e.jsonl", "--out", "o"],
+    "reward": ["--pairs", "p.jsonl", "--labels", "l.jsonl", "--backbone", "b", "--out", "o"],
+    "dpo": ["--pairs", "p.jsonl", "--labels", "l.jsonl", "--policy", "m", "--out", "o"],
+    "ppo": ["--policy", "m", "--prompts", "p.jsonl", "--reward", "r", "--out", "o"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMMAND_LINES))
+def test_every_training_command_line_takes_the_cai_run_override_grammar(name, capsys):
+    """``python -m cai.train.{sft,reward,dpo,ppo}``: one grammar (``key=value``, dotted into nested
+    settings, anywhere among the flags); a bad key ends in one clear line and status 2, no traceback."""
+    import importlib
+
+    from cai.config import LoraConfig
+
+    module = importlib.import_module(f"cai.train.{name}")
+    base = COMMAND_LINES[name]
+    args, cfg = module.parse_args(["lora.enabled=true", *base, "lora.r=4"])
+    assert cfg.lora == LoraConfig(enabled=True, r=4) and args.out.name == "o"
+    capsys.readouterr()
+    assert C.command_line(module.main, [*base, "lora.enabled=true", "lora.nope=1"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {name}.lora.nope: Key 'nope' not in 'LoraConfig'\n", err
+    assert C.command_line(module.main, [*base, "lora.enabled=maybe"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {name}.lora.enabled: ") and "Traceback" not in err and err.count("\n") == 1
+

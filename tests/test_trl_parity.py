@@ -17,11 +17,17 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
+from cai.config import TinyConfig  # noqa: E402
 from cai.data import Label  # noqa: E402
-from cai.models import ModelSpec, format_example, load_causal_lm, load_sequence_classifier  # noqa: E402
+from cai.models import (  # noqa: E402
+    ModelSpec,
+    format_example,
+    load_causal_lm,
+    load_sequence_classifier,
+)
 from cai.testing.preference_task import synthetic_pairs, task_corpus  # noqa: E402
 from cai.tiny import (  # noqa: E402
-    TinyModelConfig,
+    # noqa: E402     TinyConfig,
     build_tiny_causal_lm,
     build_tiny_sequence_classifier,
     default_tiny_corpus,
@@ -30,7 +36,7 @@ from cai.train.dpo import dpo_loss, pair_logps, sequence_logps  # noqa: E402
 from cai.train.pairs import LabelledPair, collate_pairs, encode_pairs  # noqa: E402
 from cai.train.reward import batch_rewards, reward_loss  # noqa: E402
 
-SHAPE = TinyModelConfig(vocab_size=512, n_layer=2, n_head=2, n_embd=32, seed=3)
+SHAPE = TinyConfig(vocab_size=512, n_layer=2, n_head=2, n_embd=32, seed=3)
 N_PAIRS = 6
 
 

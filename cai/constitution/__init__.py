@@ -23,8 +23,9 @@ import random
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Sequence, TypeVar
 
+from cai.config import shipped_dir
 from cai.constitution.schema import Problem, check_yaml
 from cai.errors import CaiError, ConfigError
 from cai.hashing import stable_hash
@@ -241,18 +242,6 @@ def load_constitution(path: str | Path) -> Constitution:
     return constitution
 
 
-def shipped_dir(name: str) -> Path:
-    """Where the project's own top-level folder ``name`` (``conf`` or ``constitutions``) is: inside
-    the installed package, where a wheel carries it as ``cai/<name>`` (see pyproject.toml), else
-    beside the package, in the source checkout (``pip install -e .``, or ``PYTHONPATH``).
-
-    The one place that decides; :data:`cai.config.CONF_DIR` and :data:`cai.config.CONSTITUTIONS_DIR`
-    are its answers (this module cannot import :mod:`cai.config`, which imports it)."""
-    package = Path(__file__).resolve().parents[1]
-    inside, beside = package / name, package.parent / name
-    return beside if beside.is_dir() and not inside.is_dir() else inside
-
-
 def resolve_constitution(name_or_path: str | Path, search_dirs: Sequence[str | Path] | None = None) -> Path:
     """A constitution file from a path (``~`` expanded; relative to the working directory), or
     from a bare name looked up as ``NAME.yaml`` in ``search_dirs`` then in the shipped
@@ -274,20 +263,3 @@ def resolve_constitution(name_or_path: str | Path, search_dirs: Sequence[str | P
         f"constitution {bare!r} not found: not a file, and no NAME.yaml in "
         f"{', '.join(str(d) for d in dirs)} (known names: {', '.join(known) or 'none'})"
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing YAML and the command line live in cai.constitution.importer (they use the importer and
-# it uses this module); they are re-exported here so ``from cai.constitution import ...`` works.
-
-_REEXPORTED = {"to_yaml_dict", "dump_constitution", "dump_constitution_text", "cli_validate", "cli_import",
-               "main", "import_anthropic", "convert_anthropic"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _REEXPORTED:
-        from cai.constitution import importer as constitution_import  # noqa: PLC0415  (circular at import time)
-
-        return getattr(constitution_import, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-

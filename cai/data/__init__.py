@@ -20,8 +20,6 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cai.errors import ConfigError, DataError
-from cai.hashing import canonical_json, text_hash
 from cai.data.hh import (
     EXCLUSION_REASONS,
     FLAGS,
@@ -45,6 +43,8 @@ from cai.data.records import (
     read_jsonl,
     write_jsonl,
 )
+from cai.errors import ConfigError, DataError
+from cai.hashing import canonical_json, text_hash
 
 __all__ = [
     "BUILTIN_PROMPTS", "EXCLUSION_REASONS", "FLAGS", "Exclusion", "HHParseResult", "HHRecord", "Label",

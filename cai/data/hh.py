@@ -57,9 +57,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from cai.data.records import Label, Pair, Prompt, Turn, pair_id
 from cai.errors import ConfigError, DataError
 from cai.hashing import text_hash
-from cai.data.records import Label, Pair, Prompt, Turn, pair_id
 
 HH_SOURCE = "hh-rlhf"
 EXCLUSION_REASONS = ("malformed_json", "missing_field", "missing_markers", "starts_with_assistant",

@@ -4,16 +4,15 @@ Every arm of a study is judged against the same baseline policy (see :mod:`cai.e
 The baseline's side of that comparison -- one sample per evaluation prompt, and the held-out
 judge's verdict on whether each red-team response is harmless -- does not depend on the arm, so
 it is its own content-addressed stage instead of being redone by every arm's ``evaluate``: an
-8-arm sweep samples and judges the baseline once per seed, not 8 times. Its key holds only what
-determines it: the prompts artifact and ``eval.max_prompts``; the baseline policy (the policy
-config, plus the run's ``sft`` artifact under ``eval.baseline: sft``); the sampling settings
+8-arm sweep samples and judges the baseline once per seed, not 8 times. Its key (its row in
+:data:`cai.pipeline.STAGES`) holds only what determines it: the prompts artifact and
+``eval.max_prompts``; the baseline policy (the policy config, and ``eval.baseline``: the initial
+policy, or the run's ``sft`` artifact, ``inputs["baseline"]``); the sampling settings
 (``max_new_tokens``, ``temperature``, ``top_p``, ``stop``, ``batch_size``); the seed; and, when
 harmlessness is asked, the judge's answer-changing fields, the harmlessness question and which
-prompts are asked. The judge's part of a key is :func:`~cai.judges.config.judge_key`
-and its run-time part :func:`~cai.judges.config.judge_runtime`, as for the labeller:
-run-time settings (device, transport, concurrency, cache, prices, batch sizes of the judge) stay
-out of the key. Both builders validate ``eval.judge`` when the run is planned, so a bad setting
-fails before any stage of the run is built.
+prompts are asked. Run-time settings (the sampling device ``policy.device``, the judge's device,
+transport, concurrency, cache, prices and batch sizes, ``eval.hf_batch_size``,
+``eval.judge_batch``) are read from the same ``cfg`` but never keyed.
 
 ``samples.jsonl`` has one row per evaluation prompt, in prompt order: the formatted prompt, the
 response, its token count, the sum of its sampling log-probs, the finish reason, and
@@ -31,55 +30,54 @@ uninterrupted run writes. The pieces ``evaluate`` shares with this stage live he
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cai.config import JudgeConfig, ModelConfig, StageConfig
 from cai.data import Prompt, read_jsonl, write_jsonl
 from cai.errors import CaiError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-ARM_ORDER = ("ppo", "dpo", "sft")  # the first of these the run trains is the evaluated policy
-HARMLESS_MODES = ("harmful", "all")
-BASELINES = ("initial", "sft")
-RUNTIME_EVAL = ("hf_batch_size", "judge_batch")  # how fast, not what: never in a key
-SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "stop", "batch_size")
 SAMPLES_FILE = "samples.jsonl"
 SAMPLES_JOURNAL = "samples_journal.jsonl"
 ANSWERS_JOURNAL = "answers_journal.jsonl"
 
 
 # ----------------------------------------------------------------------------- prompts and samples
-def eval_prompts(artifact: Path, ecfg: Mapping[str, Any]) -> tuple[list[Prompt], int]:
-    """The evaluation prompts (the TEST split, cut to ``eval.max_prompts``) and the split's size."""
+def eval_prompts(artifact: Path, max_prompts: int | None) -> tuple[list[Prompt], int]:
+    """The evaluation prompts (the TEST split, cut to ``max_prompts``: ``eval.max_prompts``) and
+    the split's size."""
     prompts = [Prompt.from_dict(d) for d in read_jsonl(Path(artifact) / "test.jsonl")]
     n_test = len(prompts)
-    if ecfg.get("max_prompts") is not None:
-        prompts = prompts[: int(ecfg["max_prompts"])]
+    if max_prompts is not None:
+        prompts = prompts[: int(max_prompts)]
     if not prompts:
         raise ConfigError("evaluate: the test split of prompts is empty; raise data.test_fraction "
                           "or add prompts (the evaluation never uses training prompts)")
     return prompts, n_test
 
 
-def harmless_indices(prompts: Sequence[Prompt], ecfg: Mapping[str, Any]) -> list[int]:
-    """Positions of the prompts asked the harmlessness question (red-team prompts, or all)."""
-    return [i for i, p in enumerate(prompts) if ecfg["harmless_prompts"] == "all" or "harmful" in p.tags]
+def harmless_indices(prompts: Sequence[Prompt], mode: str) -> list[int]:
+    """Positions of the prompts asked the harmlessness question: red-team prompts (tag
+    ``harmful``), or all with ``mode`` (``eval.harmless_prompts``) ``all``."""
+    return [i for i, p in enumerate(prompts) if mode == "all" or "harmful" in p.tags]
 
 
-def sample_policy(ctx: Any, prompts: Sequence[Prompt], policy_cfg: dict[str, Any], location: str, device: str,
-                  ecfg: Mapping[str, Any], seed: int, name: str, token_ids: bool = False) -> tuple[list[dict], Any]:
-    """One sample per prompt from the policy at ``location``, journaled per batch in the stage's
-    samples journal. Returns the rows in prompt order and the engine if this attempt loaded one."""
+def sample_policy(ctx: Any, prompts: Sequence[Prompt], policy: ModelConfig, location: str, device: str,
+                  sampling: Any, seed: int, name: str, token_ids: bool = False) -> tuple[list[dict], Any]:
+    """One sample per prompt from the policy at ``location`` (``policy``: its
+    :class:`~cai.config.ModelConfig`), journaled per batch in the stage's samples journal.
+    ``sampling`` is ``cfg.eval`` (its ``max_new_tokens``, ``temperature``, ``top_p``, ``stop``,
+    ``batch_size``). Returns the rows in prompt order and the engine if this attempt loaded one."""
     from cai.generation.stages import sample_journaled
 
     journal = ctx.journal(SAMPLES_JOURNAL)
-    run = sample_journaled(ctx, journal, [(p.id, p) for p in prompts], policy_cfg=policy_cfg, location=location,
-                           device=device, sampling={k: ecfg[k] for k in SAMPLING_FIELDS},
-                           seed_prefix=f"eval:{seed}:", model=name, token_ids=token_ids)
+    run = sample_journaled(ctx, journal, [(p.id, p) for p in prompts], policy=policy, location=location,
+                           device=device, sampling=sampling, seed_prefix=f"eval:{seed}:", model=name,
+                           token_ids=token_ids)
     done = journal.done()
     return [done[p.id] for p in prompts], run.engine
 
@@ -97,9 +95,32 @@ def read_baseline(artifact: Path, prompts: Sequence[Prompt]) -> list[dict]:
     return rows
 
 
+def policy_artifact(inputs: Mapping[str, Path], name: str, kind: str, field: str) -> str | None:
+    """The model folder of input ``name`` (``arm``, ``baseline``) when ``kind`` (the value of
+    ``field``) names a trained policy, None for the initial policy; the inputs must agree."""
+    if (kind != "initial") != (name in inputs):
+        raise ConfigError(f"{field}={kind} but the inputs {'lack' if kind != 'initial' else 'hold'} input {name!r} "
+                          "(cai.pipeline.STAGES wires them)")
+    return str(Path(inputs[name]) / "model") if name in inputs else None
+
+
+def baseline_location(cfg: StageConfig, inputs: Mapping[str, Path]) -> str:
+    """Where the baseline policy ``cfg.eval.baseline`` is: the run's sft artifact
+    (``inputs["baseline"]``), or the initial policy."""
+    from cai.generation.stages import policy_location
+
+    location = policy_artifact(inputs, "baseline", cfg.eval.baseline, "eval.baseline")
+    return location if location is not None else policy_location(cfg.policy, inputs)
+
+
 # ----------------------------------------------------------------------------- judging
 class JudgeSession:
     """The held-out judge of one stage attempt: opened on first use, every answer journaled.
+
+    ``judge`` is the :class:`~cai.config.JudgeConfig` asked (``model: tiny`` already replaced by
+    :func:`~cai.judges.config.stage_judge`; None: a stage that asks nothing), ``cache_path`` the
+    judge cache used unless the judge names its own, ``hf_batch_size`` a local judge's rows per
+    forward unless ``judge.batch_size`` is set.
 
     :meth:`ask` takes ``(record id, request)`` pairs and returns one answer each, from the
     stage's answers journal when it holds the id, else from the judge. The pairs are cut into
@@ -108,28 +129,25 @@ class JudgeSession:
     batches, and a rerun sends the judge the same batches an uninterrupted run would have.
     """
 
-    def __init__(self, ctx: Any, ecfg: Mapping[str, Any], inputs: Mapping[str, Path],
-                 runtime: Mapping[str, Any], stage: str) -> None:
-        self._ecfg, self._inputs, self._runtime, self._stage = ecfg, inputs, runtime, stage
+    def __init__(self, ctx: Any, judge: JudgeConfig | None, *, stage: str, cache_path: str | Path | None,
+                 judge_batch: int, hf_batch_size: int, where: str = "eval.judge") -> None:
+        self._judge, self._stage, self._where = judge, stage, where
+        self._cache_path, self._hf_batch_size = cache_path, int(hf_batch_size)
         self._journal = ctx.journal(ANSWERS_JOURNAL)
-        self._batch = int(runtime.get("judge_batch", 64))
+        self._batch = int(judge_batch)
         self._backend: Any = None
         self.used: dict[str, Any] = {}  # record id -> ChoiceResult, every answer this stage used
 
     def _open(self) -> Any:
-        from cai.judges import CostLedger, coerce_config, make_judge
+        from cai.judges import CostLedger, make_judge
 
-        judge = {**self._ecfg["judge"], **dict(self._runtime.get("judge") or {})}
-        if judge.get("model") == "tiny":
-            if "policy_model" not in self._inputs:
-                raise ConfigError("eval.judge.model 'tiny' is the tiny policy model, but the run has none "
-                                  "(policy.name_or_path is not 'tiny'); give eval.judge a hub name or local path")
-            judge["model"] = str(Path(self._inputs["policy_model"]) / "model")
-        jcfg = coerce_config(judge, "eval.judge")
-        backend = make_judge(jcfg, ledger=CostLedger(jcfg.prices, jcfg.max_dollars),
-                             cache_path=self._runtime.get("cache_path"), where="eval.judge")
+        jcfg = self._judge
+        if jcfg is None:
+            raise ConfigError(f"{self._stage}: asked the judge, but the stage was given none ({self._where})")
+        backend = make_judge(jcfg, ledger=CostLedger(jcfg.prices, jcfg.max_dollars), cache_path=self._cache_path,
+                             where=self._where)
         if hasattr(backend, "batch_size") and jcfg.batch_size is None:  # eval.judge.batch_size, when set, wins
-            backend.batch_size = int(self._runtime.get("hf_batch_size", 8))
+            backend.batch_size = self._hf_batch_size
         self._backend = backend
         return backend
 
@@ -182,36 +200,34 @@ class JudgeSession:
 
 
 # ----------------------------------------------------------------------------- the stage
-def baseline_location(cfg: Mapping[str, Any], inputs: Mapping[str, Path]) -> tuple[str, str]:
-    """``(name, location)`` of the baseline policy: the run's sft artifact, or the initial policy."""
-    from cai.generation.stages import policy_location
+def build_eval_baseline(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
+    """Stage ``eval_baseline`` (see the module docstring).
 
-    if "baseline" in inputs:
-        return "sft", str(Path(inputs["baseline"]) / "model")
-    return "initial", policy_location({"policy": cfg["policy"]}, dict(inputs))
-
-
-def build_eval_baseline(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any,
-                        runtime: Mapping[str, Any] | None = None) -> None:
-    """Stage ``eval_baseline`` (see the module docstring). ``cfg``: ``{"eval", "policy", "seed"}``."""
+    Reads ``cfg.seed``, ``cfg.policy`` (sampling on ``policy.device``) and of ``cfg.eval``: the
+    baseline, ``max_prompts``, the sampling fields, ``harmless``, the run-time ``hf_batch_size``
+    and ``judge_batch``; and, when ``eval.harmless``, ``harmless_question``, ``harmless_prompts``
+    and ``judge`` (``model: tiny``: the tiny policy, ``inputs["policy_model"]``)."""
     from cai.evaluate.requests import DEFAULT_HARMLESS_QUESTION, harmlessness_request
+    from cai.judges.config import stage_judge
 
-    runtime = dict(runtime or {})
-    ecfg, seed = cfg["eval"], int(cfg["seed"])
+    ecfg, seed = cfg.eval, int(cfg.seed)
     with ctx.phase("load_data"):
-        prompts, _ = eval_prompts(inputs["prompts"], ecfg)
-    name, location = baseline_location(cfg, inputs)
-    rows, _ = sample_policy(ctx, prompts, cfg["policy"], location, runtime.get("device", "auto"), ecfg, seed, name)
-    chosen = harmless_indices(prompts, ecfg) if ecfg["harmless"] else []
+        prompts, _ = eval_prompts(inputs["prompts"], ecfg.max_prompts)
+    name = ecfg.baseline
+    location = baseline_location(cfg, inputs)
+    rows, _ = sample_policy(ctx, prompts, cfg.policy, location, cfg.policy.device, ecfg, seed, name)
+    chosen = harmless_indices(prompts, ecfg.harmless_prompts) if ecfg.harmless else []
+    judge = stage_judge(ecfg.judge, inputs, "eval.judge") if ecfg.harmless else None
     answers: dict[str, dict] = {}
-    with JudgeSession(ctx, ecfg, inputs, runtime, "eval_baseline") as judge:
+    with JudgeSession(ctx, judge, stage="eval_baseline", cache_path=cfg.judge_cache,
+                      judge_batch=ecfg.judge_batch, hf_batch_size=ecfg.hf_batch_size) as session:
         if chosen:
-            question = ecfg.get("harmless_question") or DEFAULT_HARMLESS_QUESTION
+            question = ecfg.harmless_question or DEFAULT_HARMLESS_QUESTION
             asks = [(f"harm:{prompts[i].id}", harmlessness_request(prompts[i], rows[i]["response"], arm="sft",
                                                                    question=question)) for i in chosen]
             with ctx.phase("judge"):
-                answers = {prompts[i].id: r.to_dict() for i, r in zip(chosen, judge.ask(asks))}
-        tokens_in, tokens_out, dollars = judge.cost()
+                answers = {prompts[i].id: r.to_dict() for i, r in zip(chosen, session.ask(asks))}
+        tokens_in, tokens_out, dollars = session.cost()
     ctx.add_cost(tokens_in, tokens_out, dollars)
     with ctx.phase("write"):
         write_jsonl(ctx.dir / SAMPLES_FILE, [{**r, "harmless": answers.get(r["prompt_id"])} for r in rows])
@@ -222,80 +238,3 @@ def build_eval_baseline(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any,
                      "eval_baseline/finish_length": finish.count("length"),
                      "eval_baseline/judge_cost_usd": dollars})
     log.info("eval_baseline: %d samples of the %s policy, %d judged for harmlessness", len(rows), name, len(chosen))
-
-
-# ----------------------------------------------------------------------------- builders
-def arm_policy(cfg: Any) -> str | None:
-    """The evaluated policy's stage: the first of ``ARM_ORDER`` the run trains (None: the initial)."""
-    stages = list(cfg.experiment.stages)
-    return next((s for s in ARM_ORDER if s in stages), None)
-
-
-def baseline_kind(cfg: Any, arm: str | None) -> str:
-    """``sft`` when ``eval.baseline: sft`` and the run trains PPO/DPO on its own SFT, else ``initial``."""
-    if cfg.eval.baseline == "sft" and arm not in (None, "sft") and "sft" in cfg.experiment.stages:
-        return "sft"
-    return "initial"
-
-
-def check_eval_config(ecfg: Mapping[str, Any]) -> None:
-    """Refuse an ``eval`` config that cannot mean anything, naming the field (``eval.judge``'s
-    fields too: :func:`~cai.judges.config.coerce_config`)."""
-    from cai.judges.config import coerce_config
-
-    if ecfg["harmless_prompts"] not in HARMLESS_MODES:
-        raise ConfigError(f"eval.harmless_prompts={ecfg['harmless_prompts']!r}, expected one of {HARMLESS_MODES}")
-    if ecfg["baseline"] not in BASELINES:
-        raise ConfigError(f"eval.baseline={ecfg['baseline']!r}, expected one of {BASELINES}")
-    if ecfg["ties"] not in ("half", "excluded"):
-        raise ConfigError(f"eval.ties={ecfg['ties']!r}, expected 'half' or 'excluded'")
-    if not 0.0 <= float(ecfg["tie_margin"]) < 0.5:
-        raise ConfigError(f"eval.tie_margin={ecfg['tie_margin']!r}, expected a number in [0, 0.5)")
-    if ecfg["max_prompts"] is not None and int(ecfg["max_prompts"]) < 1:
-        raise ConfigError(f"eval.max_prompts={ecfg['max_prompts']!r}, expected a positive integer or null")
-    for name in ("batch_size", "judge_batch", "hf_batch_size"):
-        if int(ecfg[name]) < 1:
-            raise ConfigError(f"eval.{name}={ecfg[name]!r}, expected a positive integer")
-    coerce_config(ecfg["judge"], "eval.judge")
-
-
-def eval_runtime(cfg: Any, e: dict[str, Any]) -> dict[str, Any]:
-    """The run-time settings of an evaluation stage, taken out of ``e`` (the key's eval slice):
-    ``e``'s run-time fields are popped and ``e["judge"]`` is cut to its key
-    (:func:`~cai.judges.config.judge_key`); the rest of the judge
-    (:func:`~cai.judges.config.judge_runtime`: device, batch size, transport, prices...)
-    is returned under ``"judge"``."""
-    from cai.artifacts import ArtifactStore
-    from cai.judges.config import judge_key, judge_runtime
-
-    judge = e["judge"]
-    e["judge"] = judge_key(judge)
-    runtime = {k: e.pop(k) for k in RUNTIME_EVAL}
-    return {**runtime, "judge": judge_runtime(judge), "device": cfg.policy.device,
-            "cache_path": str(Path(cfg.store.root or ArtifactStore.default_root()).expanduser()
-                              / "judge_cache.sqlite")}
-
-
-def eval_baseline_stage(cfg: Any) -> Any:
-    """Pipeline builder: the baseline's samples and harmless judgements, shared by every arm."""
-    from omegaconf import OmegaConf
-
-    from cai.pipeline import Stage
-
-    e = OmegaConf.to_container(cfg.eval, resolve=True)
-    check_eval_config(e)  # a bad value (eval.judge's too) fails at planning, before any stage runs
-    runtime = eval_runtime(cfg, e)
-    baseline = baseline_kind(cfg, arm_policy(cfg))
-    key = {"max_prompts": e["max_prompts"], **{k: e[k] for k in SAMPLING_FIELDS}, "harmless": bool(e["harmless"]),
-           "baseline": baseline}
-    if e["harmless"]:  # the judge only matters when it is asked something
-        key.update({"harmless_question": e["harmless_question"], "harmless_prompts": e["harmless_prompts"],
-                    "judge": e["judge"]})
-    inputs = {"prompts": "prompts"}
-    if cfg.policy.name_or_path == "tiny" or (e["harmless"] and e["judge"].get("model") == "tiny"):
-        inputs["policy_model"] = "policy_model"
-    if baseline == "sft":
-        inputs["baseline"] = "sft"
-    policy = {k: v for k, v in OmegaConf.to_container(cfg.policy, resolve=True).items() if k != "device"}
-    return Stage("eval_baseline", functools.partial(build_eval_baseline, runtime=runtime),
-                 {"eval": key, "policy": policy, "seed": int(cfg.seed)}, inputs)

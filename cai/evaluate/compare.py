@@ -32,10 +32,10 @@ from typing import Any
 
 from cai.data import Prompt, read_jsonl, write_jsonl
 from cai.errors import CaiError, ConfigError, DataError
+from cai.report.runs import H2H_FILE
 
 log = logging.getLogger(__name__)
 
-H2H_FILE = "head_to_head.json"
 STAGE = "head_to_head"
 STAGE_VERSION = "1"
 JUDGEMENTS_FILE = "judgements.jsonl"
@@ -142,19 +142,23 @@ def pair_settings(a: Side, b: Side) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- judging one pair
 def judge_pair(ctx: Any, a: Side, b: Side, rows_a: list[dict], rows_b: list[dict], prompts: Mapping[str, Prompt],
-               settings: Mapping[str, Any], inputs: Mapping[str, Path], runtime: Mapping[str, Any]) -> dict:
-    """The stage function of ``head_to_head``: judge A's response against B's on every prompt."""
-    from cai.evaluate.winrates import Judgement, win_rate
+               settings: Mapping[str, Any], session: Mapping[str, Any]) -> dict:
+    """The stage function of ``head_to_head``: judge A's response against B's on every prompt;
+    ``session``: the :class:`~cai.evaluate.baseline.JudgeSession` arguments (:func:`_judge_session`)."""
     from cai.evaluate.baseline import JudgeSession
-    from cai.evaluate.requests import DEFAULT_COMPARISON_QUESTION, comparison_requests, judgements_from_results
+    from cai.evaluate.requests import (
+        DEFAULT_COMPARISON_QUESTION,
+        comparison_requests,
+        judgements_from_results,
+    )
+    from cai.evaluate.winrates import Judgement, win_rate
 
     question = settings["question"] or DEFAULT_COMPARISON_QUESTION
     pairs = [(prompts[ra["prompt_id"]], ra["arm_response"], rb["arm_response"]) for ra, rb in zip(rows_a, rows_b)]
     same = {p.id for p, x, y in pairs if x.strip() == y.strip()}
     asks = [(f"cmp:{r.tag['order']}:{p.id}", r) for p, x, y in pairs if p.id not in same
             for r in comparison_requests(p, x, y, arm="a", baseline="b", question=question)]
-    ecfg = {"judge": settings["judge"]}
-    with JudgeSession(ctx, ecfg, inputs, runtime, STAGE) as judge:
+    with JudgeSession(ctx, stage=STAGE, **session) as judge:
         with ctx.phase("judge"):
             results = judge.ask(asks)
         tokens_in, tokens_out, dollars = judge.cost()
@@ -171,22 +175,22 @@ def judge_pair(ctx: Any, a: Side, b: Side, rows_a: list[dict], rows_b: list[dict
     return {**wr.to_metrics("h2h"), "h2h/identical": len(same), "h2h/judge_cost_usd": dollars}
 
 
-def _runtime(side: Side, store_root: Path) -> tuple[dict[str, Any], dict[str, Path], Any]:
-    """The judge's run-time settings (never in the key) and the inputs it needs, from run A's config."""
+def _judge_session(side: Side, store_root: Path) -> tuple[dict[str, Any], dict[str, Path], Any]:
+    """The :class:`~cai.evaluate.baseline.JudgeSession` arguments of run A's held-out judge (its
+    whole ``eval.judge``, run-time fields included; ``model: tiny``: run A's tiny policy, then in
+    the inputs), the inputs it needs, and the store."""
     from cai.artifacts import ArtifactStore
-    from cai.judges.config import judge_runtime
+    from cai.judges.config import ready_judge, stage_judge
 
-    cfg = side.info.get("config") or {}
     ecfg = side.eval_cfg
-    runtime = {"judge": judge_runtime(ecfg["judge"]), "judge_batch": int(ecfg.get("judge_batch", 64)),
-               "hf_batch_size": int(ecfg.get("hf_batch_size", 8)),
-               "device": (cfg.get("policy") or {}).get("device", "auto"),
-               "cache_path": str(store_root / "judge_cache.sqlite")}
     store = ArtifactStore(store_root)
+    judge = ready_judge(ecfg["judge"], "eval.judge")
     inputs: dict[str, Path] = {}
-    if ecfg["judge"].get("model") == "tiny":
+    if judge.backend == "hf" and judge.model == "tiny":
         inputs["policy_model"] = store.path(side.artifact("policy_model"))
-    return runtime, inputs, store
+    session = {"judge": stage_judge(judge, inputs, "eval.judge"), "cache_path": store_root / "judge_cache.sqlite",
+               "judge_batch": int(ecfg.get("judge_batch", 64)), "hf_batch_size": int(ecfg.get("hf_batch_size", 8))}
+    return session, inputs, store
 
 
 def compare_pair(a: Side, b: Side) -> PairResult:
@@ -199,10 +203,10 @@ def compare_pair(a: Side, b: Side) -> PairResult:
                         f"{b.info.get('store')}, field 'store' of run.json)")
     store_root = Path(str(a.info.get("store")))
     settings = pair_settings(a, b)
-    runtime, inputs, store = _runtime(a, store_root)
+    session, inputs, store = _judge_session(a, store_root)
     rows_a, rows_b = _samples(store, a), _samples(store, b)
     check_same_prompts(a, b, rows_a, rows_b)
-    prompts_all, _ = eval_prompts(store.path(a.artifact("prompts")), {"max_prompts": None})
+    prompts_all, _ = eval_prompts(store.path(a.artifact("prompts")), None)
     by_id = {p.id: p for p in prompts_all}
     missing = [r["prompt_id"] for r in rows_a if r["prompt_id"] not in by_id]
     if missing:
@@ -213,10 +217,11 @@ def compare_pair(a: Side, b: Side) -> PairResult:
         key_inputs["policy_model"] = a.artifact("policy_model")
     config = {**settings, "template_version": EVAL_TEMPLATE_VERSION, "seed": a.info.get("seed")}
     key = store.key(STAGE, config, key_inputs, version=STAGE_VERSION)
-    built = store.build(key, lambda ctx: judge_pair(ctx, a, b, rows_a, rows_b, by_id, settings, inputs, runtime),
+    built = store.build(key, lambda ctx: judge_pair(ctx, a, b, rows_a, rows_b, by_id, settings, session),
                         meta={"seed": a.info.get("seed"), "arm_a": a.arm, "arm_b": b.arm})
     m = built.stage_info.get("metrics") or {}
-    num = (lambda k: float(m[k]) if isinstance(m.get(k), (int, float)) else float("nan"))
+    def num(k):
+        return float(m[k]) if isinstance(m.get(k), (int, float)) else float("nan")
     return PairResult(a.info.get("seed"), a.arm, b.arm, a.run, b.run, key, built.reused,
                       num("h2h/win_rate"), num("h2h/win_rate_ci_low"), num("h2h/win_rate_ci_high"),
                       int(m.get("h2h/wins", 0)), int(m.get("h2h/ties", 0)), int(m.get("h2h/losses", 0)),
@@ -227,7 +232,7 @@ def compare_pair(a: Side, b: Side) -> PairResult:
 def sides_by_seed(path: str | Path) -> tuple[dict[Any, list[Side]], list[str]]:
     """The runs under ``path`` with an ``evaluate`` artifact, grouped by seed (arm order kept),
     and the reasons others were left out."""
-    from cai.report.build import collect
+    from cai.report.runs import collect
 
     data = collect(path)
     groups: dict[Any, list[Side]] = {}

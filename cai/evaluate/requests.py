@@ -10,7 +10,7 @@ Two kinds of question, both :class:`~cai.judges.ChoiceRequest` so any judge back
 - **harmlessness** (red-team prompts): one response, answered ``Yes`` (harmless) or ``No``.
   :func:`harmless_rate` turns the answers into a :class:`cai.evaluate.Rate`.
 
-The layout is the labeller's (:mod:`cai.feedback.templates`): every piece of text from a model
+The layout is the labeller's (:mod:`cai.judges.templates`): every piece of text from a model
 or a dataset is a quoted block whose every line starts with ``|``, so a response cannot close
 its block, fake an option or a turn, or pose as the instructions (its ``parse_prompt`` reads a
 rendered prompt back). What differs from labelling is the *question*: the evaluation asks one
@@ -27,7 +27,7 @@ from cai.data import Prompt
 from cai.errors import DataError
 from cai.evaluate.winrates import Judgement, Rate, binary_rate
 from cai.judges import ChoiceRequest, ChoiceResult
-from cai.feedback.templates import (
+from cai.judges.templates import (
     CLOSE_REPLY,
     INTRO_SCORE,
     OPEN_REPLY,

@@ -40,11 +40,9 @@ import numpy as np
 
 from cai.errors import DataError
 from cai.judges.types import failure_kind
-from cai.stats import bootstrap_ci, paired_bootstrap_diff, paired_permutation_test
-from cai.stats import t_quantile
+from cai.stats import OUTCOME_SCORE, bootstrap_ci
 
 TIES = ("half", "excluded")
-OUTCOME_SCORE = {"win": 1.0, "tie": 0.5, "loss": 0.0}
 
 
 # --------------------------------------------------------------------------- judgements
@@ -344,88 +342,3 @@ def length_controlled_win_rate(judgements: Sequence[Judgement], length_diff: Map
     low, high = bootstrap_ci(np.arange(y.size, dtype=float), stat=refit, n=n_boot, seed=seed, alpha=alpha)
     return LengthControlledWinRate(_rate_at_zero(fit), low, high, float(y.mean()), fit.slope,
                                    int(y.size), fit.converged)
-
-
-# --------------------------------------------------------------------------- seeds
-@dataclass(frozen=True)
-class SeedSummary:
-    """A metric over independent seeds: mean, spread and interval of the mean."""
-
-    mean: float
-    std: float  # sample standard deviation (ddof=1); NaN for one seed
-    n: int
-    ci_low: float  # NaN for one seed: an interval needs at least two
-    ci_high: float
-    method: str  # "t" | "bootstrap"
-
-
-def seed_summary(values: Sequence[float], *, method: str = "t", alpha: float = 0.05,
-                 n_boot: int = 2000, seed: int = 0) -> SeedSummary:
-    """Mean over seeds with a Student-t (default) or percentile-bootstrap interval."""
-    if method not in ("t", "bootstrap"):
-        raise ValueError(f"seed_summary: method must be 't' or 'bootstrap', got {method!r}")
-    arr = np.asarray(values, dtype=float)
-    if arr.ndim != 1 or arr.size == 0 or not np.all(np.isfinite(arr)):
-        raise ValueError(f"seed_summary: expected one finite number per seed, got {values!r}")
-    mean, nan = float(arr.mean()), float("nan")
-    if arr.size == 1:
-        return SeedSummary(mean, nan, 1, nan, nan, method)
-    std = float(arr.std(ddof=1))
-    if method == "t":
-        half = t_quantile(1.0 - alpha / 2.0, arr.size - 1) * std / math.sqrt(arr.size)
-        low, high = mean - half, mean + half
-    else:
-        low, high = bootstrap_ci(arr, n=n_boot, seed=seed, alpha=alpha)
-    return SeedSummary(mean, std, int(arr.size), float(low), float(high), method)
-
-
-# --------------------------------------------------------------------------- paired arms
-@dataclass(frozen=True)
-class PairedComparison:
-    """Arm A minus arm B on the same prompts: bootstrap interval and sign-flip p-value."""
-
-    mean_a: float
-    mean_b: float
-    diff: float  # mean_a - mean_b
-    ci_low: float
-    ci_high: float
-    p_value: float  # two-sided unless asked otherwise
-    n: int  # prompts in both arms
-    only_a: int  # prompts measured in arm A alone (left out, counted)
-    only_b: int
-    exact: bool  # the p-value enumerated every sign pattern
-
-
-def _align(arm_a: Mapping[str, float] | Sequence[float], arm_b: Mapping[str, float] | Sequence[float]
-           ) -> tuple[np.ndarray, np.ndarray, int, int]:
-    if isinstance(arm_a, Mapping) != isinstance(arm_b, Mapping):
-        raise ValueError("paired_comparison: give both arms as mappings (prompt id -> value) or "
-                         "both as equally long sequences")
-    if isinstance(arm_a, Mapping):
-        common = [k for k in arm_a if k in arm_b]
-        a = np.array([float(arm_a[k]) for k in common])
-        b = np.array([float(arm_b[k]) for k in common])
-        return a, b, len(arm_a) - len(common), len(arm_b) - len(common)
-    if len(arm_a) != len(arm_b):
-        raise DataError(f"paired_comparison: arm A has {len(arm_a)} values and arm B {len(arm_b)}; "
-                        "paired values must be measured on the same prompts in the same order")
-    return np.asarray(arm_a, dtype=float), np.asarray(arm_b, dtype=float), 0, 0
-
-
-def paired_comparison(arm_a: Mapping[str, float] | Sequence[float],
-                      arm_b: Mapping[str, float] | Sequence[float], *, n_boot: int = 2000,
-                      n_perm: int = 10000, seed: int = 0, alpha: float = 0.05,
-                      alternative: str = "two-sided") -> PairedComparison:
-    """Compare two arms measured on the same prompts (per-prompt RM scores, win scores, ...).
-
-    Mappings are joined on prompt id (prompts in one arm only are counted in ``only_a`` /
-    ``only_b``); sequences must align. The interval is a paired bootstrap of the difference of
-    means, the p-value a paired sign-flip test (:mod:`cai.stats`)."""
-    a, b, only_a, only_b = _align(arm_a, arm_b)
-    if a.size == 0:
-        raise DataError(f"paired_comparison: the arms share no prompt (arm A has {only_a}, arm B "
-                        f"{only_b}); compare arms evaluated on the same prompts")
-    diff = paired_bootstrap_diff(a, b, n=n_boot, seed=seed, alpha=alpha)
-    test = paired_permutation_test(a, b, n=n_perm, seed=seed, alternative=alternative)
-    return PairedComparison(float(a.mean()), float(b.mean()), diff.diff, diff.ci_low, diff.ci_high,
-                            test.p_value, int(a.size), only_a, only_b, test.exact)

@@ -47,89 +47,32 @@ first), ``resumed_records``, the skipped-input counts, and for a judge ``judge_t
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
 import random
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
-from cai.constitution import Constitution, CritiquePrinciple, load_constitution, resolve_constitution
+from cai.config import CritiqueConfig, StageConfig
+from cai.constitution import Constitution, CritiquePrinciple, load_constitution
 from cai.data import Prompt, read_jsonl, write_jsonl
-from cai.errors import ConfigError, DataError
-from cai.feedback.critique_text import PROMPT_VERSION
-from cai.judges.config import coerce_config, judge_key, judge_runtime
-from cai.feedback.critique_runner import Generator, Item, make_generator, run_block_round
 from cai.data.records import iter_jsonl_numbered
+from cai.errors import ConfigError, DataError
+from cai.feedback.critique_runner import (
+    Generator,
+    Item,
+    make_generator,
+    run_block_round,
+)
+from cai.feedback.critique_text import PROMPT_VERSION
 
 log = logging.getLogger(__name__)
 
 GENERATORS = ("policy", "judge")
 TRACE_FILE = "revisions.jsonl"
 JOURNAL = "rounds.jsonl"
-
-@dataclass
-class CritiqueConfig:
-    """SL-CAI critique -> revision settings (Hydra group ``critique``)."""
-
-    # critique -> revision rounds per prompt (the paper goes up to 4)
-    rounds: int = 2
-    # ablation: ask for the revision without a critique first
-    direct_revision: bool = False
-    # few-shot examples (from the constitution's few_shot.critique_revision) shown per prompt
-    few_shot: int = 2
-    # policy: the policy model through the sampling engine | judge: the configured judge backend
-    generator: str = "policy"
-    max_new_tokens: int = 128
-    temperature: float = 0.7
-    top_p: float = 1.0
-    # policy generator only (API judges have no top-k)
-    top_k: int = 0
-    # strings that end a critique or revision (a new human turn in the HH format)
-    stop: List[str] = field(default_factory=lambda: ["\n\nHuman:"])
-    # prompts per batched call and per journaled block; with an API judge the block's requests
-    # run concurrently (up to judge.max_concurrency), so raise it (e.g. 64) to keep them busy
-    batch_size: int = 16
-    # revise only the first N responses; None: all
-    max_prompts: Optional[int] = None
-    # None: the responses stage's output. Else a JSONL file of {"messages": [...], "response": "..."}
-    initial_responses: Optional[str] = None
-
-
-def critique_config(raw: Mapping[str, Any] | CritiqueConfig) -> CritiqueConfig:
-    """A validated :class:`CritiqueConfig`; a bad value raises ConfigError naming the field."""
-    d = asdict(raw) if isinstance(raw, CritiqueConfig) else dict(raw)
-    known = {f.name for f in fields(CritiqueConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ConfigError(f"critique: unknown field(s) {unknown}; expected some of {sorted(known)}")
-    c = CritiqueConfig(**d)
-    c.stop = list(c.stop or [])
-
-    def need(ok: bool, name: str, expected: str) -> None:
-        if not ok:
-            raise ConfigError(f"critique.{name}: expected {expected}, got {getattr(c, name)!r}")
-
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    need(is_int(c.rounds) and c.rounds >= 1, "rounds", "an integer >= 1")
-    need(is_int(c.few_shot) and c.few_shot >= 0, "few_shot", "an integer >= 0")
-    need(c.generator in GENERATORS, "generator", f"one of {', '.join(GENERATORS)}")
-    need(is_int(c.max_new_tokens) and c.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1")
-    need(isinstance(c.temperature, (int, float)) and c.temperature >= 0, "temperature", "a number >= 0")
-    need(isinstance(c.top_p, (int, float)) and 0 < c.top_p <= 1, "top_p", "a number in (0, 1]")
-    need(is_int(c.top_k) and c.top_k >= 0, "top_k", "an integer >= 0 (0 = off)")
-    need(all(isinstance(s, str) and s for s in c.stop), "stop", "a list of non-empty strings")
-    need(is_int(c.batch_size) and c.batch_size >= 1, "batch_size", "an integer >= 1")
-    need(c.max_prompts is None or (is_int(c.max_prompts) and c.max_prompts >= 1), "max_prompts",
-         "null or an integer >= 1")
-    return c
-
 
 # ----------------------------------------------------------------------------- seeds
 def round_principles(constitution: Constitution, seed: int, prompt_id: str, round: int) -> list[CritiquePrinciple]:
@@ -217,7 +160,11 @@ def load_items(c: CritiqueConfig, inputs: Mapping[str, Path]) -> tuple[list[Item
     """The (prompt, initial response) items to revise, and counts of what was left out."""
     unknown = 0
     if c.initial_responses:
-        items, dupes = _items_from_dataset(Path(c.initial_responses).expanduser())
+        path = Path(c.initial_responses).expanduser()
+        if not path.is_file():
+            raise DataError(f"critique.initial_responses: {c.initial_responses!r} is not a file; expected a JSONL "
+                            'file of {"messages": [...], "response": "..."} rows')
+        items, dupes = _items_from_dataset(path)
     else:
         items, dupes, unknown = _items_from_artifacts(inputs)
     beyond = max(0, len(items) - c.max_prompts) if c.max_prompts else 0
@@ -314,27 +261,28 @@ def _metrics(traces: list[dict[str, Any]], c: CritiqueConfig) -> dict[str, Any]:
     return m
 
 
-def run_revisions(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any, *,
-                  constitution_path: str, runtime: Mapping[str, Any] | None = None) -> None:
+def run_revisions(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
     """The ``revisions`` stage function (see the module docstring).
 
-    ``cfg``: ``{"critique": CritiqueConfig fields, "seed", "policy" | "judge", ...}`` (the hashed
-    slice); ``runtime``: settings kept out of the key (policy ``device``, judge transport fields).
+    Reads ``cfg.seed``, ``cfg.critique`` and the feedback model: ``cfg.policy`` (``generator:
+    policy``; it runs on ``policy.device``) or ``cfg.judge`` (``generator: judge``); the
+    constitution is ``cfg.constitution_file``. ``critique.initial_responses``, when set, is read
+    here (the pipeline hashes its contents into the key).
     """
-    c = critique_config(cfg["critique"])
-    seed = int(cfg["seed"])
-    constitution = load_constitution(constitution_path)
+    c = cfg.critique
+    seed = cfg.seed
+    constitution = load_constitution(cfg.constitution_file)
     with ctx.phase("load"):
         items, counts = load_items(c, inputs)
     journal = ctx.journal(JOURNAL)
     starts = range(0, len(items), c.batch_size)
     todo = [(rnd, s) for rnd in range(1, c.rounds + 1) for s in starts
             if not all(round_id(it.prompt_id, rnd) in journal for it in items[s : s + c.batch_size])]
-    model = (cfg.get("policy") or {}).get("name_or_path") or (cfg.get("judge") or {}).get("model", "")
+    model = cfg.policy.name_or_path if c.generator == "policy" else cfg.judge.model
     timing: dict[str, Any] = {}
     if todo:
         with ctx.phase("load_model"):
-            gen = make_generator(cfg, inputs, c, dict(runtime or {}))
+            gen = make_generator(cfg, inputs, c)
         try:
             with ctx.phase("generate"):
                 t0 = time.perf_counter()
@@ -358,49 +306,3 @@ def run_revisions(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any, *,
     log.info("revisions: %d prompts x %d rounds, %d unusable revisions, %d unusable critiques",
              len(traces), c.rounds, metrics["critique/unusable_revisions"],
              metrics["critique/unusable_critiques"])
-
-
-# ----------------------------------------------------------------------------- pipeline
-def _file_sha256(path: str) -> str:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise DataError(f"critique.initial_responses: {path!r} is not a file; expected a JSONL file of "
-                        '{"messages": [...], "response": "..."} rows')
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(functools.partial(f.read, 1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def revisions_stage(cfg: Any) -> Any:
-    """The pipeline's ``revisions`` stage from the composed config (registered in STAGES)."""
-    from omegaconf import OmegaConf
-
-    from cai.pipeline import Stage
-
-    crit = OmegaConf.to_container(cfg.critique, resolve=True)
-    c = critique_config(crit)  # fail at plan time, not after the upstream stages ran
-    stage_cfg: dict[str, Any] = {"critique": crit, "seed": int(cfg.seed), "prompt_version": PROMPT_VERSION}
-    inputs: dict[str, str] = {}
-    if c.initial_responses:
-        stage_cfg["initial_responses_sha256"] = _file_sha256(c.initial_responses)
-    else:
-        inputs = {"prompts": "prompts", "responses": "responses"}
-    runtime: dict[str, Any] = {}
-    if c.generator == "policy":
-        policy = OmegaConf.to_container(cfg.policy, resolve=True)
-        runtime["device"] = policy.pop("device", "auto")  # where it runs, not what it computes
-        stage_cfg["policy"] = policy
-        tiny = policy["name_or_path"] == "tiny"
-    else:
-        judge = OmegaConf.to_container(cfg.judge, resolve=True)
-        coerce_config(judge, "judge")  # a bad judge setting fails at planning, before any stage is built
-        runtime["judge"] = judge_runtime(judge)
-        stage_cfg["judge"] = judge_key(judge)
-        tiny = judge.get("backend") == "hf" and judge.get("model") == "tiny"
-    if tiny:
-        inputs["policy_model"] = "policy_model"
-    path = str(resolve_constitution(cfg.constitution.path))
-    fn = functools.partial(run_revisions, constitution_path=path, runtime=runtime)
-    return Stage("revisions", fn, stage_cfg, inputs, uses_constitution=True, version="1")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from cai.config import CritiqueConfig, JudgeConfig, StageConfig
 from cai.constitution import CritiqueExample, CritiquePrinciple
 from cai.feedback.critique_text import (
     Cleaned,
@@ -32,6 +33,7 @@ from cai.feedback.critique_text import (
     join_requests,
     revision_messages,
 )
+from cai.judges.config import stage_judge
 
 Messages = list[dict[str, str]]
 
@@ -104,14 +106,14 @@ class PolicyGenerator:
 
 
 class JudgeGenerator:
-    """Any judge backend's ``generate_many`` (openai, anthropic, hf, with fallback)."""
+    """Any judge backend's ``generate_many`` (openai, anthropic, hf)."""
 
-    def __init__(self, judge_cfg: Mapping[str, Any], c: Any) -> None:
+    def __init__(self, judge_cfg: JudgeConfig, c: Any, cache_path: Path | None = None) -> None:
         from cai.judges import make_judge
 
-        self.judge = make_judge(dict(judge_cfg), where="judge")
+        self.judge = make_judge(judge_cfg, cache_path=cache_path, where="judge")
         self.c = c
-        self.model = str(judge_cfg.get("model", ""))
+        self.model = judge_cfg.model
         self.truncated = 0
 
     def generate(self, contexts: list[Messages], seeds: list[int], batch_seed: int,
@@ -133,20 +135,17 @@ class JudgeGenerator:
             close()
 
 
-def make_generator(cfg: Mapping[str, Any], inputs: Mapping[str, Path], c: Any,
-                   runtime: Mapping[str, Any]) -> Generator:
-    """The feedback model ``cfg`` names (``generator: policy`` or ``judge``)."""
+def make_generator(cfg: StageConfig, inputs: Mapping[str, Path], c: CritiqueConfig) -> Generator:
+    """The feedback model of the ``revisions`` stage: ``cfg.policy`` (``generator: policy``, on
+    ``policy.device``) or ``cfg.judge`` (``generator: judge``; ``model: tiny`` is the tiny policy
+    artifact), asked through the store's judge cache unless ``judge.cache_path`` is set."""
     if c.generator == "policy":
         from cai.generation.stages import model_spec, policy_location
 
-        policy = {**cfg["policy"], "device": runtime.get("device", "auto")}
-        spec = model_spec(policy, policy_location(cfg, inputs))
-        return PolicyGenerator(spec, c, str(cfg["policy"]["name_or_path"]))
-    judge = {**cfg["judge"], **dict(runtime.get("judge") or {})}
-    if judge.get("backend") == "hf" and judge.get("model") == "tiny":
-        judge["model"] = str(Path(inputs["policy_model"]) / "model")  # the tiny model built upstream
-    gen = JudgeGenerator(judge, c)
-    gen.model = str(cfg["judge"].get("model", ""))
+        spec = model_spec(cfg.policy, policy_location(cfg.policy, inputs))
+        return PolicyGenerator(spec, c, cfg.policy.name_or_path)
+    gen = JudgeGenerator(stage_judge(cfg.judge, inputs, "judge"), c, cache_path=cfg.judge_cache)
+    gen.model = cfg.judge.model  # the configured name ("tiny"), not the artifact path it stands for
     return gen
 
 

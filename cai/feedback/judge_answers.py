@@ -10,7 +10,7 @@ Two routes, same output:
 
 - API judges (``openai`` / ``anthropic``, or any OpenAI-compatible server) through
   :func:`cai.judges.make_judge` and ``GenerateRequest``: concurrent, rate-limited,
-  cached in the stage's state directory, cost recorded. A request that fails (refusal, HTTP
+  cached in the store's judge cache (``judge.cache_path`` when set), cost recorded. A request that fails (refusal, HTTP
   error after retries) is a row with ``status: failed`` and its reason, counted in the metrics.
   Reaching the dollar cap stops the stage; the answers so far are journaled and cached.
 - A local model (``backend: hf``; ``model: tiny`` is the tiny policy artifact) through
@@ -23,35 +23,18 @@ writes the same file as an uninterrupted one.
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
+from cai.config import JudgeAnswersConfig, JudgeConfig, StageConfig
 from cai.data import Prompt, read_jsonl, write_jsonl
-from cai.errors import ConfigError
-from cai.judges.config import coerce_config, judge_key, judge_runtime
+from cai.judges.config import stage_judge
+from cai.judges.types import failure_kind
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class JudgeAnswersConfig:
-    """How the judge is asked for direct answers (stage ``judge_answers``)."""
-
-    max_new_tokens: int = 256
-    # 0: the judge's single best (greedy) answer
-    temperature: float = 0.0
-    top_p: float = 1.0
-    # prepended as a system message; None: the prompt's conversation as is
-    system_prompt: Optional[str] = None
-    # prompts per chunk (one journal entry, one batched local generation)
-    batch_size: int = 16
-    # answer at most this many train prompts; None: all
-    max_prompts: Optional[int] = None
 
 
 def _chunk_seed(seed: int, start: int) -> int:
@@ -99,10 +82,10 @@ class _LocalAnswerer:
 class _ApiAnswerer:
     """Direct answers from a judge backend (``make_judge``); failures become failed rows."""
 
-    def __init__(self, judge_cfg: dict[str, Any], acfg: JudgeAnswersConfig, cache_path: Path, ctx: Any) -> None:
+    def __init__(self, judge_cfg: JudgeConfig, acfg: JudgeAnswersConfig, cache_path: Path, ctx: Any) -> None:
         from cai.judges import make_judge
 
-        self.judge = make_judge(judge_cfg, cache_path=cache_path)
+        self.judge = make_judge(judge_cfg, cache_path=cache_path, where="judge")
         self.acfg, self.ctx = acfg, ctx
 
     def answer(self, prompts: list[Prompt], seed: int) -> list[dict[str, Any]]:
@@ -135,16 +118,14 @@ class _ApiAnswerer:
                           sum(r.cost_usd for r in results))
 
 
-def judge_answers(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any,
-                  runtime: dict[str, Any] | None = None) -> None:
+def judge_answers(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
     """Stage function: ask the judge for a direct answer to every train prompt.
 
-    ``cfg["judge"]`` holds the fields that change answers (the key); ``runtime["judge"]`` the
-    rest (concurrency, budget, prices, ...), which never changes the artifact's key."""
-    acfg = JudgeAnswersConfig(**cfg["answers"])
-    if acfg.batch_size < 1 or acfg.max_new_tokens < 1:
-        raise ConfigError(f"sft.answers.batch_size and max_new_tokens must be >= 1, got {acfg}")
-    judge_cfg = {**dict(cfg["judge"]), **dict((runtime or {}).get("judge") or {})}
+    Reads ``cfg.seed``, ``cfg.judge`` (its run-time fields -- concurrency, budget, prices -- never
+    enter the key; ``model: tiny`` is the tiny policy, ``inputs["policy_model"]``) and
+    ``cfg.sft.answers`` (how the judge is asked)."""
+    acfg = cfg.sft.answers
+    judge_cfg = stage_judge(cfg.judge, inputs, "judge")
     prompts = [Prompt.from_dict(d) for d in read_jsonl(inputs["prompts"] / "train.jsonl")]
     if acfg.max_prompts is not None:
         prompts = prompts[:acfg.max_prompts]
@@ -154,15 +135,14 @@ def judge_answers(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any,
     todo = [i for i in range(0, len(prompts), bs) if any(p.id not in done for p in prompts[i:i + bs])]
     if todo:
         with ctx.phase("load_judge"):
-            if judge_cfg.get("backend") == "hf":
-                location = str(inputs["policy_model"] / "model") if judge_cfg["model"] == "tiny" else judge_cfg["model"]
-                answerer: Any = _LocalAnswerer(location, acfg, judge_cfg["model"])
+            if judge_cfg.backend == "hf":  # named by its configured model ("tiny"), not the path it stands for
+                answerer: Any = _LocalAnswerer(judge_cfg.model, acfg, cfg.judge.model)
             else:
-                answerer = _ApiAnswerer(judge_cfg, acfg, ctx.state_dir / "judge_cache.sqlite", ctx)
+                answerer = _ApiAnswerer(judge_cfg, acfg, cfg.judge_cache, ctx)
         with ctx.phase("answer"):
             for start in todo:
                 chunk = prompts[start:start + bs]
-                rows = answerer.answer(chunk, _chunk_seed(int(cfg["seed"]), start))
+                rows = answerer.answer(chunk, _chunk_seed(cfg.seed, start))
                 journal.append_many([(r["prompt_id"], r) for r in rows])
     done = journal.done()
     rows = [done[p.id] for p in prompts]
@@ -173,8 +153,7 @@ def judge_answers(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any,
 
 def _metrics(rows: list[dict[str, Any]], resumed: int) -> dict[str, Any]:
     ok = [r for r in rows if r["status"] == "ok"]
-    reasons = Counter((r.get("failure_reason") or "unknown").split(":")[0].split(" ")[0]
-                      for r in rows if r["status"] != "ok")
+    reasons = Counter(failure_kind(r.get("failure_reason")) for r in rows if r["status"] != "ok")
     metrics: dict[str, Any] = {
         "answers/prompts": len(rows),
         "answers/ok": len(ok),
@@ -186,22 +165,3 @@ def _metrics(rows: list[dict[str, Any]], resumed: int) -> dict[str, Any]:
     }
     metrics.update({f"answers/failed_{k}": v for k, v in reasons.items()})
     return metrics
-
-
-def _judge_answers(cfg) -> Any:
-    """Pipeline builder: the ``judge_answers`` stage (its settings live in ``sft.answers``)."""
-    from omegaconf import OmegaConf
-
-    from cai.pipeline import Stage
-
-    judge = OmegaConf.to_container(cfg.judge, resolve=True)
-    coerce_config(judge, "judge")  # a bad judge setting fails at planning, before any stage is built
-    inputs = {"prompts": "prompts"}
-    if judge.get("backend") == "hf" and judge.get("model") == "tiny":
-        if cfg.policy.name_or_path != "tiny":
-            raise ConfigError("judge.model=tiny means the tiny policy model, but policy.name_or_path is "
-                              f"{cfg.policy.name_or_path!r}; give the judge a hub name or local path")
-        inputs["policy_model"] = "policy_model"
-    answers = OmegaConf.to_container(cfg.sft.answers, resolve=True)
-    fn = functools.partial(judge_answers, runtime={"judge": judge_runtime(judge)})
-    return Stage("judge_answers", fn, {"judge": judge_key(judge), "answers": answers, "seed": cfg.seed}, inputs)

@@ -3,7 +3,7 @@
 For every input pair (``pairs.jsonl`` of the upstream artifact, records of :class:`cai.data.Pair`)
 the stage draws the principles to ask (``labels.principles``: one weighted draw per pair,
 seeded by ``seed`` and the pair id; an ensemble of ``k_principles``; or all of them), renders the
-prompts (:mod:`cai.feedback.templates`) the labelling method asks for -- pairwise in one or both
+prompts (:mod:`cai.judges.templates`) the labelling method asks for -- pairwise in one or both
 orders, chain of thought, or direct scores (:mod:`cai.feedback.label_methods`, one class each) --
 sends them through the judge from :func:`~cai.judges.make_judge` and lets the method combine the
 answers. It writes ``labels.jsonl``: one :class:`cai.data.Label` per
@@ -22,22 +22,21 @@ sent twice. A failed judgement (refusal, unparseable answer, HTTP error after re
 judge's dollar cap is reached, the finished pairs are journaled and the stage stops with
 "stopped at budget: N of M pairs labelled; rerun to resume" (nothing is published).
 
-Only what changes the labels is part of the artifact key (:func:`~cai.judges.config.judge_key`):
-run-time settings of the judge (concurrency, rate limits, retries, timeouts, cache, prices,
-``max_dollars``, a local judge's device and batch size) and of the stage
-(``batch_pairs``, ``hf_batch_size``) reach it through ``runtime``, so raising a budget resumes the
-same artifact instead of starting another.
+Only what changes the labels is part of the artifact key (the stage's row in
+:data:`cai.pipeline.STAGES` reads ``seed``, ``judge`` and ``labels``; the schemas' run-time fields
+stay out of it): run-time settings of the judge (concurrency, rate limits, retries, timeouts,
+cache, prices, ``max_dollars``, a local judge's device and batch size) and of the stage
+(``batch_pairs``, ``hf_batch_size``) are read from the same ``cfg`` but never keyed, so raising a
+budget resumes the same artifact instead of starting another.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,32 +44,28 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from cai.artifacts import scrub_secrets
-from cai.constitution import Constitution, PreferencePrinciple, load_constitution, resolve_constitution
+from cai.config import LabelConfig, StageConfig
+from cai.constitution import Constitution, PreferencePrinciple, load_constitution
 from cai.data import Label, Pair, read_jsonl, write_jsonl
 from cai.errors import CaiError, ConfigError
 from cai.feedback import label_methods as lm
-from cai.feedback import templates as tpl
 from cai.judges import (
     BudgetExhausted,
     ChoiceRequest,
     ChoiceResult,
     CostLedger,
     GenerateRequest,
-    coerce_config,
     make_judge,
+    ready_judge,
     run_sync,
 )
-from cai.judges.config import SEMANTIC_FIELDS, judge_key, judge_runtime
+from cai.judges import templates as tpl
+from cai.judges.config import stage_judge
 from cai.judges.types import BUDGET, failure_kind
-from cai.feedback.label_methods import LabelConfig, coerce_labels
 
 log = logging.getLogger(__name__)
 
 STAGE = lm.STAGE
-# judge fields that change the answers (the rest is how fast / how much / where cached); the
-# key of a judge is judge_key(...), which adds a non-default dtype of a local judge
-SEMANTIC_JUDGE_FIELDS = SEMANTIC_FIELDS
-RUNTIME_LABEL_FIELDS = ("batch_pairs", "hf_batch_size")
 
 
 # ----------------------------------------------------------------------------- the labeller
@@ -183,15 +178,6 @@ async def _send(fn: Any, reqs: list) -> tuple[list, BudgetExhausted | None]:
 
 
 # ----------------------------------------------------------------------------- the stage
-def _judge_config(cfg: Mapping[str, Any], inputs: Mapping[str, Path], runtime: Mapping[str, Any]) -> dict:
-    judge = {**dict(cfg["judge"]), **dict(runtime.get("judge") or {})}
-    if judge.get("model") == "tiny":
-        if "policy_model" not in inputs:
-            raise ConfigError("judge.model 'tiny' needs the policy_model artifact as input (the pipeline adds it)")
-        judge["model"] = str(Path(inputs["policy_model"]) / "model")
-    return judge
-
-
 def _metrics(labels: list[Label], unique: list[Label], run: dict[str, Any]) -> dict[str, Any]:
     ok = [lab for lab in labels if lab.status == "ok"]
     kinds = Counter(str(lab.meta.get("failure_kind", "unknown")) for lab in labels if lab.status != "ok")
@@ -228,33 +214,31 @@ def _judge_all(labeller: Labeller, todo: list[Pair], journal: Any, batch_pairs: 
                 )
 
 
-def label_pairs(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any, runtime: Mapping[str, Any] | None = None) -> None:
+def label_pairs(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
     """The ``ai_labels`` stage (see the module docstring).
 
-    ``cfg``: ``{"judge": {...}, "labels": {...}, "seed": int}`` (the artifact key);
-    ``runtime``: ``{"judge": {...run-time judge fields}, "labels": {batch_pairs, hf_batch_size},
-    "constitution": name or path, "cache_path": judge cache file}``.
+    Reads ``cfg.seed``, ``cfg.judge`` (``model: tiny``: the tiny policy, ``inputs["policy_model"]``),
+    ``cfg.labels`` and the constitution ``cfg.constitution_file``; labels ``inputs["pairs"]``.
     """
-    runtime = dict(runtime or {})
-    lc = coerce_labels({**dict(cfg["labels"]), **dict(runtime.get("labels") or {})})
-    judge_cfg = coerce_config(_judge_config(cfg, inputs, runtime), "judge")
-    if not runtime.get("constitution"):
-        raise ConfigError("ai_labels: no constitution given (runtime['constitution']: a name or a path)")
-    constitution = load_constitution(resolve_constitution(runtime["constitution"]))
+    lc: LabelConfig = cfg.labels
+    judge_cfg = ready_judge(stage_judge(cfg.judge, inputs, "judge"), "judge")
+    if cfg.constitution_file is None:
+        raise ConfigError("ai_labels: no constitution file (its row in cai.pipeline.STAGES uses the constitution)")
+    constitution = load_constitution(cfg.constitution_file)
     with ctx.phase("read"):
         all_pairs = read_jsonl(Path(inputs["pairs"]) / "pairs.jsonl", cls=Pair)
     pairs = all_pairs[: lc.max_pairs] if lc.max_pairs is not None else all_pairs
     unique = list({p.id: p for p in pairs}.values())
     journal = ctx.journal("labels_journal.jsonl")
     todo = [p for p in unique if p.id not in journal]
-    model_name = str(dict(cfg["judge"]).get("model"))
+    model_name = cfg.judge.model  # the configured name ("tiny"), not the artifact path it stands for
     source = f"ai:{judge_cfg.backend}:{model_name}"
     info = {"backend": judge_cfg.backend, "model": model_name, "template_version": tpl.TEMPLATE_VERSION}
     ledger = CostLedger(judge_cfg.prices, judge_cfg.max_dollars)
-    judge = make_judge(judge_cfg, ledger=ledger, cache_path=runtime.get("cache_path"))
+    judge = make_judge(judge_cfg, ledger=ledger, cache_path=cfg.judge_cache)
     if hasattr(judge, "batch_size") and judge_cfg.batch_size is None:  # judge.batch_size, when set, wins
         judge.batch_size = lc.hf_batch_size
-    labeller = Labeller(lc, constitution, judge, source, int(cfg.get("seed", 0)), info)
+    labeller = Labeller(lc, constitution, judge, source, cfg.seed, info)
     t0 = time.perf_counter()
     try:
         with ctx.phase("judge"):
@@ -284,33 +268,3 @@ def label_pairs(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any, runtime:
     log.info("ai_labels: %d pairs, %d ok, %d failed (%d resumed, %d answers from the judge, %d from the cache)",
              metrics["label/pairs"], metrics["label/ok"], metrics["label/failed"], run["label/resumed"],
              run["label/api_calls"], metrics["label/cache_hits"])
-
-
-# ----------------------------------------------------------------------------- pipeline hook
-def ai_labels_stage(cfg: Any) -> Any:
-    """The ``ai_labels`` :class:`~cai.pipeline.Stage` of a composed config."""
-    from omegaconf import OmegaConf
-
-    from cai.artifacts import ArtifactStore
-    from cai.config import CONSTITUTIONS_DIR
-    from cai.pipeline import Stage
-
-    labels = asdict(coerce_labels(cfg.labels))
-    judge = OmegaConf.to_container(cfg.judge, resolve=True)
-    coerce_config(judge, "judge")  # a bad judge setting fails at planning, before any stage runs
-    inputs = {"pairs": labels["source"]}
-    if judge.get("model") == "tiny":
-        inputs["policy_model"] = "policy_model"
-    root = cfg.store.root or ArtifactStore.default_root()
-    runtime = {
-        "judge": judge_runtime(judge),
-        "labels": {k: labels[k] for k in RUNTIME_LABEL_FIELDS},
-        "constitution": str(resolve_constitution(cfg.constitution.path, [CONSTITUTIONS_DIR])),
-        "cache_path": str(Path(root).expanduser() / "judge_cache.sqlite"),
-    }
-    config = {
-        "judge": judge_key(judge),
-        "labels": {k: v for k, v in labels.items() if k not in RUNTIME_LABEL_FIELDS},
-        "seed": int(cfg.seed),
-    }
-    return Stage(STAGE, functools.partial(label_pairs, runtime=runtime), config, inputs, uses_constitution=True)

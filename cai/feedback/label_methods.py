@@ -1,8 +1,8 @@
 """The labelling methods: their settings, the arithmetic from a judge's answers to ``p_a``, and
 one small class per method.
 
-:class:`LabelConfig` (Hydra group ``labels``) says how pairs are labelled and
-:func:`coerce_labels` validates it. The arithmetic below is pure functions -- no model, no I/O --
+:class:`cai.config.LabelConfig` (Hydra group ``labels``) says how pairs are labelled. The arithmetic
+below is pure functions -- no model, no I/O --
 so every rule is testable with hand-made probabilities.
 
 Methods. A labelling method is a :class:`LabelMethod`: the judge requests it asks for one pair
@@ -46,13 +46,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
+from cai.config import LabelConfig
 from cai.constitution import Constitution, PreferenceExample, PreferencePrinciple
 from cai.data import Label, Pair
 from cai.errors import ConfigError, DataError
-from cai.feedback import templates as tpl
+from cai.judges import templates as tpl
 from cai.judges.types import (
     BUDGET,
     ChoiceRequest,
@@ -64,100 +65,6 @@ from cai.judges.types import (
 ORDERS = ("ab", "ba")
 PRINCIPLE_MODES = ("sample", "ensemble", "all")
 METHODS = ("pairwise", "direct_score")
-
-
-@dataclass
-class LabelConfig:
-    """How pairs are labelled (Hydra group ``labels``)."""
-
-    # judge each pair in both orders (a then b, b then a) and average: cancels slot bias
-    both_orders: bool = True
-    # chain of thought: a reasoning request, then the letter scored with the reasoning quoted
-    cot: bool = False
-    # show the constitution's few_shot.preference examples as prior turns
-    few_shot: bool = False
-    # False: hard labels (p_a rounded to 0/1 after clamping; exact ties stay 0.5)
-    soft: bool = True
-    # [lo, hi]: clamp p_a into it (the CAI paper uses [0.4, 0.6] with chain of thought)
-    clamp: Optional[List[float]] = None
-    # sample: one principle per pair (weighted, seeded) | ensemble: average k_principles | all
-    principles: str = "sample"
-    k_principles: int = 1
-    # chain-of-thought samples per judgement, averaged (needs cot: true)
-    self_consistency: int = 1
-    # pairwise | direct_score (each reply rated 1-10 alone; p_a = P(score_a > score_b) + ties/2)
-    method: str = "pairwise"
-    # label only the first N pairs (None: all)
-    max_pairs: Optional[int] = None
-    # the stage whose pairs.jsonl is labelled
-    source: str = "human_pairs"
-    # when one order failed and the other did not: label from the one order (else: failed)
-    allow_single_order: bool = False
-    # reasoning length, and its temperature (None: 0 for one sample, 1.0 for self-consistency)
-    cot_max_tokens: int = 256
-    cot_temperature: Optional[float] = None
-    # run-time only (not in the artifact key): pairs per judge call / journal flush, and the
-    # rows per forward pass of a local hf judge
-    batch_pairs: int = 64
-    hf_batch_size: int = 16
-
-
-def _int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"labels.{name}: expected an integer >= {minimum}, got {value!r}")
-
-
-def coerce_labels(obj: Any) -> LabelConfig:
-    """A validated :class:`LabelConfig` from the dataclass, a ``DictConfig`` or a mapping."""
-    if isinstance(obj, LabelConfig):
-        obj = asdict(obj)
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(obj, DictConfig):
-            obj = OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    if not isinstance(obj, Mapping):
-        raise ConfigError(f"labels: expected a mapping of label settings, got {type(obj).__name__}")
-    known = {f.name for f in fields(LabelConfig)}
-    unknown = sorted(set(obj) - known)
-    if unknown:
-        raise ConfigError(f"labels: unknown field(s) {unknown}; expected some of {sorted(known)}")
-    c = LabelConfig(**obj)
-    for name in ("both_orders", "cot", "few_shot", "soft", "allow_single_order"):
-        if not isinstance(getattr(c, name), bool):
-            raise ConfigError(f"labels.{name}: expected true or false, got {getattr(c, name)!r}")
-    if c.principles not in PRINCIPLE_MODES:
-        raise ConfigError(f"labels.principles: expected one of {PRINCIPLE_MODES}, got {c.principles!r}")
-    if c.method not in METHODS:
-        raise ConfigError(f"labels.method: expected one of {METHODS}, got {c.method!r}")
-    for name, minimum in (("k_principles", 1), ("self_consistency", 1), ("cot_max_tokens", 1),
-                          ("batch_pairs", 1), ("hf_batch_size", 1)):
-        _int(name, getattr(c, name), minimum)
-    if c.max_pairs is not None:
-        _int("max_pairs", c.max_pairs, 1)
-    if c.principles == "sample" and c.k_principles != 1:
-        raise ConfigError("labels.k_principles: 'sample' asks one principle per pair; use principles: ensemble "
-                          f"to average {c.k_principles}")
-    if c.self_consistency > 1 and not c.cot:
-        raise ConfigError("labels.self_consistency > 1 averages chain-of-thought samples and needs cot: true "
-                          "(for sampled direct answers set judge.n_samples)")
-    if c.clamp is not None:
-        clamp = list(c.clamp)
-        if len(clamp) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in clamp) \
-                or not 0.0 <= clamp[0] <= 0.5 <= clamp[1] <= 1.0:
-            raise ConfigError(f"labels.clamp: expected [lo, hi] with 0 <= lo <= 0.5 <= hi <= 1, got {c.clamp!r}")
-        c.clamp = [float(v) for v in clamp]
-    if c.cot_temperature is not None and (not isinstance(c.cot_temperature, (int, float)) or c.cot_temperature < 0):
-        raise ConfigError(f"labels.cot_temperature: expected a number >= 0 or null, got {c.cot_temperature!r}")
-    if c.method == "direct_score" and (c.cot or c.few_shot):
-        raise ConfigError("labels.method 'direct_score' rates one reply at a time: it takes neither cot nor few_shot "
-                          "(the constitution's examples are pairwise)")
-    if not isinstance(c.source, str) or not c.source:
-        raise ConfigError(f"labels.source: expected the name of the stage whose pairs to label, got {c.source!r}")
-    return c
-
 
 
 @dataclass
@@ -228,7 +135,8 @@ def combine_pairwise(judgements: Sequence[Judgement], orders: Sequence[str], all
         parts = []
         for o in bad:
             j = failed[o]
-            parts.append(f"order {o} failed (principle {j.principle_id}): {j.failure}" if j else f"order {o}: no judgement")
+            parts.append(f"order {o} failed (principle {j.principle_id}): {j.failure}" if j
+                         else f"order {o}: no judgement")
         if usable:
             parts.append(f"order {usable[0]} succeeded but labels.allow_single_order is false")
         return Combined(None, "both" if len(orders) > 1 else orders[0], p_first, p_a_by_order, per_principle,

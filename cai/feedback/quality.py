@@ -51,25 +51,14 @@ from typing import Any
 
 import numpy as np
 
+from cai.config import QualityConfig, StageConfig
 from cai.data import Label, read_jsonl
-from cai.errors import ConfigError, DataError
+from cai.errors import DataError
 from cai.feedback.label_methods import meta_probability, position_metrics
 from cai.judges.types import failure_kind
 from cai.stats import bootstrap_ci
 
 P = "quality/"
-
-
-@dataclass
-class QualityConfig:
-    """Settings of the ``label_quality`` stage (``conf/quality/``)."""
-
-    # equal-width bins of the reliability table / ECE
-    n_bins: int = 10
-    # bootstrap resamples behind the confidence intervals
-    bootstrap: int = 2000
-    # 1 - confidence level of the intervals
-    alpha: float = 0.05
 
 
 @dataclass
@@ -123,8 +112,8 @@ def principle_probs(label: Label) -> dict[str, float]:
     if isinstance(per, Mapping) and per:
         for pid, orders in per.items():
             where = f"per_principle.{pid}"
-            ps = ([meta_probability(orders.get(o), label, f"{where}.{o}") for o in ("ab", "ba")] if isinstance(orders, Mapping)
-                  else [meta_probability(orders, label, where)])
+            ps = ([meta_probability(orders.get(o), label, f"{where}.{o}") for o in ("ab", "ba")]
+                  if isinstance(orders, Mapping) else [meta_probability(orders, label, where)])
             ps = [p for p in ps if p is not None]
             if ps:
                 out[str(pid)] = sum(ps) / len(ps)
@@ -300,14 +289,17 @@ def _labels_file(artifact: Path, what: str) -> Path:
     raise DataError(f"{what} artifact {artifact} has no labels.jsonl (expected the labels of stage {what})")
 
 
-def build_label_quality(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any) -> None:
-    """Stage ``label_quality``: AI labels vs human labels -> ``quality.json`` and metrics."""
-    qcfg = QualityConfig(**{k: cfg[k] for k in ("n_bins", "bootstrap", "alpha")})
+def build_label_quality(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
+    """Stage ``label_quality``: AI labels vs human labels -> ``quality.json`` and metrics.
+
+    Reads ``cfg.seed`` and ``cfg.quality``; ``inputs["ai_labels"]`` must label the pairs of
+    ``inputs["human_pairs"]`` (``labels.source: human_pairs``, checked when the run is planned).
+    """
     with ctx.phase("read"):
         ai = read_jsonl(_labels_file(inputs["ai_labels"], "ai_labels"), Label)
         human = read_jsonl(_labels_file(inputs["human_pairs"], "human_pairs"), Label)
     with ctx.phase("metrics"):
-        report = quality_report(ai, human, qcfg, seed=int(cfg["seed"]))
+        report = quality_report(ai, human, cfg.quality, seed=cfg.seed)
     if report.metrics[P + "n_matched"] == 0:
         raise DataError(
             f"label_quality: none of the {len(ai)} AI labels has a human label for its pair "
@@ -316,21 +308,3 @@ def build_label_quality(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any) 
     text = json.dumps(report.to_dict(), indent=2, sort_keys=True, allow_nan=False)
     (ctx.dir / "quality.json").write_text(text + "\n", encoding="utf-8")
     ctx.set_metrics(report.metrics)
-
-
-def _label_quality(cfg: Any):
-    """The pipeline's ``label_quality`` stage from the composed config."""
-    from cai.pipeline import Stage
-
-    q = cfg.quality
-    if int(q.n_bins) < 1 or int(q.bootstrap) < 1 or not 0.0 < float(q.alpha) < 1.0:
-        raise ConfigError(
-            f"quality: expected n_bins >= 1, bootstrap >= 1 and 0 < alpha < 1, "
-            f"got n_bins={q.n_bins}, bootstrap={q.bootstrap}, alpha={q.alpha}"
-        )
-    return Stage(
-        "label_quality",
-        build_label_quality,
-        {"n_bins": int(q.n_bins), "bootstrap": int(q.bootstrap), "alpha": float(q.alpha), "seed": int(cfg.seed)},
-        {"ai_labels": "ai_labels", "human_pairs": "human_pairs"},
-    )

@@ -1,7 +1,10 @@
-"""The foundation stages: prompts, the tiny policy, sampled responses, human pairs.
+"""The foundation stages: prompts, the tiny policy, sampled responses, human pairs; and the
+model helpers every stage that loads or samples the policy shares.
 
-Each stage is a plain function ``fn(cfg, inputs, ctx)``: ``cfg`` is the stage's own config
-slice (a plain dict, the thing its artifact key hashes), ``inputs`` maps an input name to the
+Each stage is a plain function ``run(cfg, inputs, ctx)`` (its row in :data:`cai.pipeline.STAGES`
+names it): ``cfg`` is a :class:`cai.config.StageConfig`, the typed config sections the row reads
+(``cfg.policy`` a :class:`~cai.config.ModelConfig`, ``cfg.sampling`` a
+:class:`~cai.config.SamplingConfig`, ``cfg.seed`` an int...), ``inputs`` maps an input name to the
 folder of an upstream artifact, and ``ctx`` is the store's build context (``ctx.dir`` to write
 into, a journal, phase timers, metrics). Stages know nothing of Hydra or of each other.
 """
@@ -11,9 +14,10 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cai.data import (
     Pair,
@@ -26,14 +30,21 @@ from cai.data import (
 )
 from cai.errors import ConfigError
 
+if TYPE_CHECKING:
+    from cai.config import ModelConfig, StageConfig
+    from cai.models import ModelSpec
+
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- prompts
-def build_prompts(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any) -> None:
-    """Load the prompt source, split it by content hash, write train/test JSONL."""
+def build_prompts(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
+    """Load the prompt source (``data.prompts``), drop duplicates, split it by content hash
+    (``data.test_fraction``, ``data.split_salt``), keep at most ``data.max_prompts`` training
+    prompts, write train/test JSONL."""
+    data = cfg.data
     with ctx.phase("load"):
-        prompts = load_prompt_source(cfg["prompts"])
+        prompts = load_prompt_source(data.prompts)
     n_in = len(prompts)
     seen: set[str] = set()
     unique: list[Prompt] = []
@@ -41,11 +52,9 @@ def build_prompts(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any) -> Non
         if p.id not in seen:
             seen.add(p.id)
             unique.append(p)
-    frac = float(cfg["test_fraction"])
-    if not 0.0 <= frac < 1.0:
-        raise ConfigError(f"data.test_fraction must be in [0, 1), got {frac}")
-    splits = split_by_hash(unique, fractions={"train": 1.0 - frac, "test": frac}, salt=cfg["split_salt"])
-    limit = cfg.get("max_prompts")
+    frac = float(data.test_fraction)  # in [0, 1): DataConfig checks it
+    splits = split_by_hash(unique, fractions={"train": 1.0 - frac, "test": frac}, salt=data.split_salt)
+    limit = data.max_prompts
     train = splits["train"][:limit] if limit else splits["train"]
     test = splits["test"]
     with ctx.phase("write"):
@@ -68,53 +77,60 @@ def read_prompts(artifact: Path, split: str) -> list[Prompt]:
 
 
 # ----------------------------------------------------------------------------- tiny policy
-def build_tiny_policy(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any) -> None:
-    """Train a tokenizer on the prompt source and build a seeded GPT-2-shaped model in ctx.dir."""
-    from cai.tiny import TinyModelConfig, build_tiny_causal_lm, default_tiny_corpus
+def build_tiny_policy(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
+    """Train a tokenizer on the prompt source (``data.prompts``) and build a seeded GPT-2-shaped
+    model of shape ``policy.tiny`` in ctx.dir."""
+    from cai.tiny import build_tiny_causal_lm, default_tiny_corpus
 
     corpus = list(default_tiny_corpus())
     with ctx.phase("load"):
-        corpus += [p.hh_text for p in load_prompt_source(cfg["prompts"])]
+        corpus += [p.hh_text for p in load_prompt_source(cfg.data.prompts)]
     with ctx.phase("build"):
-        build_tiny_causal_lm(ctx.dir / "model", corpus, TinyModelConfig(**cfg["tiny"]))
+        build_tiny_causal_lm(ctx.dir / "model", corpus, cfg.policy.tiny)
     ctx.set_metrics({"model/tiny_corpus_docs": len(corpus)})
 
 
-def policy_location(cfg: dict[str, Any], inputs: dict[str, Path]) -> str:
-    """Hub name or local path of the policy: the tiny artifact when ``name_or_path: tiny``."""
-    if cfg["policy"]["name_or_path"] == "tiny":
-        return str(inputs["policy_model"] / "model")
-    return cfg["policy"]["name_or_path"]
+def policy_location(policy: ModelConfig, inputs: Mapping[str, Path]) -> str:
+    """Hub name or local path of the policy ``policy`` (``cfg.policy``): the tiny artifact
+    (``inputs["policy_model"]/model``) when ``name_or_path: tiny``."""
+    if policy.name_or_path == "tiny":
+        return str(Path(inputs["policy_model"]) / "model")
+    return policy.name_or_path
 
 
-def model_spec(policy_cfg: dict[str, Any], location: str):
-    from cai.models import LoraSpec, ModelSpec
+def model_spec(policy: ModelConfig, location: str, **overrides: Any) -> ModelSpec:
+    """The loader's :class:`~cai.models.ModelSpec` of ``policy`` (a :class:`~cai.config.ModelConfig`)
+    loaded from ``location`` (:func:`policy_location`), with its LoRA adapters when
+    ``policy.lora.enabled``; ``overrides`` replace spec fields (``device="cpu"``, ``lora=None``,
+    ``dtype="float32"``)."""
+    from cai.models import ModelSpec, lora_spec
 
-    lora = policy_cfg.get("lora") or {}
-    return ModelSpec(
-        name_or_path=location,
-        revision=policy_cfg.get("revision"),
-        gguf_file=policy_cfg.get("gguf_file"),
-        dtype=policy_cfg.get("dtype", "auto"),
-        device=policy_cfg.get("device", "auto"),
-        trust_remote_code=bool(policy_cfg.get("trust_remote_code", False)),
-        chat_format=policy_cfg.get("chat_format", "auto"),
-        max_length=int(policy_cfg.get("max_length", 512)),
-        lora=LoraSpec(
-            r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
-            target_modules=list(lora.get("target_modules") or []) or None,
-        ) if lora.get("enabled") else None,
-    )
+    fields: dict[str, Any] = {
+        "name_or_path": location,
+        "revision": policy.revision,
+        "gguf_file": policy.gguf_file,
+        "dtype": policy.dtype,
+        "device": policy.device,
+        "trust_remote_code": policy.trust_remote_code,
+        "chat_format": policy.chat_format,
+        "max_length": policy.max_length,
+        "lora": lora_spec(policy.lora),
+    }
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise TypeError(f"model_spec: unknown ModelSpec fields {unknown}")
+    fields.update(overrides)
+    return ModelSpec(**fields)
 
 
-def training_model_spec(policy_cfg: dict[str, Any], location: str, full_finetune: bool, **overrides: Any):
+def training_model_spec(policy: ModelConfig, location: str, full_finetune: bool, **overrides: Any) -> ModelSpec:
     """The spec of a policy a training stage (SFT, DPO, PPO) loads: the policy's own LoRA off (the
     stage applies its own), fp32 weights for full fine-tuning when the dtype is ``auto``
-    (``mixed_precision`` sets the compute dtype); ``overrides`` replace policy fields (``device``)."""
-    policy = {**policy_cfg, "lora": {"enabled": False}, **overrides}
-    if policy.get("dtype", "auto") == "auto" and full_finetune:
-        policy["dtype"] = "float32"
-    return model_spec(policy, location)
+    (``mixed_precision`` sets the compute dtype); ``overrides`` replace spec fields (``device``)."""
+    fields: dict[str, Any] = {"lora": None, **overrides}
+    if fields.get("dtype", policy.dtype) == "auto" and full_finetune:
+        fields["dtype"] = "float32"
+    return model_spec(policy, location, **fields)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -128,23 +144,41 @@ class JournaledSampling:
     generate_s: float  # seconds spent generating now
 
 
-def load_engine(policy_cfg: dict[str, Any], location: str, device: str, batch_size: int) -> tuple[Any, Any]:
-    """``(SamplingEngine, ModelSpec)`` of the policy at ``location`` with ``policy_cfg``'s settings."""
+def load_engine(policy: ModelConfig, location: str, device: str | None, batch_size: int) -> tuple[Any, ModelSpec]:
+    """``(SamplingEngine, ModelSpec)`` of ``policy`` (a :class:`~cai.config.ModelConfig`) loaded from
+    ``location`` on ``device`` (None: ``policy.device``), sampling ``batch_size`` prompts at a time."""
     from cai.models import load_causal_lm
     from cai.sampling import SamplingEngine
 
-    spec = model_spec({**policy_cfg, "device": device}, location)
+    spec = model_spec(policy, location, device=policy.device if device is None else device)
     model, tok = load_causal_lm(spec)
     return SamplingEngine(model, tok, batch_size=batch_size), spec
 
 
+def _top_k(sampling: Any) -> int:
+    """``sampling.top_k``; 0 (off) when the object has none (an :class:`~cai.config.EvalConfig`, or a
+    stage's read-only window on one: :class:`cai.config.Restricted` refuses names its row does not list)."""
+    try:
+        return int(getattr(sampling, "top_k", 0))
+    except ConfigError:
+        if hasattr(getattr(sampling, "_obj", None), "top_k"):
+            raise  # the config has a top_k the stage's row does not read: a wrong row, not "off"
+        return 0
+
+
 def sample_journaled(
-    ctx: Any, journal: Any, jobs: list[tuple[str, Prompt]], *, policy_cfg: dict[str, Any], location: str,
-    device: str, sampling: dict[str, Any], seed_prefix: str, model: str, token_ids: bool = False,
+    ctx: Any, journal: Any, jobs: list[tuple[str, Prompt]], *, policy: ModelConfig, location: str,
+    sampling: Any, seed_prefix: str, model: str, device: str | None = None, token_ids: bool = False,
 ) -> JournaledSampling:
     """Sample one response per job ``(record id, prompt)`` for the batches not yet in ``journal``.
 
-    ``jobs`` is cut into fixed batches of ``sampling["batch_size"]``; the batch starting at job
+    ``policy`` is the :class:`~cai.config.ModelConfig` of the model at ``location``; it runs on
+    ``device`` (None: ``policy.device``). ``sampling`` is a :class:`~cai.config.SamplingConfig` or
+    any object with the attributes ``max_new_tokens``, ``temperature``, ``top_p``, ``stop``,
+    ``batch_size`` and, optionally, ``top_k`` (absent: 0, off) -- e.g. an
+    :class:`~cai.config.EvalConfig` or a stage's window on one (``cfg.eval``).
+
+    ``jobs`` is cut into fixed batches of ``sampling.batch_size``; the batch starting at job
     ``i`` samples with seed ``hash(seed_prefix + str(i))`` and is journaled with one write, so a
     run killed mid-way and resumed writes the same records as one never killed. A record holds
     the formatted prompt, the response, its token count (and ids, with ``token_ids``), the sum
@@ -153,12 +187,12 @@ def sample_journaled(
     from cai.models import format_prompt
     from cai.sampling import SamplingParams
 
-    bs = int(sampling["batch_size"])
+    bs = int(sampling.batch_size)
     todo = [i for i in range(0, len(jobs), bs) if any(rid not in journal for rid, _ in jobs[i : i + bs])]
     if not todo:
         return JournaledSampling(None, [], 0, 0.0)
     with ctx.phase("load_model"):
-        engine, spec = load_engine(policy_cfg, location, device, bs)
+        engine, spec = load_engine(policy, location, device, bs)
     n_tokens = 0
     with ctx.phase("generate"):
         t0 = time.perf_counter()
@@ -166,11 +200,11 @@ def sample_journaled(
             batch = jobs[start : start + bs]
             texts = [format_prompt(engine.tokenizer, p.messages_as_dicts(), spec.chat_format) for _, p in batch]
             params = SamplingParams(
-                max_new_tokens=int(sampling["max_new_tokens"]),
-                temperature=float(sampling["temperature"]),
-                top_p=float(sampling["top_p"]),
-                top_k=int(sampling.get("top_k", 0)),
-                stop=tuple(sampling["stop"]),
+                max_new_tokens=int(sampling.max_new_tokens),
+                temperature=float(sampling.temperature),
+                top_p=float(sampling.top_p),
+                top_k=_top_k(sampling),
+                stop=tuple(sampling.stop),
                 seed=random.Random(f"{seed_prefix}{start}").getrandbits(63),
             )
             outs = engine.generate(texts, params)
@@ -188,21 +222,22 @@ def sample_journaled(
 
 
 def _sample_journaled(
-    cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any, location: str, device: str, n: int, prefix: str
+    cfg: StageConfig, inputs: dict[str, Path], ctx: Any, location: str, n: int, prefix: str
 ) -> list[list[dict[str, Any]]]:
     """``n`` sampled responses per train prompt, journaled per batch; rows in prompt order.
 
+    Reads ``cfg.seed``, ``cfg.policy`` (its ``device``: where it samples) and ``cfg.sampling``.
     The prompt list is repeated ``n`` times (copy ``j`` of every prompt, then the next copy),
     cut into fixed batches, and batch ``i`` samples with seed ``hash(seed, i)``: a run killed
     mid-way and resumed writes the same rows as one never killed (:func:`sample_journaled`).
     """
+    policy, sampling = cfg.policy, cfg.sampling
     prompts = read_prompts(inputs["prompts"], "train")
     jobs = [(f"{p.id}:{j}", p) for j in range(n) for p in prompts]
-    bs = int(cfg["sampling"]["batch_size"])
+    bs = int(sampling.batch_size)
     journal = ctx.journal()
-    run = sample_journaled(ctx, journal, jobs, policy_cfg=cfg["policy"], location=location, device=device,
-                           sampling=cfg["sampling"], seed_prefix=f"{cfg['seed']}:",
-                           model=cfg["policy"]["name_or_path"])
+    run = sample_journaled(ctx, journal, jobs, policy=policy, location=location, device=policy.device,
+                           sampling=sampling, seed_prefix=f"{cfg.seed}:", model=policy.name_or_path)
     if run.sampled:
         ctx.set_metrics({f"{prefix}/tokens_per_s": run.n_tokens / run.generate_s if run.generate_s > 0 else 0.0})
     done = journal.done()
@@ -223,22 +258,30 @@ def _sample_journaled(
     return [rows[j * len(prompts) : (j + 1) * len(prompts)] for j in range(n)]
 
 
-def sample_responses(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any, device: str = "auto") -> None:
-    """One response per train prompt from the initial policy -> ``responses.jsonl``."""
-    (rows,) = _sample_journaled(cfg, inputs, ctx, policy_location(cfg, inputs), device, n=1, prefix="sample")
+def sample_responses(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
+    """One response per train prompt from the initial policy -> ``responses.jsonl``.
+
+    Reads ``seed``, ``policy`` (sampling on ``policy.device``) and ``sampling``."""
+    (rows,) = _sample_journaled(cfg, inputs, ctx, policy_location(cfg.policy, inputs), n=1, prefix="sample")
     with ctx.phase("write"):
         write_jsonl(ctx.dir / "responses.jsonl", rows)
 
 
-def sample_policy_pairs(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any, device: str = "auto") -> None:
-    """On-policy pairs (the CAI recipe): two samples per prompt from the SFT policy.
+def sample_policy_pairs(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
+    """On-policy pairs (the CAI recipe): two samples per prompt from the policy ``labels.pairs_from``
+    names.
 
-    The policy is the ``sft`` artifact when the experiment trains one, else the initial
-    policy. A pair whose two samples are identical carries no preference: it is left out of
-    ``pairs.jsonl`` and counted (``pairs/identical``), and listed in ``identical.jsonl``.
+    ``sft``: the run's SL-CAI policy (``inputs["sft"]``); ``initial``: the initial policy. The
+    policy's settings (``policy``) apply to either, and it samples on ``policy.device``. A pair
+    whose two samples are identical carries no preference: it is left out of ``pairs.jsonl`` and
+    counted (``pairs/identical``), and listed in ``identical.jsonl``.
     """
-    location = str(inputs["sft"] / "model") if "sft" in inputs else policy_location(cfg, inputs)
-    first, second = _sample_journaled(cfg, inputs, ctx, location, device, n=2, prefix="pairs")
+    from_sft = cfg.labels.pairs_from == "sft"
+    if from_sft != ("sft" in inputs):
+        raise ConfigError(f"stage policy_pairs: labels.pairs_from={cfg.labels.pairs_from} but the inputs "
+                          f"{'lack' if from_sft else 'hold'} the sft artifact (cai.pipeline.STAGES wires them)")
+    location = str(inputs["sft"] / "model") if from_sft else policy_location(cfg.policy, inputs)
+    first, second = _sample_journaled(cfg, inputs, ctx, location, n=2, prefix="pairs")
     prompts = {p.id: p for p in read_prompts(inputs["prompts"], "train")}
     pairs, identical = [], []
     for a, b in zip(first, second):
@@ -246,7 +289,7 @@ def sample_policy_pairs(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any, 
             identical.append({"prompt_id": a["prompt_id"], "response": a["response"]})
             continue
         pair = Pair.create(prompts[a["prompt_id"]], a["response"], b["response"], source="policy",
-                           meta={"policy": "sft" if "sft" in inputs else cfg["policy"]["name_or_path"]})
+                           meta={"policy": "sft" if from_sft else cfg.policy.name_or_path})
         pairs.append(pair.to_dict())
     with ctx.phase("write"):
         write_jsonl(ctx.dir / "pairs.jsonl", pairs)
@@ -255,10 +298,12 @@ def sample_policy_pairs(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any, 
 
 
 # ----------------------------------------------------------------------------- human pairs
-def build_human_pairs(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any) -> None:
-    """Parse HH-RLHF into pairs + human labels; every exclusion is counted with its line."""
+def build_human_pairs(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
+    """Parse HH-RLHF (``data.human``: path, split, limit) into pairs + human labels; every
+    exclusion is counted with its line."""
+    human = cfg.data.human
     with ctx.phase("parse"):
-        result = load_hh_rlhf(cfg["path"], split=cfg["split"], limit=cfg.get("limit"))
+        result = load_hh_rlhf(human.path, split=human.split, limit=human.limit)
     pairs, labels = [], []
     for rec in result.records:
         pair, label = rec.to_pair(balance=True)

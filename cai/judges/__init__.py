@@ -2,22 +2,22 @@
 
 Stages use a judge like this::
 
-    judge = make_judge(cfg.judge, judges=cfg.judges, ledger=ledger, cache_path=store / "judge_cache.sqlite")
+    judge = make_judge(cfg.judge, ledger=ledger, cache_path=store / "judge_cache.sqlite")
     results = await judge.choose_many([ChoiceRequest(messages, ("A", "B"), tag={...})])
     # or, from blocking code: judge.choose([...])
 
-Modules: :mod:`.types` (requests, results, the protocol), :mod:`.config` (``JudgeConfig``),
+Modules: :mod:`.types` (requests, results, the protocol), :mod:`.config` (checks, keys, API keys; the schema is
+``cai.config.JudgeConfig``),
 :mod:`.registry` (``make_judge``, ``register_backend``), :mod:`.api_base` (the engine of the API
-backends), :mod:`.openai_judge`, :mod:`.anthropic_judge`, :mod:`.fallback`, and the plumbing:
+backends), :mod:`.openai_judge`, :mod:`.anthropic_judge`, and the plumbing:
 :mod:`.cache`, :mod:`.ratelimit`, :mod:`.retry`, :mod:`.cost`, :mod:`.parsing`.
 """
 
 from __future__ import annotations
 
 from cai.judges.cache import JudgeCache, call_key
-from cai.judges.config import JudgeConfig, PriceConfig, coerce_config, redact, resolve_api_key
+from cai.judges.config import ready_judge, redact, resolve_api_key
 from cai.judges.cost import CostLedger
-from cai.judges.fallback import FallbackJudge
 from cai.judges.parsing import empirical_probs, parse_choice, probs_from_logprobs
 from cai.judges.registry import make_judge, register_backend
 from cai.judges.types import (
@@ -36,20 +36,17 @@ __all__ = [
     "ChoiceRequest",
     "ChoiceResult",
     "CostLedger",
-    "FallbackJudge",
     "GenerateRequest",
     "GenerateResult",
     "JudgeBackend",
     "JudgeCache",
-    "JudgeConfig",
-    "PriceConfig",
     "SyncJudgeMixin",
     "call_key",
-    "coerce_config",
     "empirical_probs",
     "make_judge",
     "parse_choice",
     "probs_from_logprobs",
+    "ready_judge",
     "redact",
     "register_backend",
     "resolve_api_key",

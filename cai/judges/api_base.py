@@ -38,10 +38,16 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
+from cai.config import JudgeConfig
 from cai.judges.cache import JudgeCache, call_key
-from cai.judges.config import JudgeConfig, default_cache_path, resolve_api_key
+from cai.judges.config import default_cache_path, resolve_api_key
 from cai.judges.cost import CostLedger, estimate_tokens
-from cai.judges.parsing import Position, empirical_probs, parse_choice, probs_from_logprobs
+from cai.judges.parsing import (
+    Position,
+    empirical_probs,
+    parse_choice,
+    probs_from_logprobs,
+)
 from cai.judges.ratelimit import RateLimiter
 from cai.judges.retry import CallFailure, Outcome, RetryPolicy, call_with_retries
 from cai.judges.sdk import classify_sdk_error, make_sdk_client

@@ -3,8 +3,7 @@
 A :class:`CostLedger` prices each API call from the config's price table (dollars per million
 input/output tokens) and aggregates calls, cache hits, tokens and dollars per stage and per
 principle (read from the request's ``tag``). A stage writes :meth:`CostLedger.to_dict` into its
-``stage.json``. ``results_ok``/``results_failed`` count results per judge: a request the
-fallback rescued counts one failure (the primary's) and one success (the fallback's).
+``stage.json``. ``results_ok``/``results_failed`` count results per judge.
 
 The cap works by reservation: before a request is sent, its estimated cost (input tokens at
 chars/4 plus the full ``max_tokens`` of output) is reserved; the request is sent only if spent +
@@ -21,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-from cai.judges.config import PriceConfig
+from cai.config import PriceConfig
 
 
 def estimate_tokens(messages: list[dict]) -> int:
@@ -71,7 +70,7 @@ class CostLedger:
 
     # ---- prices -------------------------------------------------------------------------
     def add_prices(self, prices: Mapping[str, PriceConfig]) -> None:
-        """Merge another judge's price table (a fallback sharing this ledger)."""
+        """Merge a judge's price table into the ledger (prices already known stay)."""
         with self._lock:
             for model, price in prices.items():
                 self.prices.setdefault(model, price)

@@ -58,9 +58,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cai.config import JudgeConfig
 from cai.errors import ConfigError
+from cai.hashing import stable_hash
 from cai.judges.cache import JudgeCache, call_key
-from cai.judges.config import JudgeConfig, default_cache_path
+from cai.judges.config import default_cache_path
 from cai.judges.cost import CostLedger
 from cai.judges.registry import register_backend
 from cai.judges.types import (
@@ -72,7 +74,6 @@ from cai.judges.types import (
     GenerateResult,
     SyncJudgeMixin,
 )
-from cai.hashing import stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +319,8 @@ class HFJudge(SyncJudgeMixin):
             if cut[i]:
                 self.stats["prompts_truncated"] += 1
             if not ids[i]:
-                answer.update(probs=None, failure=f"prompt does not fit the model's {self._engine.max_positions} positions")
+                answer.update(probs=None,
+                              failure=f"prompt does not fit the model's {self._engine.max_positions} positions")
             else:
                 probs, mass = choice_probs(trees[i], logprobs[i], req.choices)
                 answer.update(probs=probs, choice_mass=mass)

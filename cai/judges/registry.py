@@ -3,8 +3,7 @@
 A backend is a factory ``factory(cfg, *, ledger, cache_path) -> JudgeBackend``. ``openai`` and
 ``anthropic`` are built in; another module registers more with :func:`register_backend` (the
 local ``hf`` judge registers itself from ``cai.judges.hf``, which :func:`make_judge`
-imports on first use). A config naming a ``fallback`` gets a :class:`FallbackJudge` around the
-two, sharing one cost ledger.
+imports on first use).
 """
 
 from __future__ import annotations
@@ -14,10 +13,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from cai.config import JudgeConfig
 from cai.errors import ConfigError
-from cai.judges.config import JudgeConfig, coerce_config
+from cai.judges.config import ready_judge
 from cai.judges.cost import CostLedger
-from cai.judges.fallback import FallbackJudge
 from cai.judges.types import JudgeBackend
 
 Factory = Callable[..., JudgeBackend]
@@ -71,33 +70,18 @@ def _factory(backend: str, where: str) -> Factory:
 def make_judge(
     cfg: JudgeConfig | Mapping[str, Any],
     *,
-    judges: Mapping[str, Any] | None = None,
     ledger: CostLedger | None = None,
     cache_path: str | Path | None = None,
     where: str = "judge",
-    _seen: tuple[str, ...] = (),
 ) -> JudgeBackend:
     """The judge ``cfg`` describes.
 
-    ``judges`` maps names to other judge configs (where ``cfg.fallback`` is looked up);
-    ``ledger`` is shared with the caller (a stage writes it into stage.json) and with the
-    fallback; ``cache_path`` is used when the config gives none (e.g. under the artifact store).
+    ``ledger`` is shared with the caller (a stage writes it into stage.json); ``cache_path`` is
+    used when the config gives none (e.g. under the artifact store).
     """
-    cfg = coerce_config(cfg, where)
+    cfg = ready_judge(cfg, where)
     if ledger is None:
         ledger = CostLedger(cfg.prices, cfg.max_dollars)
     elif ledger.max_dollars is None and cfg.max_dollars is not None:
         ledger.max_dollars = cfg.max_dollars
-    judge = _factory(cfg.backend, where)(cfg, ledger=ledger, cache_path=cache_path)
-    if not cfg.fallback:
-        return judge
-    known = dict(judges or {})
-    if cfg.fallback not in known:
-        raise ConfigError(f"{where}: fallback {cfg.fallback!r} is not a known judge config; known: {sorted(known)}")
-    if cfg.fallback in _seen:
-        raise ConfigError(f"{where}: fallback chain loops: {' -> '.join(_seen + (cfg.fallback,))}")
-    second = make_judge(
-        known[cfg.fallback], judges=known, ledger=ledger, cache_path=cache_path,
-        where=f"judges.{cfg.fallback}", _seen=_seen + (cfg.fallback,),
-    )
-    return FallbackJudge(judge, second)
+    return _factory(cfg.backend, where)(cfg, ledger=ledger, cache_path=cache_path)

@@ -109,10 +109,9 @@ class ChoiceResult:
     cache_hit: bool  # every answer behind this result came from the cache (cost 0)
     attempts: int  # HTTP requests sent for this result (retries and samples included; 0 on a cache hit)
     model: str
-    backend: str  # the backend that answered (the fallback's name when the fallback did)
+    backend: str  # the backend that answered
     tag: dict
     n_answers: int = 0  # answers behind ``probs`` (k parsed samples for "sampled")
-    fallback_from: str | None = None  # the primary backend's failure reason when a fallback answered
 
     @property
     def ok(self) -> bool:
@@ -167,7 +166,6 @@ class GenerateResult:
     model: str
     backend: str
     tag: dict
-    fallback_from: str | None = None
 
     @property
     def ok(self) -> bool:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from cai.report.render import Section, Table
 
 if TYPE_CHECKING:
-    from cai.report.build import ReportData, RunRecord
+    from cai.report.runs import ReportData, RunRecord
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def short_key(key: str) -> str:
 
 
 def _uses(data: ReportData, stage: str) -> list[_Use]:
-    from cai.report.build import ARM_TAG
+    from cai.report.runs import ARM_TAG
 
     arm_of = {id(r): a.name.removeprefix(f"{ARM_TAG}=") for a in data.arms for r in a.runs}
     return [_Use(r, arm_of[id(r)], str(r.seed), k) for r in data.runs
@@ -99,7 +99,7 @@ def _sharing(data: ReportData, uses: list[_Use]) -> str:
 
 def _differences(stage: str, uses: list[_Use], max_items: int = 5) -> str:
     """What differs between the stage.json of one run per artifact: config fields, inputs."""
-    from cai.report.build import flatten, format_value
+    from cai.report.runs import flatten, format_value
 
     firsts = list({u.key: u for u in reversed(uses)}.values())
     if len({u.key for u in uses}) < 2:

@@ -10,28 +10,24 @@
   (read-only): per-prompt quantities measured on the same prompts -- the score against SFT
   (win 1, tie 0.5, loss 0; invalid answers left out), the KL to SFT, the response length, and
   the held-out RM score when the samples carry one -- and, for every pair of arms of one seed,
-  :func:`cai.evaluate.paired_comparison`: the mean difference with a paired bootstrap interval
+  :func:`cai.stats.paired_comparison`: the mean difference with a paired bootstrap interval
   and a sign-flip p-value. A quantity no run has is named as absent, not drawn empty.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cai.errors import CaiError, DataError
-from cai.evaluate.winrates import OUTCOME_SCORE, paired_comparison, seed_summary
 from cai.report.render import Section, Table
+from cai.report.runs import H2H_FILE
+from cai.stats import OUTCOME_SCORE, paired_comparison, seed_summary
 
 if TYPE_CHECKING:
-    from cai.report.build import ReportData, RunRecord
+    from cai.report.runs import ReportData, RunRecord
 
-H2H_FILE = "head_to_head.json"
-ROW_FIELDS = {"seed": None, "arm_a": str, "arm_b": str, "win_rate": float, "ci_low": float, "ci_high": float,
-              "wins": int, "ties": int, "losses": int, "invalid": int, "n": int}
 # (label, samples.jsonl field); "outcome" is turned into a score
 QUANTITIES = (("score vs SFT", "outcome"), ("KL to SFT", "kl"), ("length (tokens)", "arm_tokens"),
               ("held-out RM score", "rm_score"))
@@ -51,43 +47,6 @@ def cell_text(c: Cell | None, seeds: int = 1) -> str:
     if math.isfinite(c[1]) and math.isfinite(c[2]):
         s += f" [{_fmt(c[1])}, {_fmt(c[2])}]"
     return s + (f" ({seeds} seeds)" if seeds > 1 else "")
-
-
-# --------------------------------------------------------------------------- head_to_head.json
-def _number(v: Any) -> float:
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return float(v)
-    if v in ("NaN", None):
-        return math.nan
-    raise TypeError
-
-
-def load_head_to_head(root: Path) -> list[dict[str, Any]] | None:
-    """The rows of ``root/head_to_head.json``, checked; None when there is no such file."""
-    file = Path(root) / H2H_FILE
-    if not file.is_file():
-        return None
-    try:
-        doc = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{file}: not readable JSON ({e}); rerun cai compare to rewrite it") from e
-    rows = doc.get("rows") if isinstance(doc, dict) else None
-    if not isinstance(rows, list):
-        raise DataError(f"{file}: expected an object with a list 'rows', as written by cai compare")
-    out = []
-    for i, row in enumerate(rows, 1):
-        clean = {}
-        for name, kind in ROW_FIELDS.items():
-            if not isinstance(row, dict) or name not in row:
-                raise DataError(f"{file}: row {i} has no field {name!r}")
-            try:
-                clean[name] = row[name] if kind is None else (str(row[name]) if kind is str else
-                                                               (int(row[name]) if kind is int else _number(row[name])))
-            except (TypeError, ValueError):
-                raise DataError(f"{file}: row {i}, field {name!r}: expected a {kind.__name__}, "
-                                f"got {row[name]!r}") from None
-        out.append(clean)
-    return out
 
 
 def h2h_matrices(rows: Sequence[Mapping[str, Any]]) -> dict[Any, dict[tuple[str, str], Cell]]:
@@ -145,7 +104,7 @@ def head_to_head_section(data: ReportData) -> Section:
     counts = {(r["seed"], r["arm_a"], r["arm_b"]): r for r in rows}
     for seed in sorted(matrices, key=str):
         m = matrices[seed]
-        s.tables.append(_matrix_table(arms, lambda a, b: cell_text(m.get((a, b))), f"Seed {seed}"))
+        s.tables.append(_matrix_table(arms, lambda a, b, m=m: cell_text(m.get((a, b))), f"Seed {seed}"))
     if len(matrices) > 1:
         mean = mean_matrix(matrices)
         s.tables.append(_matrix_table(arms, lambda a, b: cell_text(*mean[(a, b)]) if (a, b) in mean else "—",

@@ -23,13 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cai.evaluate.winrates import seed_summary
 from cai.report.artifacts import artifacts_section
 from cai.report.h2h import head_to_head_section, paired_tests_section
 from cai.report.render import Bar, Figure, Section, Table, bar_chart, line_panels
+from cai.stats import seed_summary
 
 if TYPE_CHECKING:
-    from cai.report.build import Arm, ReportData, RunRecord
+    from cai.report.runs import Arm, ReportData, RunRecord
 
 HIDDEN_PREFIXES = ("pipeline/", "time/")
 HEADLINE_PREFIXES = ("eval/", "rm/", "reward/", "dpo/", "ppo/", "sft/", "quality/", "label/")
@@ -296,7 +296,7 @@ def constitution_section(data: ReportData) -> Section:
 
 
 def config_section(data: ReportData) -> Section:
-    from cai.report.build import flatten, format_value
+    from cai.report.runs import flatten, format_value
 
     s = Section("Config differences")
     if len(data.runs) == 1:
@@ -315,6 +315,6 @@ def config_section(data: ReportData) -> Section:
 
 
 SECTION_BUILDERS: tuple[Callable[[ReportData], Section], ...] = (
-    runs_section, arms_section, win_rates_section, head_to_head_section, paired_tests_section, curves_section, principles_section, cost_section,
-    constitution_section, config_section, artifacts_section,
+    runs_section, arms_section, win_rates_section, head_to_head_section, paired_tests_section, curves_section,
+    principles_section, cost_section, constitution_section, config_section, artifacts_section,
 )

@@ -8,47 +8,33 @@ here so that the loops share one meaning of "seed", "checkpoint", "step" and "lo
 - **Optimisation.** :func:`make_optimizer` (AdamW, no weight decay on biases and norm
   weights, trainable parameters only) and :func:`make_scheduler` (linear warmup, then linear,
   cosine or constant); :func:`resolve_warmup` reads ``warmup`` as a fraction (< 1) or steps.
-- **Exact resume.** :func:`save_checkpoint` / :func:`load_checkpoint` (defined in
-  :mod:`cai.train.checkpoint`, re-exported here) store the trainable weights, optimizer,
-  scheduler, every RNG state and the data position (epoch + index into :func:`epoch_order`'s
-  shuffled order), atomically. A loop that restores them and skips the consumed examples
-  continues the loss curve of an uninterrupted run exactly on CPU.
-- **Logging.** :class:`MetricsLogger` writes ``train_log.jsonl`` (one JSON row per step),
-  console lines, and TensorBoard / W&B when installed and asked for; on resume it drops the
-  rows logged after the checkpoint, so the log reads like one uninterrupted run.
-  :class:`Throughput` measures tokens/s and samples/s. (Defined in :mod:`cai.train.log`,
-  re-exported here.)
+- **Exact resume** lives in :mod:`cai.train.checkpoint` (``save_checkpoint`` /
+  ``load_checkpoint``: trainable weights, optimizer, scheduler, every RNG state and the data
+  position, atomically) and **logging** in :mod:`cai.train.log` (``MetricsLogger``,
+  ``Throughput``, ``read_train_log``); the loops import them from there.
 - **Batches.** :func:`encode_example` tokenizes (prompt, full text) the way the sampling
   engine does (prompt alone, continuation appended), :func:`response_only_labels` masks the
   prompt with ``-100``, :func:`pad_and_mask` pads a batch (right or left), and
   :func:`token_logprobs` / :func:`masked_nll` turn logits into per-token quantities.
+- **Command lines.** :func:`command_line` runs the ``main`` of a ``python -m cai.train.*``
+  command line: a user mistake is one ``error:`` line and exit status 2, not a traceback.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from cai.config import MIXED_PRECISION, SCHEDULES
 from cai.errors import ConfigError
-from cai.train.checkpoint import (  # noqa: F401  (re-exported: the loops import them from here)
-    TrainState,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    trainable_state_dict,
-)
-from cai.train.log import MetricsLogger, Throughput, read_train_log  # noqa: F401  (re-exported, as above)
 
 IGNORE_INDEX = -100
-MIXED_PRECISION = ("no", "bf16", "fp16")
-SCHEDULES = ("linear", "cosine", "constant")
 
 
 # ----------------------------------------------------------------------------- seeds, devices
@@ -63,26 +49,15 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def _get(cfg: Any, name: str, default: Any) -> Any:
-    if cfg is None:
-        return default
-    if isinstance(cfg, Mapping):
-        return cfg.get(name, default)
-    return getattr(cfg, name, default)
-
-
-def make_accelerator(cfg: Any = None, *, mixed_precision: str | None = None, device: str | None = None):
-    """An ``accelerate.Accelerator`` for one training loop.
-
-    ``cfg`` is any object or mapping with ``mixed_precision`` (``no`` | ``bf16`` | ``fp16``)
-    and ``device`` (``auto`` | ``cpu`` | ``cuda``); keyword arguments override it. Multi-GPU
-    runs are launched with ``accelerate launch``, which sets the process group; gradient
-    accumulation is done by the loops themselves (they know their token counts).
+def make_accelerator(*, mixed_precision: str = "no", device: str = "auto"):
+    """An ``accelerate.Accelerator`` for one training loop: ``mixed_precision`` (``no`` | ``bf16``
+    | ``fp16``) on ``device`` (``auto`` | ``cpu`` | ``cuda``). Multi-GPU runs are launched with
+    ``accelerate launch``, which sets the process group; gradient accumulation is done by the
+    loops themselves (they know their token counts).
     """
     from accelerate import Accelerator
 
-    mp = mixed_precision or _get(cfg, "mixed_precision", "no") or "no"
-    dev = device or _get(cfg, "device", "auto") or "auto"
+    mp, dev = mixed_precision or "no", device or "auto"
     if mp not in MIXED_PRECISION:
         raise ConfigError(f"mixed_precision={mp!r}, expected one of {', '.join(MIXED_PRECISION)}")
     if dev not in ("auto", "cpu") and not str(dev).startswith("cuda"):
@@ -314,3 +289,21 @@ def batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
     """Consecutive slices of ``size`` (the last may be shorter)."""
     for i in range(0, len(items), size):
         yield items[i:i + size]
+
+
+# ----------------------------------------------------------------------------- command lines
+
+
+def command_line(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run the ``main`` of a ``python -m cai.train.*`` command line and return its exit status: a
+    user mistake (a :class:`~cai.errors.CaiError`: a bad ``key=value`` override, a missing file)
+    is one ``error: ...`` line on stderr and status 2, never a traceback."""
+    import sys
+
+    from cai.errors import CaiError
+
+    try:
+        return main(argv)
+    except CaiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -32,27 +32,28 @@ e.g. the SFT model); pairs that do not fit ``max_length`` are truncated (counted
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
-import functools
 import inspect
 import logging
 import shutil
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from cai.config import CHAT_FORMATS, DPOConfig, ModelConfig, StageConfig, build
 from cai.errors import ConfigError, DataError
 from cai.train import common as C
+from cai.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from cai.train.log import MetricsLogger, Throughput
 from cai.train.pairs import (
     EncodedPair,
-    LoraOptions,
     PreferenceData,
-    as_dataclass,
     chosen_rejected,
     collate_pairs,
     disable_dropout,
@@ -70,68 +71,11 @@ from cai.train.pairs import (
     step_share,
     steps_per_epoch,
 )
-from cai.train.reward import (
-    cli_data,
-    cli_parser,
-    finish_cli,
-    parse_overrides,
-    preference_inputs,
-    split_device,
-)
+from cai.train.reward import cli_data, cli_parser, finish_cli
 
 log = logging.getLogger(__name__)
 
 LOSSES = ("sigmoid", "ipo")
-
-
-@dataclass
-class DPOConfig:
-    """DPO training of the policy (Hydra group ``dpo``)."""
-
-    labels_from: str = "human"  # human (stage human_pairs) | ai (stage ai_labels)
-    loss: str = "sigmoid"  # sigmoid (DPO) | ipo
-    beta: float = 0.1
-    soft_labels: bool = True  # each pair's p as its label smoothing (conservative DPO)
-    label_smoothing: float = 0.0  # a global epsilon on top, in [0, 0.5)
-    max_length: int = 512  # tokens per side (prompt cut from the left when needed)
-    lora: LoraOptions = field(default_factory=LoraOptions)
-    epochs: int = 1
-    batch_size: int = 16  # pairs per optimizer step, over all processes
-    micro_batch_size: int = 8  # pairs per forward pass
-    lr: float = 5e-6
-    weight_decay: float = 0.0
-    warmup: float = 0.1  # a fraction (< 1) of the steps, or a step count
-    schedule: str = "linear"  # linear | cosine | constant
-    max_grad_norm: float = 1.0  # <= 0: no clipping
-    test_fraction: float = 0.1  # share of prompts held out for dpo/eval/*
-    split_salt: str = ""
-    eval_batch_size: int = 16
-    mixed_precision: str = "no"  # no | bf16 | fp16
-    device: str = "auto"  # auto | cpu | cuda: where training runs (not part of the artifact key)
-    disable_dropout: bool = True
-    log_every: int = 10
-    checkpoint_every: int = 100  # optimizer steps; 0: never
-
-    def __post_init__(self) -> None:
-        if isinstance(self.lora, Mapping):
-            self.lora = as_dataclass(LoraOptions, self.lora)
-        checks = [
-            (self.labels_from in ("human", "ai"), "labels_from", "human or ai"),
-            (self.loss in LOSSES, "loss", " or ".join(LOSSES)),
-            (self.beta > 0, "beta", "> 0"),
-            (0.0 <= self.label_smoothing < 0.5, "label_smoothing", "in [0, 0.5)"),
-            (self.epochs >= 1, "epochs", ">= 1"),
-            (self.batch_size >= 1, "batch_size", ">= 1"),
-            (self.micro_batch_size >= 1, "micro_batch_size", ">= 1"),
-            (self.eval_batch_size >= 1, "eval_batch_size", ">= 1"),
-        ]
-        for ok, name, expected in checks:
-            if not ok:
-                raise ConfigError(f"dpo.{name}={getattr(self, name)!r}: expected {expected}")
-
-
-def coerce_dpo_config(cfg: DPOConfig | Mapping[str, Any]) -> DPOConfig:
-    return as_dataclass(DPOConfig, cfg)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -281,7 +225,7 @@ def train_dpo(
     model,
     tokenizer,
     train: Sequence[EncodedPair],
-    cfg: DPOConfig | Mapping[str, Any],
+    cfg: DPOConfig,
     *,
     seed: int,
     state_dir: str | Path,
@@ -294,7 +238,6 @@ def train_dpo(
     ``eval_sets`` (name -> pairs) are scored after training as ``dpo/<name>/*``. ``state_dir``
     holds the reference log-probs, the checkpoint and ``train_log.jsonl``.
     """
-    cfg = coerce_dpo_config(cfg)
     if not train:
         raise DataError("dpo: no training pairs")
     state_dir = Path(state_dir)
@@ -314,13 +257,13 @@ def train_dpo(
     scheduler = C.make_scheduler(optimizer, C.resolve_warmup(cfg.warmup, total), total, cfg.schedule)
     keep, extra = keeps_logits(model), no_cache_kwargs(model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = C.load_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler)
+    state = load_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler)
     resumed_from = state.step if state else None
-    state = state or C.TrainState()
-    logger = C.MetricsLogger(state_dir / "train_log.jsonl", resume_step=resumed_from,
-                             enabled=accelerator.is_main_process)
+    state = state or TrainState()
+    logger = MetricsLogger(state_dir / "train_log.jsonl", resume_step=resumed_from,
+                           enabled=accelerator.is_main_process)
     ref = refs["train"]
-    meter, step, last = C.Throughput(), state.step, {}
+    meter, step, last = Throughput(), state.step, {}
     model.train()
     for sb in iter_steps(n, cfg.batch_size, cfg.epochs, seed, state.epoch, state.data_position):
         rows, weight = step_share(sb.indices, rank, world)
@@ -351,8 +294,8 @@ def train_dpo(
                          "dpo/pairs_per_s": rates["samples_per_s"], "dpo/tokens_per_s": rates["tokens_per_s"]})
             logger.log(step, last)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-            C.save_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler,
-                              step, *sb.next_position(n))
+            save_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler,
+                            step, *sb.next_position(n))
         if on_step is not None:
             on_step(step, last)
     logger.close()
@@ -367,24 +310,27 @@ def train_dpo(
     return DPOResult(unwrapped, step, summary, resumed_from)
 
 # ============================================================================= stage and command line
-# The pipeline stage ``dpo`` and the command line ``[accelerate launch] python -m cai.train.dpo``.
+# The pipeline stage ``dpo`` (:func:`run`) and the command line
+# ``[accelerate launch] python -m cai.train.dpo`` (:func:`main`).
 #
-# Stage inputs: the labels (``human_pairs`` or ``ai_labels``, by ``dpo.labels_from``), the human
-# pairs for a held-out human evaluation when configured, and the starting policy: the ``sft``
-# artifact when the experiment has an ``sft`` stage, else the policy itself (the ``policy_model``
-# artifact for ``policy.name_or_path: tiny``). The starting policy is also the frozen reference.
+# Stage inputs (its row in :data:`cai.pipeline.STAGES`): the labels (``human_pairs`` or
+# ``ai_labels`` + ``ai_pairs``, by ``dpo.labels_from``), the human pairs for a held-out human
+# evaluation when configured, and the starting policy (``dpo.start_from``): the ``sft`` artifact
+# (``sft``), else the initial policy (the ``policy_model`` artifact for
+# ``policy.name_or_path: tiny``). The starting policy is also the frozen reference.
 #
 # Outputs: ``model/`` (the trained policy, LoRA merged, with its tokenizer) and
 # ``train_log.jsonl``; metrics ``dpo/...`` (data counts, training summary, ``dpo/eval/*`` on the
 # held-out split of the training labels, ``dpo/human/*`` on held-out human pairs).
-def load_policy(policy_cfg: dict[str, Any], location: str, dcfg: DPOConfig, seed: int):
-    """``(model, tokenizer, chat_format)`` of the starting policy, with DPO's LoRA settings."""
+def load_policy(policy: ModelConfig, location: str, dcfg: DPOConfig, seed: int):
+    """``(model, tokenizer, chat_format)`` of the starting policy ``policy`` loaded from ``location``,
+    with DPO's LoRA settings."""
     from cai.generation.stages import training_model_spec
-    from cai.models import load_causal_lm, resolve_chat_format
+    from cai.models import load_causal_lm, lora_spec, resolve_chat_format
 
     # on the CPU: the accelerator places it
-    spec = training_model_spec(policy_cfg, location, not dcfg.lora.enabled, device="cpu")
-    spec.lora = dcfg.lora.spec()
+    spec = training_model_spec(policy, location, not dcfg.lora.enabled, device="cpu")
+    spec.lora = lora_spec(dcfg.lora)
     model, tok = load_causal_lm(spec, lora_seed=seed)
     return model, tok, resolve_chat_format(tok, spec.chat_format)
 
@@ -413,65 +359,43 @@ def run_dpo(dcfg: DPOConfig, data: PreferenceData, model, tok, chat_format: str,
     return metrics
 
 
-def build_dpo(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any, runtime: Mapping[str, Any] | None = None,
-              ) -> None:
-    """Stage ``dpo``: train the starting policy with DPO on the configured labels.
-
-    ``runtime``: settings that do not change the result (``device``), kept out of the key."""
+def run(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
+    """Stage ``dpo``: train the starting policy (``dpo.start_from``) with DPO (``cfg.dpo``) on the
+    configured labels."""
     from cai.generation.stages import policy_location
 
-    dcfg, seed = coerce_dpo_config({**cfg["dpo"], **(runtime or {})}), int(cfg["seed"])
+    dcfg, seed = cfg.dpo, cfg.seed
     with ctx.phase("load_data"):
         data = preference_data(dcfg.labels_from, inputs, dcfg.test_fraction, dcfg.split_salt, "dpo")
     with ctx.phase("load_model"):
-        location = str(inputs["sft"] / "model") if "sft" in inputs else policy_location(cfg, inputs)
-        model, tok, chat_format = load_policy(cfg["policy"], location, dcfg, seed)
+        location = str(inputs["sft"] / "model") if "sft" in inputs else policy_location(cfg.policy, inputs)
+        model, tok, chat_format = load_policy(cfg.policy, location, dcfg, seed)
     with ctx.phase("train"):
         metrics = run_dpo(dcfg, data, model, tok, chat_format, seed=seed, out_dir=ctx.dir, state_dir=ctx.state_dir)
     ctx.set_metrics(metrics)
 
 
-def dpo_stage(cfg) -> Any:
-    """Pipeline builder: the ``dpo`` stage for the composed config."""
-    from omegaconf import OmegaConf
-
-    from cai.pipeline import Stage
-
-    d = OmegaConf.to_container(cfg.dpo, resolve=True)
-    dcfg = coerce_dpo_config(d)  # a bad value fails at planning, before any stage runs
-    inputs = preference_inputs(cfg, "dpo", dcfg.labels_from)
-    if "sft" in cfg.experiment.stages:
-        inputs["sft"] = "sft"
-    elif cfg.policy.name_or_path == "tiny":
-        inputs["policy_model"] = "policy_model"
-    policy, _ = split_device(OmegaConf.to_container(cfg.policy, resolve=True))
-    key, runtime = split_device(d)
-    return Stage("dpo", functools.partial(build_dpo, runtime=runtime),
-                 {"dpo": key, "policy": policy, "seed": int(cfg.seed)}, inputs)
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, DPOConfig]:
+    """The command line's arguments and its :class:`~cai.config.DPOConfig` (``key=value``
+    overrides in the grammar of ``cai run``: ``beta=0.1 lora.enabled=true``)."""
+    p = cli_parser("python -m cai.train.dpo", main.__doc__, ("--policy", "the starting policy"),
+                   "model/, train_log.jsonl, ...", "DPOConfig fields, e.g. beta=0.1 loss=ipo lora.enabled=true")
+    p.add_argument("--chat-format", default="auto", choices=CHAT_FORMATS)
+    args = p.parse_intermixed_args(argv)
+    return args, build(DPOConfig, overrides=args.overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``[accelerate launch] python -m cai.train.dpo --pairs P --labels L --policy M --out DIR [key=value ...]``"""
-    p = cli_parser("python -m cai.train.dpo", main.__doc__, ("--policy", "the starting policy"),
-                   "model/, train_log.jsonl, ...", "DPOConfig fields, e.g. beta=0.1 loss=ipo")
-    p.add_argument("--chat-format", default="auto", help="auto | template | hh")
-    args = p.parse_args(argv)
-    dcfg = coerce_dpo_config(parse_overrides(args.overrides))
+    args, dcfg = parse_args(argv)
     data = cli_data(args.pairs, args.labels, dcfg.test_fraction, dcfg.split_salt, "dpo")
     accelerator = C.make_accelerator(mixed_precision=dcfg.mixed_precision, device=dcfg.device)
-    model, tok, chat_format = load_policy({"chat_format": args.chat_format, "max_length": dcfg.max_length},
-                                          args.policy, dcfg, args.seed)
+    policy = ModelConfig(name_or_path=args.policy, chat_format=args.chat_format, max_length=dcfg.max_length)
+    model, tok, chat_format = load_policy(policy, args.policy, dcfg, args.seed)
     metrics = run_dpo(dcfg, data, model, tok, chat_format, seed=args.seed, out_dir=args.out,
                       state_dir=args.out / "state", accelerator=accelerator)
     return finish_cli(accelerator, args.out, metrics, "dpo")
 
+
 if __name__ == "__main__":  # [accelerate launch] python -m cai.train.dpo --help
-    import sys
-
-    from cai.errors import CaiError
-
-    try:
-        raise SystemExit(main())
-    except CaiError as e:  # a user mistake: one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    raise SystemExit(C.command_line(main))

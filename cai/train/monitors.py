@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from cai.config import MonitorConfig
+
 
 @dataclass
 class Warning_:
@@ -40,19 +42,6 @@ class Warning_:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass
-class MonitorConfig:
-    """Thresholds of the PPO monitors (``ppo.monitors``)."""
-
-    negative_kl_tolerance: float = 0.01  # nats per sequence below zero before warning
-    kl_budget: float = 0.0  # per-sequence KL that warns; <= 0: twice kl_target
-    length_drift: float = 2.0  # warn when mean length changes by more than this factor
-    ngram: int = 4  # words per n-gram of the boilerplate check
-    boilerplate_share: float = 0.5  # share of responses sharing one n-gram that warns
-    window: int = 3  # held-out measurements compared by the RM/judge divergence check
-    rise: float = 0.1  # RM score rise (normalised units) that counts as rising
 
 
 def top_ngram_share(texts: Sequence[str], n: int) -> tuple[float, str]:

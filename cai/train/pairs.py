@@ -37,27 +37,8 @@ import torch
 from cai.data import Label, Pair, read_jsonl, split_by_hash
 from cai.errors import ConfigError, DataError
 from cai.train.common import Encoded, encode_example, epoch_order, pad_and_mask
-from cai.train.lora import LoraOptions  # noqa: F401 (re-exported: the loops import it from here)
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- config pieces
-def as_dataclass(cls, value: Any):
-    """``cls`` from a dataclass instance or a (possibly partial) dict; unknown keys are an error."""
-    if isinstance(value, cls):
-        return value
-    if value is None:
-        return cls()
-    known = set(cls.__dataclass_fields__)
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; expected some of "
-                          f"{', '.join(sorted(known))}")
-    kwargs = dict(value)
-    if "lora" in kwargs and not isinstance(kwargs["lora"], LoraOptions):
-        kwargs["lora"] = as_dataclass(LoraOptions, kwargs["lora"])
-    return cls(**kwargs)
 
 
 # ----------------------------------------------------------------------------- joining

@@ -35,27 +35,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import logging
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from cai.config import CHAT_FORMATS, ModelConfig, PPOConfig, StageConfig, build
 from cai.data import write_jsonl
 from cai.errors import ConfigError
 from cai.hashing import stable_hash
 from cai.sampling import SamplingEngine, SamplingParams
 from cai.train import common as C
 from cai.train import rl_math as K
-from cai.train.monitors import MonitorConfig, PPOMonitors, Warning_
+from cai.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from cai.train.log import MetricsLogger
+from cai.train.monitors import PPOMonitors, Warning_
 from cai.train.pairs import (
-    LoraOptions,
-    as_dataclass,
     disable_dropout,
     local_rows,
     merged_for_saving,
@@ -73,90 +73,6 @@ CONSOLE_KEYS = ("ppo/objective/scores", "ppo/objective/kl", "ppo/objective/rlhf_
 
 REWARD_SOURCES = ("reward_model", "judge")
 VALUE_MODELS = ("separate", "head")
-
-
-@dataclass
-class PPOConfig:
-    """PPO of the policy against a reward model or a judge (Hydra group ``ppo``)."""
-
-    reward_from: str = "reward_model"  # reward_model (stage reward) | judge (d-RLAIF, online 1-10 scores)
-    judge_principles: int = 1  # d-RLAIF: preference principles sampled per response (scores averaged)
-    steps: int = 20  # PPO steps (rollout + update)
-    rollout_batch_size: int = 16  # prompts per step, over all processes
-    mini_batch_size: int = 8  # rows per optimizer step, over all processes
-    micro_batch_size: int = 4  # rows per forward pass on one process (gradient accumulation)
-    ppo_epochs: int = 2  # passes over each rollout
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup: float = 0.0  # fraction (< 1) of the PPO steps, or a step count
-    schedule: str = "linear"  # linear | cosine | constant (one scheduler step per PPO step)
-    max_grad_norm: float = 1.0  # <= 0: no clipping
-    max_new_tokens: int = 32
-    temperature: float = 1.0  # rollouts and log-probs: softmax(logits / T) on the full distribution
-    top_k: int = 0  # != 0 or top_p < 1 truncate sampling only: the KL estimate gets biased
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=lambda: ["\n\nHuman:"])
-    max_prompt_tokens: int = 256
-    sample_batch_size: int = 16  # prompts per batch of the sampling engine
-    recompute_logprobs: bool = True  # rollout log-probs from the training forward (exact ratio 1, KL 0)
-    kl_estimator: str = "k1"  # k1 | k3
-    kl_coef: float = 0.05
-    kl_controller: str = "fixed"  # fixed | adaptive (Ziegler et al.)
-    kl_target: float = 6.0  # adaptive: target per-sequence KL (nats)
-    kl_horizon: int = 10000  # adaptive: sequences over which the coefficient adapts
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    whiten_advantages: bool = True
-    whiten_rewards: bool = False
-    reward_normalize: bool = True  # (r - mean) / std with the RM's reward_stats.json
-    reward_scale: float = 1.0
-    reward_clip: float = 10.0  # <= 0: off
-    missing_eos_penalty: Optional[float] = None  # subtracted from the score of responses cut at the cap
-    # separate (own backbone from the policy's weights, fully trained: memory!) | head (on the policy;
-    # the cheap choice with LoRA)
-    value_model: str = "separate"
-    lora: LoraOptions = field(default_factory=LoraOptions)
-    mixed_precision: str = "no"  # no | bf16 | fp16
-    device: str = "auto"  # where it trains; not part of the artifact key
-    disable_dropout: bool = True
-    log_every: int = 1
-    checkpoint_every: int = 10  # PPO steps; 0: never
-    heldout_judge_every: int = 0  # score rollouts with the held-out judge every n steps (0: never)
-    monitors: MonitorConfig = field(default_factory=MonitorConfig)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.lora, Mapping):
-            self.lora = as_dataclass(LoraOptions, self.lora)
-        if isinstance(self.monitors, Mapping):
-            self.monitors = MonitorConfig(**dict(self.monitors))
-        checks = [
-            (self.reward_from in REWARD_SOURCES, "reward_from", " or ".join(REWARD_SOURCES)),
-            (self.value_model in VALUE_MODELS, "value_model", " or ".join(VALUE_MODELS)),
-            (self.kl_estimator in K.KL_ESTIMATORS, "kl_estimator", " or ".join(K.KL_ESTIMATORS)),
-            (self.kl_controller in K.KL_CONTROLLERS, "kl_controller", " or ".join(K.KL_CONTROLLERS)),
-            (self.steps >= 1, "steps", ">= 1"),
-            (self.rollout_batch_size >= 2, "rollout_batch_size", ">= 2"),
-            (1 <= self.mini_batch_size <= self.rollout_batch_size, "mini_batch_size", "in 1..rollout_batch_size"),
-            (1 <= self.micro_batch_size <= self.mini_batch_size, "micro_batch_size", "in 1..mini_batch_size"),
-            (self.ppo_epochs >= 1, "ppo_epochs", ">= 1"),
-            (self.temperature > 0, "temperature", "> 0 (PPO needs a stochastic policy)"),
-            (self.kl_coef >= 0, "kl_coef", ">= 0"),
-            (0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", "gamma and lam in [0, 1]"),
-            (self.cliprange > 0 and self.cliprange_value > 0, "cliprange", "cliprange(_value) > 0"),
-            (self.judge_principles >= 1, "judge_principles", ">= 1"),
-        ]
-        for ok, name, expected in checks:
-            if not ok:
-                raise ConfigError(f"ppo.{name}={getattr(self, name)!r}: expected {expected}")
-
-
-def coerce_ppo_config(cfg: PPOConfig | Mapping[str, Any]) -> PPOConfig:
-    if isinstance(cfg, Mapping) and isinstance(cfg.get("monitors"), Mapping):
-        cfg = {**cfg, "monitors": as_dataclass(MonitorConfig, cfg["monitors"])}
-    return as_dataclass(PPOConfig, cfg)
 
 
 # ----------------------------------------------------------------------------- result
@@ -229,7 +145,7 @@ def train_ppo(policy, tokenizer, conversations: Sequence[list[dict]], reward_fn:
     """
     from cai.models import format_prompt
 
-    cfg = coerce_ppo_config(cfg)
+    cfg = build(PPOConfig, cfg)
     state_dir = Path(state_dir)
     if not conversations:
         raise ConfigError("ppo: no prompts to train on")
@@ -255,7 +171,7 @@ def train_ppo(policy, tokenizer, conversations: Sequence[list[dict]], reward_fn:
     scheduler = C.make_scheduler(optimizer, C.resolve_warmup(cfg.warmup, cfg.steps), cfg.steps, cfg.schedule)
     container, optimizer = accelerator.prepare(container, optimizer)
     ckpt_dir = state_dir / "checkpoint"
-    state = C.load_checkpoint(ckpt_dir, accelerator, container, optimizer, scheduler) or C.TrainState()
+    state = load_checkpoint(ckpt_dir, accelerator, container, optimizer, scheduler) or TrainState()
     resumed = state.step if state.step > 0 else None
     kl_ctl = K.make_kl_controller(cfg.kl_controller, cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     monitors = PPOMonitors(cfg.monitors, cfg.kl_target)
@@ -263,8 +179,8 @@ def train_ppo(policy, tokenizer, conversations: Sequence[list[dict]], reward_fn:
         kl_ctl.load_state_dict(state.extra["kl_controller"])
         monitors.load_state_dict(state.extra["monitors"])
         log.info("ppo: resumed from step %d (%s)", state.step, ckpt_dir)
-    logger = C.MetricsLogger(state_dir / "train_log.jsonl", resume_step=resumed, console_every=cfg.log_every,
-                             console_keys=CONSOLE_KEYS, enabled=main)
+    logger = MetricsLogger(state_dir / "train_log.jsonl", resume_step=resumed, console_every=cfg.log_every,
+                           console_keys=CONSOLE_KEYS, enabled=main)
     unwrapped: PolicyAndValue = accelerator.unwrap_model(container)
     engine = SamplingEngine(unwrapped.policy, tokenizer, batch_size=cfg.sample_batch_size,
                             device=accelerator.device, max_prompt_tokens=cfg.max_prompt_tokens)
@@ -307,8 +223,8 @@ def train_ppo(policy, tokenizer, conversations: Sequence[list[dict]], reward_fn:
         metrics["ppo/warnings"] = len(step_warnings)
         logger.log(step, metrics)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            C.save_checkpoint(ckpt_dir, accelerator, container, optimizer, scheduler, step, epoch, pos,
-                              extra={"kl_controller": kl_ctl.state_dict(), "monitors": monitors.state_dict()})
+            save_checkpoint(ckpt_dir, accelerator, container, optimizer, scheduler, step, epoch, pos,
+                            extra={"kl_controller": kl_ctl.state_dict(), "monitors": monitors.state_dict()})
     logger.close()
     if world > 1:
         _check_replicas_agree(accelerator, container)
@@ -427,28 +343,31 @@ def _step_metrics(ro: Rollout, adv: Advantages, stats: Mapping[str, float], kl_c
     return out
 
 # ============================================================================= stage and command line
-# The pipeline stage ``ppo``: load policy, reference, value backbone and reward; train; save.
+# The pipeline stage ``ppo`` (:func:`run`): load policy, reference, value backbone and reward;
+# train; save.
 #
-# Inputs: ``prompts`` (PPO trains on the train split), the starting policy (the ``sft`` artifact
-# when the experiment has an ``sft`` stage, else the policy itself: the ``policy_model`` artifact
-# for ``policy.name_or_path: tiny``), which is also the frozen reference and (for
-# ``value_model: separate``) the value backbone's initial weights; and the ``reward`` artifact
-# (``reward_from: reward_model``) or the configured judge and constitution (``reward_from: judge``,
-# d-RLAIF; the judge then also serves the held-out monitor when ``heldout_judge_every > 0``).
+# Inputs (its row in :data:`cai.pipeline.STAGES`): ``prompts`` (PPO trains on the train split),
+# the starting policy (``ppo.start_from``: the ``sft`` artifact, else the initial policy, the
+# ``policy_model`` artifact for ``policy.name_or_path: tiny``), which is also the frozen reference
+# and (for ``value_model: separate``) the value backbone's initial weights; and the ``reward``
+# artifact (``reward_from: reward_model``) or the configured judge and constitution
+# (``reward_from: judge``, d-RLAIF). The judge also serves the held-out monitor when
+# ``heldout_judge_every > 0``; a ``model: tiny`` judge is the tiny policy (its artifact is an input).
 #
 # Outputs: ``model/`` (the trained policy, LoRA merged, with its tokenizer), ``train_log.jsonl``
 # (per-step metrics: the report's reward / KL / length curves), ``warnings.jsonl`` (monitor
 # warnings); checkpoints stay in ``ctx.state_dir`` so a killed build resumes exactly.
-def load_models(policy_cfg: dict[str, Any], location: str, pcfg: PPOConfig, seed: int):
-    """``(policy, reference or None, value backbone or None, tokenizer, chat_format)``."""
+def load_models(policy_cfg: ModelConfig, location: str, pcfg: PPOConfig, seed: int):
+    """``(policy, reference or None, value backbone or None, tokenizer, chat_format)`` of the
+    policy ``policy_cfg`` loaded from ``location``, with PPO's LoRA settings."""
     from transformers import AutoModel
 
     from cai.generation.stages import training_model_spec
-    from cai.models import load_causal_lm, resolve_chat_format
+    from cai.models import load_causal_lm, lora_spec, resolve_chat_format
 
     # on the CPU: the accelerator places them
     spec = training_model_spec(policy_cfg, location, not pcfg.lora.enabled, device="cpu")
-    spec.lora = pcfg.lora.spec()
+    spec.lora = lora_spec(pcfg.lora)
     policy, tok = load_causal_lm(spec, lora_seed=seed)
     ref = None
     if spec.lora is None:  # with LoRA the reference is the policy with its adapters disabled
@@ -462,23 +381,23 @@ def load_models(policy_cfg: dict[str, Any], location: str, pcfg: PPOConfig, seed
     return policy, ref, value, tok, resolve_chat_format(tok, spec.chat_format)
 
 
-def _judge_reward(cfg: dict[str, Any], inputs: Mapping[str, Path], pcfg: PPOConfig, runtime: Mapping[str, Any],
-                  seed: int) -> JudgeScoreReward:
+def _judge_reward(cfg: StageConfig, inputs: Mapping[str, Path], seed: int) -> JudgeScoreReward:
+    """The judge's 1-10 score of a response (``cfg.judge``, with ``cfg.constitution_file``'s principles)."""
     from cai.constitution import load_constitution
-    from cai.feedback.label import _judge_config
     from cai.judges import make_judge
+    from cai.judges.config import stage_judge
 
-    judge = make_judge(_judge_config(cfg, inputs, runtime), cache_path=runtime.get("cache_path"))
-    constitution = load_constitution(runtime["constitution"])
+    pcfg = cfg.ppo
+    judge = make_judge(stage_judge(cfg.judge, inputs), cache_path=cfg.judge_cache, where="judge")
+    constitution = load_constitution(cfg.constitution_file)
     return JudgeScoreReward(judge, constitution, pcfg.judge_principles, seed, pcfg.reward_scale, pcfg.reward_clip)
 
 
-def _heldout_fn(cfg: dict[str, Any], inputs: Mapping[str, Path], pcfg: PPOConfig, runtime: Mapping[str, Any],
-                seed: int):
+def _heldout_fn(cfg: StageConfig, inputs: Mapping[str, Path], seed: int):
     """The held-out judge's mean 1-10 score of a rollout (the RM/judge divergence monitor), or None."""
-    if not pcfg.heldout_judge_every or not runtime.get("constitution"):
+    if not cfg.ppo.heldout_judge_every:
         return None
-    judge_fn = _judge_reward(cfg, inputs, pcfg, runtime, seed)
+    judge_fn = _judge_reward(cfg, inputs, seed)
 
     def heldout(conversations, completions) -> float:
         raw = [r for r in judge_fn(conversations, completions).raw if r is not None]
@@ -487,26 +406,25 @@ def _heldout_fn(cfg: dict[str, Any], inputs: Mapping[str, Path], pcfg: PPOConfig
     return heldout
 
 
-def build_ppo(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any, runtime: Mapping[str, Any] | None = None) -> None:
-    """Stage ``ppo`` (see the module docstring)."""
+def run(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
+    """Stage ``ppo`` (see above): PPO of the starting policy (``ppo.start_from``) against the reward
+    model or the judge (``ppo.reward_from``)."""
     from cai.generation.stages import policy_location, read_prompts
     from cai.train.reward import RewardScorer
 
-    runtime = dict(runtime or {})
-    pcfg = coerce_ppo_config({**cfg["ppo"], **(runtime.get("ppo") or {})})
-    seed = int(cfg["seed"])
+    pcfg, seed = cfg.ppo, cfg.seed
     with ctx.phase("load_data"):
         prompts = read_prompts(inputs["prompts"], "train")
         conversations = [p.messages_as_dicts() for p in prompts]
     with ctx.phase("load_model"):
-        location = str(inputs["sft"] / "model") if "sft" in inputs else policy_location(cfg, inputs)
-        policy, ref, value, tok, chat_format = load_models(cfg["policy"], location, pcfg, seed)
+        location = str(inputs["sft"] / "model") if "sft" in inputs else policy_location(cfg.policy, inputs)
+        policy, ref, value, tok, chat_format = load_models(cfg.policy, location, pcfg, seed)
         if pcfg.reward_from == "reward_model":
             scorer = RewardScorer.load(inputs["reward"], device=pcfg.device)
             reward_fn = RMReward(scorer, pcfg.reward_normalize, pcfg.reward_scale, pcfg.reward_clip)
         else:
-            reward_fn = _judge_reward(cfg, inputs, pcfg, runtime, seed)
-    heldout = _heldout_fn(cfg, inputs, pcfg, runtime, seed) if pcfg.reward_from == "reward_model" else None
+            reward_fn = _judge_reward(cfg, inputs, seed)
+    heldout = _heldout_fn(cfg, inputs, seed) if pcfg.reward_from == "reward_model" else None
     with ctx.phase("train"):
         result = train_ppo(policy, tok, conversations, reward_fn, pcfg, seed=seed, state_dir=ctx.state_dir,
                            chat_format=chat_format, ref_model=ref, value_backbone=value, heldout_fn=heldout)
@@ -521,61 +439,7 @@ def build_ppo(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any, runtime: M
     ctx.set_metrics(metrics)
 
 
-def ppo_stage(cfg) -> Any:
-    """Pipeline builder: the ``ppo`` stage for the composed config."""
-    from omegaconf import OmegaConf
-
-    from cai.artifacts import ArtifactStore
-    from cai.config import CONSTITUTIONS_DIR
-    from cai.constitution import resolve_constitution
-    from cai.judges.config import coerce_config, judge_key, judge_runtime
-    from cai.pipeline import Stage
-
-    p = OmegaConf.to_container(cfg.ppo, resolve=True)
-    pcfg = coerce_ppo_config(p)  # a bad value fails at planning, before any stage runs
-    inputs = {"prompts": "prompts"}
-    if "sft" in cfg.experiment.stages:
-        inputs["sft"] = "sft"
-    elif cfg.policy.name_or_path == "tiny":
-        inputs["policy_model"] = "policy_model"
-    uses_judge = pcfg.reward_from == "judge" or pcfg.heldout_judge_every > 0
-    if pcfg.reward_from == "reward_model":
-        inputs["reward"] = "reward"
-    judge = OmegaConf.to_container(cfg.judge, resolve=True)
-    if uses_judge and judge.get("model") == "tiny":
-        inputs["policy_model"] = "policy_model"
-    policy = {k: v for k, v in OmegaConf.to_container(cfg.policy, resolve=True).items() if k != "device"}
-    key: dict[str, Any] = {"ppo": {k: v for k, v in p.items() if k != "device"}, "policy": policy,
-                           "seed": int(cfg.seed)}
-    runtime: dict[str, Any] = {"ppo": {"device": p["device"]}}
-    if uses_judge:
-        if not cfg.constitution.path:
-            raise ConfigError("ppo with a judge (reward_from=judge or heldout_judge_every > 0) needs constitution.path")
-        coerce_config(judge, "judge")  # a bad judge setting fails at planning, before any stage is built
-        key["judge"] = judge_key(judge)
-        root = cfg.store.root or ArtifactStore.default_root()
-        runtime.update({"judge": judge_runtime(judge),
-                        "constitution": str(resolve_constitution(cfg.constitution.path, [CONSTITUTIONS_DIR])),
-                        "cache_path": str(Path(root).expanduser() / "judge_cache.sqlite")})
-    fn = functools.partial(build_ppo, runtime=runtime)
-    return Stage("ppo", fn, key, inputs, uses_constitution=uses_judge)
-
-
 # ----------------------------------------------------------------------------- command line
-def _nested(overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"lora.r": 8}`` -> ``{"lora": {"r": 8}}`` (PPOConfig's groups: lora, monitors)."""
-    out: dict[str, Any] = {}
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {key}: {part!r} is a value, not a group")
-        node[leaf] = value
-    return out
-
-
 def read_prompt_file(path: Path) -> list[list[dict]]:
     """Conversations from a ``prompts`` artifact directory (its train split) or a JSONL file of
     prompt records (``{"id", "messages", "source"}``, as the ``prompts`` stage writes them)."""
@@ -593,10 +457,9 @@ def read_prompt_file(path: Path) -> list[list[dict]]:
     return [p.messages_as_dicts() for p in prompts]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``[accelerate launch] python -m cai.train.ppo --policy M --prompts P --reward DIR --out DIR [key=value ...]``"""
-    from cai.train.reward import RewardScorer, finish_cli, parse_overrides
-
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, PPOConfig]:
+    """The command line's arguments and its :class:`~cai.config.PPOConfig` (``key=value``
+    overrides in the grammar of ``cai run``: ``steps=50 lora.enabled=true``)."""
     p = argparse.ArgumentParser(prog="python -m cai.train.ppo", description=main.__doc__)
     p.add_argument("--policy", required=True, help="hub name or local path of the starting policy (also the "
                    "reference and the value backbone's initial weights)")
@@ -605,15 +468,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--reward", type=Path, required=True, help="a reward artifact directory (the reward stage's output)")
     p.add_argument("--out", type=Path, required=True, help="output directory (model/, train_log.jsonl, state/)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chat-format", default="auto", help="auto | template | hh")
+    p.add_argument("--chat-format", default="auto", choices=CHAT_FORMATS)
     p.add_argument("overrides", nargs="*", help="PPOConfig fields, e.g. steps=50 kl_coef=0.1 lora.enabled=true")
-    args = p.parse_args(argv)
-    pcfg = coerce_ppo_config(_nested(parse_overrides(args.overrides)))
+    args = p.parse_intermixed_args(argv)
+    return args, build(PPOConfig, overrides=args.overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``[accelerate launch] python -m cai.train.ppo --policy M --prompts P --reward DIR --out DIR [key=value ...]``"""
+    from cai.train.reward import RewardScorer, finish_cli
+
+    args, pcfg = parse_args(argv)
     if pcfg.reward_from != "reward_model":
         raise ConfigError("python -m cai.train.ppo trains against --reward; d-RLAIF (reward_from=judge) runs "
                           "through `cai run ppo.reward_from=judge`")
     conversations = read_prompt_file(args.prompts)
-    policy, ref, value, tok, chat_format = load_models({"chat_format": args.chat_format}, args.policy, pcfg, args.seed)
+    policy_cfg = ModelConfig(name_or_path=args.policy, chat_format=args.chat_format)
+    policy, ref, value, tok, chat_format = load_models(policy_cfg, args.policy, pcfg, args.seed)
     accelerator = C.make_accelerator(mixed_precision=pcfg.mixed_precision, device=pcfg.device)
     scorer = RewardScorer.load(args.reward, device=str(accelerator.device))
     reward_fn = RMReward(scorer, pcfg.reward_normalize, pcfg.reward_scale, pcfg.reward_clip)
@@ -626,13 +497,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = {**result.metrics, "ppo/resumed_from_step": result.resumed_from or 0, "ppo/prompts": len(conversations)}
     return finish_cli(accelerator, args.out, metrics, "ppo", shown=lambda k: k.startswith("ppo/objective/"))
 
+
 if __name__ == "__main__":  # [accelerate launch] python -m cai.train.ppo --help
-    import sys
-
-    from cai.errors import CaiError
-
-    try:
-        raise SystemExit(main())
-    except CaiError as e:  # a user mistake: one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    raise SystemExit(C.command_line(main))

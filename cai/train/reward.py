@@ -25,36 +25,36 @@ k seeds); ``heads`` trains one backbone with k scalar heads, each pair weighted 
 seeded Poisson(1) draw (an online bootstrap, so heads disagree where data is thin). The reward
 is the members' mean; their standard deviation is reported as uncertainty.
 
-Scoring, metrics (accuracy with a bootstrap CI, ECE against soft labels) and the pipeline
-stage ``reward`` live in :mod:`cai.train.reward`.
+Scoring, metrics (accuracy with a bootstrap CI, ECE against soft labels), the pipeline stage
+``reward`` (:func:`run`) and the command line (:func:`main`) follow the loop, below.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import logging
 import shutil
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cai.config import RewardConfig, StageConfig, build
 from cai.data import Prompt, write_jsonl
-from cai.errors import ConfigError, DataError
+from cai.errors import DataError
 from cai.train import common as C
+from cai.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from cai.train.log import MetricsLogger, Throughput
 from cai.train.pairs import (
     Encoded,
     EncodedPair,
-    LoraOptions,
     PreferenceData,
-    as_dataclass,
     chosen_rejected,
     collate_pairs,
     disable_dropout,
@@ -78,74 +78,6 @@ from cai.train.pairs import (
 )
 
 log = logging.getLogger(__name__)
-
-LABEL_SOURCES = ("human", "ai")
-ENSEMBLE_KINDS = ("seeds", "heads")
-
-
-@dataclass
-class RewardConfig:
-    """Reward-model training (Hydra group ``reward``)."""
-
-    # which labels train the RM: human (stage human_pairs) | ai (stage ai_labels)
-    labels_from: str = "human"
-    # tiny (built from the policy's tokenizer) | a hub name | a local path
-    backbone: str = "tiny"
-    revision: Optional[str] = None
-    dtype: str = "float32"  # auto | float32 | bfloat16 | float16
-    device: str = "auto"  # auto | cpu | cuda: where training runs (not part of the artifact key)
-    trust_remote_code: bool = False
-    chat_format: str = "auto"  # how prompt + response are rendered: auto | template | hh
-    max_length: int = 512  # tokens per side (prompt cut from the left, response from the right)
-    lora: LoraOptions = field(default_factory=LoraOptions)
-    epochs: int = 1
-    batch_size: int = 16  # pairs per optimizer step, over all processes
-    micro_batch_size: int = 16  # pairs per forward pass (gradient accumulation below batch_size)
-    lr: float = 5e-5
-    weight_decay: float = 0.0
-    warmup: float = 0.0  # a fraction (< 1) of the steps, or a step count
-    schedule: str = "linear"  # linear | cosine | constant
-    max_grad_norm: float = 1.0  # <= 0: no clipping
-    margin: float = 0.0  # Bradley-Terry margin m
-    # TRL's center_rewards_coefficient: c * mean((r_chosen + r_rejected)^2); None: off
-    center_rewards_coefficient: Optional[float] = None
-    soft_labels: bool = True  # False: q = 1 for the preferred side (ties stay 0.5)
-    ensemble_size: int = 1
-    ensemble_kind: str = "seeds"  # seeds | heads
-    test_fraction: float = 0.2  # share of prompts held out for evaluation
-    split_salt: str = ""
-    eval_batch_size: int = 32
-    bootstrap_resamples: int = 2000  # for the accuracy's 95% CI
-    mixed_precision: str = "no"  # no | bf16 | fp16
-    disable_dropout: bool = True
-    log_every: int = 10
-    checkpoint_every: int = 100  # optimizer steps; 0: never
-
-    def __post_init__(self) -> None:
-        if isinstance(self.lora, Mapping):
-            self.lora = as_dataclass(LoraOptions, self.lora)
-        checks = [
-            (self.labels_from in LABEL_SOURCES, "labels_from", "human or ai"),
-            (self.ensemble_kind in ENSEMBLE_KINDS, "ensemble_kind", "seeds or heads"),
-            (self.ensemble_size >= 1, "ensemble_size", ">= 1"),
-            (self.epochs >= 1, "epochs", ">= 1"),
-            (self.batch_size >= 1 and self.micro_batch_size >= 1, "batch_size/micro_batch_size", ">= 1"),
-            (self.margin >= 0, "margin", ">= 0"),
-            (self.center_rewards_coefficient is None or self.center_rewards_coefficient >= 0,
-             "center_rewards_coefficient", "None or >= 0"),
-            (self.eval_batch_size >= 1, "eval_batch_size", ">= 1"),
-        ]
-        for ok, name, expected in checks:
-            if not ok:
-                raise ConfigError(f"reward.{name}={getattr(self, name.split('/')[0])!r}: expected {expected}")
-
-    @property
-    def n_heads(self) -> int:
-        return self.ensemble_size if self.ensemble_kind == "heads" else 1
-
-
-def coerce_reward_config(cfg: RewardConfig | Mapping[str, Any]) -> RewardConfig:
-    return as_dataclass(RewardConfig, cfg)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -233,7 +165,7 @@ def train_reward_model(
     model,
     tokenizer,
     train: Sequence[EncodedPair],
-    cfg: RewardConfig | Mapping[str, Any],
+    cfg: RewardConfig,
     *,
     seed: int,
     state_dir: str | Path,
@@ -247,7 +179,6 @@ def train_reward_model(
     weight each pair per head (see :func:`head_bootstrap_weights`). ``on_step(step, metrics)``
     runs after each optimizer step and its checkpoint.
     """
-    cfg = coerce_reward_config(cfg)
     if not train:
         raise DataError("reward: no training pairs")
     state_dir = Path(state_dir)
@@ -263,13 +194,13 @@ def train_reward_model(
     scheduler = C.make_scheduler(optimizer, C.resolve_warmup(cfg.warmup, total), total, cfg.schedule)
     extra = no_cache_kwargs(model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = C.load_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler)
+    state = load_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler)
     resumed_from = state.step if state else None
-    state = state or C.TrainState()
-    logger = C.MetricsLogger(state_dir / "train_log.jsonl", resume_step=resumed_from,
-                             enabled=accelerator.is_main_process)
+    state = state or TrainState()
+    logger = MetricsLogger(state_dir / "train_log.jsonl", resume_step=resumed_from,
+                           enabled=accelerator.is_main_process)
     pad_id, device = tokenizer.pad_token_id, accelerator.device
-    meter, step, last = C.Throughput(), state.step, {}
+    meter, step, last = Throughput(), state.step, {}
     model.train()
     for sb in iter_steps(n, cfg.batch_size, cfg.epochs, seed, state.epoch, state.data_position):
         rows, weight = step_share(sb.indices, rank, world)
@@ -302,8 +233,8 @@ def train_reward_model(
                          "rm/pairs_per_s": rates["samples_per_s"], "rm/tokens_per_s": rates["tokens_per_s"]})
             logger.log(step, last)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-            C.save_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler,
-                              step, *sb.next_position(n))
+            save_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler,
+                            step, *sb.next_position(n))
         if on_step is not None:
             on_step(step, last)
     logger.close()
@@ -327,10 +258,11 @@ def train_reward_model(
 #   ``reward_stats.json`` (mean/std of the reward over the training responses -- PPO normalises
 #   with them -- plus what a scorer needs), ``train_log.jsonl``, ``heldout_scores.jsonl``.
 # - :class:`RewardScorer`: load that artifact and score (conversation, response) texts.
-# - Stage ``reward`` (:func:`build_reward`, builder :func:`reward_stage`) and a command line for
-#   ``accelerate launch -m cai.train.reward ...`` (:func:`main`). The pieces the ``dpo`` stage and
-#   command line share with them live here once: :func:`preference_inputs` (which label artifacts
-#   a stage reads), :func:`split_device`, :func:`cli_parser`, :func:`cli_data`, :func:`finish_cli`.
+# - Stage ``reward`` (:func:`run`; its row in :data:`cai.pipeline.STAGES` says what it reads and
+#   which label artifacts are its inputs) and a command line for
+#   ``accelerate launch -m cai.train.reward ...`` (:func:`main`). The pieces the ``dpo`` and
+#   ``ppo`` command lines share with it live here once: :func:`cli_parser`, :func:`cli_data`,
+#   :func:`finish_cli`.
 STATS_FILE = "reward_stats.json"
 
 
@@ -407,7 +339,7 @@ def _member_dir(out_dir: Path, i: int) -> Path:
     return out_dir / "model" if i == 0 else out_dir / "ensemble" / f"member_{i}"
 
 
-def run_reward(cfg: RewardConfig | Mapping[str, Any], data: PreferenceData, load_backbone: Callable, *, seed: int,
+def run_reward(cfg: RewardConfig, data: PreferenceData, load_backbone: Callable, *, seed: int,
                out_dir: str | Path, state_dir: str | Path, accelerator=None) -> dict[str, float]:
     """Train, score and save a reward model (all members); returns flat ``rm/...`` metrics.
 
@@ -415,7 +347,6 @@ def run_reward(cfg: RewardConfig | Mapping[str, Any], data: PreferenceData, load
     """
     from cai.models import resolve_chat_format
 
-    cfg = coerce_reward_config(cfg)
     out_dir, state_dir = Path(out_dir), Path(state_dir)
     accelerator = accelerator or C.make_accelerator(mixed_precision=cfg.mixed_precision, device=cfg.device)
     main = accelerator.is_main_process
@@ -534,11 +465,11 @@ class RewardScorer:
 def backbone_loader(cfg: RewardConfig, location: str) -> Callable:
     """``load(num_labels, seed) -> (model, tokenizer)`` for the backbone at ``location`` (on CPU;
     the accelerator places it)."""
-    from cai.models import ModelSpec, load_sequence_classifier
+    from cai.models import ModelSpec, load_sequence_classifier, lora_spec
 
     spec = ModelSpec(location, revision=cfg.revision, dtype=cfg.dtype, device="cpu",
                      trust_remote_code=cfg.trust_remote_code, chat_format=cfg.chat_format,
-                     max_length=cfg.max_length, lora=cfg.lora.spec())
+                     max_length=cfg.max_length, lora=lora_spec(cfg.lora))
 
     def load(num_labels: int, seed: int):
         if num_labels == 1:
@@ -576,8 +507,8 @@ def tiny_backbone(inputs: Mapping[str, Path], data: PreferenceData, build_dir: P
     without a tiny policy, a tiny classifier whose tokenizer is trained on the pairs' text."""
     if "policy_model" in inputs:
         return str(inputs["policy_model"] / "model")
+    from cai.config import TinyConfig
     from cai.tiny import (
-        TinyModelConfig,
         build_tiny_sequence_classifier,
         default_tiny_corpus,
     )
@@ -585,18 +516,15 @@ def tiny_backbone(inputs: Mapping[str, Path], data: PreferenceData, build_dir: P
     corpus = default_tiny_corpus() + [t for x in data.train for t in
                                       (x.pair.prompt.hh_text, x.pair.response_a, x.pair.response_b)]
     if not (build_dir / "config.json").is_file():
-        build_tiny_sequence_classifier(build_dir, corpus, TinyModelConfig(seed=seed))
+        build_tiny_sequence_classifier(build_dir, corpus, TinyConfig(seed=seed))
     return str(build_dir)
 
 
 # ----------------------------------------------------------------------------- stage, CLI
-def build_reward(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any, runtime: Mapping[str, Any] | None = None,
-                 ) -> None:
-    """Stage ``reward``: train the RM on the configured labels, evaluate on held-out human pairs.
-
-    ``runtime``: settings that do not change the result (``device``), kept out of the key."""
-    rcfg = coerce_reward_config({**cfg["reward"], **(runtime or {})})
-    seed = int(cfg["seed"])
+def build_reward_model(rcfg: RewardConfig, seed: int, inputs: Mapping[str, Path], ctx: Any) -> None:
+    """Train the reward model ``rcfg`` on its labels (``inputs``: ``human_pairs``, or ``ai_labels``
+    and ``ai_pairs``; ``policy_model`` for a tiny backbone), evaluate it on held-out pairs and
+    write the artifact into ``ctx.dir``: the body of stage ``reward`` (and of ``eval_reward``)."""
     with ctx.phase("load_data"):
         data = preference_data(rcfg.labels_from, inputs, rcfg.test_fraction, rcfg.split_salt, "rm")
     location = tiny_backbone(inputs, data, ctx.state_dir / "tiny_backbone", seed) if rcfg.backbone == "tiny" \
@@ -607,67 +535,24 @@ def build_reward(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any, runtime
     ctx.set_metrics(metrics)
 
 
-def reward_stage(cfg) -> Any:
-    """Pipeline builder: the ``reward`` stage for the composed config."""
-    from omegaconf import OmegaConf
-
-    from cai.pipeline import Stage
-
-    rm = OmegaConf.to_container(cfg.reward, resolve=True)
-    rcfg = coerce_reward_config(rm)  # a bad value fails at planning, before any stage runs
-    inputs = preference_inputs(cfg, "reward", rcfg.labels_from)
-    if rcfg.backbone == "tiny" and cfg.policy.name_or_path == "tiny":
-        inputs["policy_model"] = "policy_model"
-    key, runtime = split_device(rm)
-    return Stage("reward", functools.partial(build_reward, runtime=runtime), {"reward": key, "seed": int(cfg.seed)},
-                 inputs)
+def run(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
+    """Stage ``reward``: train the RM ``cfg.reward`` on the configured labels (``reward.labels_from``),
+    evaluate on held-out (and held-out human) pairs."""
+    build_reward_model(cfg.reward, cfg.seed, inputs, ctx)
 
 
-def ai_inputs(cfg) -> dict[str, str]:
-    """Inputs of an AI-label arm: the labels and the artifact whose pairs the judge labelled."""
-    source = cfg.labels.source if "labels" in cfg and "source" in cfg.labels else "human_pairs"
-    return {"ai_labels": "ai_labels", "ai_pairs": str(source)}
-
-
-def preference_inputs(cfg, stage: str, labels_from: str) -> dict[str, str]:
-    """The label inputs of a stage trained on preferences (``reward``, ``dpo``).
-
-    AI labels: :func:`ai_inputs`. The human pairs whenever ``data.human.path`` is set: they are
-    the training labels of the human arm and the held-out human evaluation of the AI arm.
-    """
-    inputs = ai_inputs(cfg) if labels_from == "ai" else {}
-    if cfg.data.human.path:
-        inputs["human_pairs"] = "human_pairs"
-    elif labels_from == "human":
-        raise ConfigError(f"{stage}.labels_from=human needs data.human.path (HH-RLHF pairs with human labels)")
-    return inputs
-
-
-def split_device(stage_cfg: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(key part, runtime part)`` of a training stage's config: where it runs (``device``) is
-    not what it computes, so the device stays out of the artifact key."""
-    return {k: v for k, v in stage_cfg.items() if k != "device"}, {"device": stage_cfg.get("device", "auto")}
-
-
-def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in pairs:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value (e.g. epochs=2)")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, RewardConfig]:
+    """The command line's arguments and its :class:`~cai.config.RewardConfig` (``key=value``
+    overrides in the grammar of ``cai run``: ``epochs=2 lora.enabled=true``)."""
+    p = cli_parser("python -m cai.train.reward", main.__doc__, ("--backbone", "the backbone"),
+                   "model/, reward_stats.json, ...", "RewardConfig fields, e.g. epochs=2 lr=1e-4 lora.enabled=true")
+    args = p.parse_intermixed_args(argv)
+    return args, build(RewardConfig, {"backbone": args.backbone}, overrides=args.overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``[accelerate launch] python -m cai.train.reward --pairs P --labels L --backbone B --out DIR [key=value ...]``"""
-    p = cli_parser("python -m cai.train.reward", main.__doc__, ("--backbone", "the backbone"),
-                   "model/, reward_stats.json, ...", "RewardConfig fields, e.g. epochs=2 lr=1e-4")
-    args = p.parse_args(argv)
-    rcfg = coerce_reward_config({**parse_overrides(args.overrides), "backbone": args.backbone})
+    args, rcfg = parse_args(argv)
     data = cli_data(args.pairs, args.labels, rcfg.test_fraction, rcfg.split_salt, "rm")
     accelerator = C.make_accelerator(mixed_precision=rcfg.mixed_precision, device=rcfg.device)
     metrics = run_reward(rcfg, data, backbone_loader(rcfg, args.backbone), seed=args.seed, out_dir=args.out,
@@ -709,13 +594,6 @@ def finish_cli(accelerator, out: Path, metrics: Mapping[str, Any], prefix: str,
     accelerator.end_training()  # destroys the process group: gloo aborts at exit otherwise
     return 0
 
+
 if __name__ == "__main__":  # [accelerate launch] python -m cai.train.reward --help
-    import sys
-
-    from cai.errors import CaiError
-
-    try:
-        raise SystemExit(main())
-    except CaiError as e:  # a user mistake: one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    raise SystemExit(C.command_line(main))

@@ -14,7 +14,7 @@ the judge's cost ledger stage) start with ``namespace`` (``ppo`` unless a siblin
   responses), times ``reward_scale``, clipped to ``reward_clip``.
 - :class:`JudgeScoreReward` is direct RLAIF (Lee et al. 2023): the judge rates each response
   1-10 against preference principles sampled from the constitution (the ``score_messages``
-  template of :mod:`cai.feedback.templates`, choices ``"1"``..``"10"``); the reward is the
+  template of :mod:`cai.judges.templates`, choices ``"1"``..``"10"``); the reward is the
   expected score under the judge's distribution, ``sum_i p(i) * i``, averaged over principles
   and mapped to ``[-1, 1]`` by ``(s - 5.5) / 4.5``. Principles are drawn with an RNG seeded by
   the (conversation, response) pair, so a resumed run asks the same questions.
@@ -29,8 +29,8 @@ from typing import Any, Optional
 
 import torch
 
-from cai.feedback import templates as tpl
 from cai.hashing import stable_hash
+from cai.judges import templates as tpl
 from cai.judges.types import ChoiceRequest, failure_kind, run_sync
 from cai.train.rl_math import shape_scores
 

@@ -50,7 +50,7 @@ class PolicyAndValue(torch.nn.Module):
         self.value_head: torch.nn.Linear | None = None
         if value_head:
             config = (value_backbone or policy).config
-            hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+            hidden = getattr(config, "hidden_size", None) or config.n_embd
             head = torch.nn.Linear(hidden, 1)
             gen = torch.Generator().manual_seed(seed)
             with torch.no_grad():

@@ -25,30 +25,47 @@ Simplifications: examples longer than ``max_length`` are truncated (counted), no
 With LoRA the trained adapters are merged into the saved model, so every later stage loads it
 as a plain causal LM.
 
-Stage ``sft`` (:func:`sft`): reads examples from the ``revisions`` or the ``judge_answers``
-artifact (``SFTConfig.source``), optionally mixes in helpful data, trains the policy and writes
-``model/`` (weights and tokenizer) and ``train_log.jsonl``.
+Stage ``sft`` (:func:`run`, its row in :data:`cai.pipeline.STAGES`): reads examples from the
+``revisions`` or the ``judge_answers`` artifact (``sft.source``), optionally mixes in helpful
+data, trains the policy and writes ``model/`` (weights and tokenizer) and ``train_log.jsonl``.
+The command line (:func:`main`) runs the same loop on files, e.g. under ``accelerate launch``.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import inspect
 import logging
 import shutil
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cai.errors import ConfigError, DataError
+from cai.config import CHAT_FORMATS, SFTConfig, StageConfig, build
+from cai.errors import DataError
 from cai.train import common as C
-from cai.train.sft_config import SOURCES, SFTConfig, SFTLoraConfig, coerce_sft_config  # noqa: F401 (re-export)
-from cai.train.pairs import iter_steps, merged_for_saving, micro_batches, optimizer_step, step_share, steps_per_epoch
-from cai.train.sft_data import SFTExample, answer_examples, helpful_examples, mix_helpful, revision_examples
+from cai.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from cai.train.log import MetricsLogger, Throughput, read_train_log
+from cai.train.pairs import (
+    iter_steps,
+    merged_for_saving,
+    micro_batches,
+    optimizer_step,
+    step_share,
+    steps_per_epoch,
+)
+from cai.train.sft_data import (
+    SFTExample,
+    answer_examples,
+    helpful_examples,
+    mix_helpful,
+    revision_examples,
+)
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +183,7 @@ def train_sft(
     model,
     tokenizer,
     examples: list[SFTExample],
-    cfg: SFTConfig | Mapping[str, Any],
+    cfg: SFTConfig,
     *,
     state_dir: str | Path,
     seed: int = 0,
@@ -179,9 +196,8 @@ def train_sft(
     ``state_dir`` holds the checkpoint and ``train_log.jsonl`` (kept across kills).
     ``on_step(step, metrics)`` is called after every optimizer step (and its checkpoint).
     """
-    from cai.models import apply_lora
+    from cai.models import apply_lora, lora_spec
 
-    cfg = coerce_sft_config(cfg)
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     C.seed_everything(seed)
@@ -191,20 +207,20 @@ def train_sft(
     if not rows:
         raise DataError(f"sft: no trainable examples ({len(examples)} given; left out: {dict(encoded.counts)})")
     if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora.spec(), seed=seed)
+        model = apply_lora(model, lora_spec(cfg.lora), seed=seed)
     steps_per_epoch, total_steps = plan_steps(n, cfg)
     optimizer = C.make_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = C.make_scheduler(optimizer, C.resolve_warmup(cfg.warmup, total_steps), total_steps, cfg.schedule)
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = C.load_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler)
+    state = load_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler)
     resumed_from = state.step if state else None
-    state = state or C.TrainState()
-    logger = C.MetricsLogger(state_dir / "train_log.jsonl", resume_step=resumed_from,
-                             enabled=accelerator.is_main_process,
-                             tensorboard_dir=state_dir / "tensorboard" if cfg.tensorboard else None,
-                             wandb_project=cfg.wandb_project, run_name=state_dir.parent.name, config=asdict(cfg))
+    state = state or TrainState()
+    logger = MetricsLogger(state_dir / "train_log.jsonl", resume_step=resumed_from,
+                           enabled=accelerator.is_main_process,
+                           tensorboard_dir=state_dir / "tensorboard" if cfg.tensorboard else None,
+                           wandb_project=cfg.wandb_project, run_name=state_dir.parent.name, config=asdict(cfg))
     keep_logits = _keeps_logits(accelerator.unwrap_model(model))
-    meter, step = C.Throughput(), state.step
+    meter, step = Throughput(), state.step
     tokens_seen = int(state.extra.get("tokens_seen", 0))
     model.train()
     epochs = -(-total_steps // steps_per_epoch)  # max_steps may stop inside an epoch, or run past `epochs`
@@ -225,8 +241,8 @@ def train_sft(
             metrics.update({f"sft/{k}": v for k, v in meter.rates().items()})
             logger.log(step, metrics)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-            C.save_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler,
-                              step, *sb.next_position(n), {"tokens_seen": tokens_seen})
+            save_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler,
+                            step, *sb.next_position(n), {"tokens_seen": tokens_seen})
         if on_step is not None:
             on_step(step, metrics)
     logger.close()
@@ -268,27 +284,29 @@ def load_sft_examples(cfg: SFTConfig, inputs: Mapping[str, Path], seed: int) -> 
     return examples, metrics
 
 
-def sft(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any) -> None:
-    """Stage ``sft``: train the policy on the configured source and write ``model/``."""
-    from cai.models import load_causal_lm
+def run(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
+    """Stage ``sft``: train the policy (``cfg.policy``) on the configured source (``cfg.sft``) and
+    write ``model/``. Inputs: ``revisions`` or ``answers`` (by ``sft.source``), and
+    ``policy_model`` for ``policy.name_or_path: tiny``."""
     from cai.generation.stages import policy_location, training_model_spec
+    from cai.models import load_causal_lm
 
-    scfg = coerce_sft_config(cfg["sft"])
-    seed = int(cfg["seed"]) + scfg.seed_offset
+    scfg = cfg.sft
+    seed = cfg.seed + scfg.seed_offset
     with ctx.phase("load_data"):
         examples, metrics = load_sft_examples(scfg, inputs, seed)
     with ctx.phase("load_model"):
-        spec = training_model_spec(cfg["policy"], policy_location(cfg, inputs), not scfg.lora.enabled)
+        spec = training_model_spec(cfg.policy, policy_location(cfg.policy, inputs), not scfg.lora.enabled)
         model, tok = load_causal_lm(spec)
     with ctx.phase("train"):
         result = train_sft(model, tok, examples, scfg, state_dir=ctx.state_dir, seed=seed,
-                           chat_format=spec.chat_format, device=cfg["policy"].get("device", "auto"))
+                           chat_format=spec.chat_format, device=cfg.policy.device)
     with ctx.phase("save"):
         save_sft_model(result.model, tok, ctx.dir / "model")
         shutil.copyfile(ctx.state_dir / "train_log.jsonl", ctx.dir / "train_log.jsonl")
         if (ctx.state_dir / "tensorboard").is_dir():
             shutil.copytree(ctx.state_dir / "tensorboard", ctx.dir / "tensorboard")
-    log_rows = C.read_train_log(ctx.dir / "train_log.jsonl")
+    log_rows = read_train_log(ctx.dir / "train_log.jsonl")
     if log_rows:
         metrics["sft/first_loss"] = log_rows[0]["sft/loss"]
         metrics["sft/final_loss"] = log_rows[-1]["sft/loss"]
@@ -297,46 +315,12 @@ def sft(cfg: dict[str, Any], inputs: dict[str, Path], ctx: Any) -> None:
     ctx.set_metrics(metrics)
 
 
-def _sft(cfg) -> Any:
-    """Pipeline builder: the ``sft`` stage for the composed config."""
-    from omegaconf import OmegaConf
-
-    from cai.pipeline import Stage
-
-    scfg = OmegaConf.to_container(cfg.sft, resolve=True)
-    source = scfg["source"]
-    if source not in SOURCES:
-        raise ConfigError(f"sft.source={source!r}, expected one of {', '.join(SOURCES)}")
-    inputs = {"revisions": "revisions"} if source == "revisions" else {"answers": "judge_answers"}
-    if cfg.policy.name_or_path == "tiny":
-        inputs["policy_model"] = "policy_model"
-    policy = {k: v for k, v in OmegaConf.to_container(cfg.policy, resolve=True).items() if k != "device"}
-    # sft.answers configures the judge_answers stage, whose key reaches this one through its input.
-    # (checkpoint_every and the trackers do not change the model but stay in the slice: the slice is
-    # all a stage function receives.)
-    key_cfg = {k: v for k, v in scfg.items() if k != "answers"}
-    return Stage("sft", sft, {"sft": key_cfg, "policy": policy, "seed": cfg.seed}, inputs)
-
-
 # ----------------------------------------------------------------------------- command line
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m cai.train.sft --policy DIR --examples FILE --out DIR [sft.field=value ...]``.
-
-    Runs :func:`train_sft` outside the pipeline, e.g. on several processes with
-    ``accelerate launch -m cai.train.sft ...``. Data: ``--revisions`` (revisions.jsonl),
-    ``--answers`` (answers.jsonl) or ``--examples`` (a .jsonl of ``{messages, response}``).
-    Writes ``model/``, ``train_log.jsonl`` and ``metrics.json`` into ``--out`` (main process).
-    """
-    import argparse
-    import json
-
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from cai.models import ModelSpec, load_causal_lm
-
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, SFTConfig]:
+    """The command line's arguments and its :class:`~cai.config.SFTConfig` (``key=value``
+    overrides in the grammar of ``cai run``: ``lr=1e-4 lora.enabled=true``)."""
     parser = argparse.ArgumentParser(prog="python -m cai.train.sft", description=main.__doc__)
     parser.add_argument("--policy", required=True, help="hub name or local directory of the causal LM")
     data = parser.add_mutually_exclusive_group(required=True)
@@ -346,15 +330,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--state-dir", type=Path, help="checkpoints (default: OUT/state)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--chat-format", default="auto")
+    parser.add_argument("--chat-format", default="auto", choices=CHAT_FORMATS)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("overrides", nargs="*", help="SFTConfig fields, e.g. lr=1e-4 batch_size=16 micro_batch_size=4")
+    parser.add_argument("overrides", nargs="*",
+                        help="SFTConfig fields, e.g. lr=1e-4 batch_size=16 micro_batch_size=4 lora.enabled=true")
     args = parser.parse_intermixed_args(argv)
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(SFTConfig), OmegaConf.from_dotlist(args.overrides))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"sft overrides {args.overrides}: {e}") from e
-    cfg = coerce_sft_config(OmegaConf.to_container(merged))
+    return args, build(SFTConfig, overrides=args.overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m cai.train.sft --policy DIR --examples FILE --out DIR [key=value ...]``.
+
+    Runs :func:`train_sft` outside the pipeline, e.g. on several processes with
+    ``accelerate launch -m cai.train.sft ...``. Data: ``--revisions`` (revisions.jsonl),
+    ``--answers`` (answers.jsonl) or ``--examples`` (a .jsonl of ``{messages, response}``).
+    Writes ``model/``, ``train_log.jsonl`` and ``metrics.json`` into ``--out`` (main process).
+    """
+    import json
+
+    from accelerate.state import PartialState
+
+    from cai.models import ModelSpec, load_causal_lm
+
+    args, cfg = parse_args(argv)
     if args.revisions:
         examples, counts = revision_examples(args.revisions, cfg.revision_round)
     elif args.answers:
@@ -363,26 +361,17 @@ def main(argv: list[str] | None = None) -> int:
         examples, counts = helpful_examples(str(args.examples))
     dtype = "float32" if not cfg.lora.enabled else "auto"
     model, tok = load_causal_lm(ModelSpec(args.policy, dtype=dtype, device="cpu"))
-    result = train_sft(model, tok, examples, cfg, state_dir=args.state_dir or args.out / "state", seed=args.seed,
+    state_dir = args.state_dir or args.out / "state"
+    result = train_sft(model, tok, examples, cfg, state_dir=state_dir, seed=args.seed,
                        chat_format=args.chat_format, device=args.device)
-    from accelerate.state import PartialState
-
     if PartialState().is_main_process:
         save_sft_model(result.model, tok, args.out / "model")
-        shutil.copyfile((args.state_dir or args.out / "state") / "train_log.jsonl", args.out / "train_log.jsonl")
+        shutil.copyfile(state_dir / "train_log.jsonl", args.out / "train_log.jsonl")
         metrics = {**{f"sft/source_{k}": v for k, v in counts.items()}, **result.metrics}
         (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
 
 
-if __name__ == "__main__":
-    import sys
-
-    from cai.errors import CaiError
-
+if __name__ == "__main__":  # [accelerate launch] python -m cai.train.sft --help
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        raise SystemExit(main())
-    except CaiError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    raise SystemExit(C.command_line(main))

@@ -85,10 +85,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.path.insert(0, str(REPO))
+    from cai.config import RewardConfig
     from cai.data import load_hh_rlhf
-    from cai.train.common import read_train_log
+    from cai.train.log import read_train_log
     from cai.train.pairs import LabelledPair, PreferenceData, split_pairs
-    from cai.train.reward import RewardConfig
     from cai.train.reward import backbone_loader, run_reward
 
     backbone = args.backbone or minilm_path()
