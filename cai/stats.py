@@ -1,22 +1,24 @@
-"""Small, seeded statistics shared by label-quality metrics and evaluation.
+"""Small, seeded statistics shared by label-quality metrics, reward models and evaluation.
 
-Three tools, each deterministic for a given ``seed``:
+Each tool is deterministic for a given ``seed``:
 
-- :func:`bootstrap_ci` -- percentile bootstrap confidence interval of a statistic over
-  independent units (pairs, prompts): resample the units with replacement ``n`` times and take
-  the ``alpha/2`` and ``1 - alpha/2`` quantiles of the statistic.
-- :func:`paired_bootstrap_diff` -- the same for the difference of one statistic between two arms
-  measured on the *same* units (arm A's and arm B's win on each prompt): the units are resampled
-  jointly, so the correlation between the arms is kept and the interval is narrower than two
-  independent intervals would suggest.
+- :func:`rate_ci` -- the interval of a rate (agreement, accuracy, harmless rate, a win rate with
+  ties counted half): Wilson's score interval when every unit is 0 or 1, else the BCa bootstrap
+  (falling back to Wilson on the sum when every unit is equal, where BCa is undefined). Both
+  cover their nominal 95% at the small samples cai's quickstart evaluates (n = 32, true rate 0.5
+  or 0.9; ``tests/test_stats_coverage.py`` simulates it), which the percentile bootstrap does not
+  (83% at n = 32, rate 0.9).
+- :func:`bootstrap_ci` -- the bias-corrected and accelerated (BCa, Efron 1987) bootstrap interval
+  of a statistic over independent units, through :func:`scipy.stats.bootstrap`; ``method=
+  "percentile"`` for statistics too costly to jackknife (a refitted model per resample).
+- :func:`wilson_ci` -- Wilson's score interval of ``successes`` out of ``n``.
+- :func:`paired_bootstrap_diff` -- the difference of one statistic between two arms measured on
+  the *same* units: the units are resampled jointly, so the correlation between the arms is kept
+  and the interval is narrower than two independent intervals would suggest.
 - :func:`paired_permutation_test` -- a sign-flip test of "the two arms have the same mean" on
   paired values: under the null each unit's difference is as likely to have either sign. With
   few units every sign pattern is enumerated (an exact p-value); otherwise ``n`` random patterns
   are drawn and the p-value is ``(1 + hits) / (1 + n)``, which never reports an impossible 0.
-
-Percentile intervals are simple and adequate for means of bounded values (agreement, win
-rates); they are known to under-cover slightly for small samples and skewed statistics, which is
-why the number of units is always reported next to an interval.
 """
 
 from __future__ import annotations
@@ -112,17 +114,73 @@ def bootstrap_ci(
     n: int = 2000,
     seed: int = 0,
     alpha: float = 0.05,
+    method: str = "bca",
 ) -> tuple[float, float]:
-    """``(low, high)``: the ``1 - alpha`` percentile-bootstrap interval of ``stat(values)``.
+    """``(low, high)``: the ``1 - alpha`` bootstrap interval of ``stat(values)``.
 
-    ``values`` are one number per independent unit (e.g. 1/0 agreement per pair). ``stat``
-    receives a resampled array; if it accepts ``axis`` (numpy reductions do) all resamples
-    are computed at once. Raises ``ValueError`` on empty or non-finite input.
+    ``values`` are one number per independent unit. ``method="bca"`` (default): bias-corrected
+    and accelerated, via :func:`scipy.stats.bootstrap` (all resamples at once when ``stat``
+    accepts ``axis``, as numpy reductions do); when every resample gives the same value (all
+    units equal) the interval is that value. ``method="percentile"``: the ``alpha/2`` and
+    ``1 - alpha/2`` quantiles of the resampled statistic (``stat`` may be any function of the resampled array). Raises
+    ``ValueError`` on empty or non-finite input.
     """
     _check_common(n, alpha)
     arr = _as_array(values, "bootstrap_ci values")
-    (stats,) = _resampled_stats([arr], stat, n, seed)
-    return _interval(stats, alpha)
+    if method == "percentile":
+        (stats,) = _resampled_stats([arr], stat, n, seed)
+        return _interval(stats, alpha)
+    if method != "bca":
+        raise ValueError(f"bootstrap_ci: method must be 'bca' or 'percentile', got {method!r}")
+    if arr.size < 2 or np.all(arr == arr[0]):
+        value = float(stat(arr))
+        return value, value  # every resample is the same sample: no spread to estimate
+    from scipy.stats import bootstrap
+
+    # vectorized=None: scipy calls ``stat`` on all resamples at once when it takes ``axis``
+    res = bootstrap((arr,), stat, n_resamples=n, confidence_level=1.0 - alpha, method="BCa",
+                    vectorized=None, rng=np.random.default_rng(seed))
+    low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    if not (math.isfinite(low) and math.isfinite(high)):  # a degenerate jackknife: percentile instead
+        (stats,) = _resampled_stats([arr], stat, n, seed)
+        return _interval(stats, alpha)
+    return low, high
+
+
+def wilson_ci(successes: float, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Wilson's score interval for a rate of ``successes`` out of ``n`` (``successes`` may be a
+    sum of fractional scores in [0, 1]); ``(nan, nan)`` when ``n`` is 0."""
+    if n <= 0:
+        return math.nan, math.nan
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    from scipy.stats import norm
+
+    z = float(norm.ppf(1.0 - alpha / 2.0))
+    p = float(successes) / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2.0 * n)) / denom
+    half = z * math.sqrt(max(p * (1.0 - p), 0.0) / n + z * z / (4.0 * n * n)) / denom
+    # at p = 0 (p = 1) the lower (upper) bound is exactly 0 (1); say so, not 1 - 1e-16
+    low = 0.0 if p <= 0.0 else max(0.0, centre - half)
+    high = 1.0 if p >= 1.0 else min(1.0, centre + half)
+    return low, high
+
+
+def rate_ci(values: Sequence[float] | np.ndarray, n: int = 2000, seed: int = 0,
+            alpha: float = 0.05) -> tuple[float, float]:
+    """The ``1 - alpha`` interval of a rate: the mean of per-unit scores in [0, 1].
+
+    All 0/1 (agreement, accuracy, a harmless verdict): Wilson's score interval. Fractional
+    scores (a win rate with ties counted half): the BCa bootstrap, or Wilson on the sum of the
+    scores when every unit is equal (BCa has no spread to work with there).
+    """
+    arr = _as_array(values, "rate_ci values")
+    if np.any(arr < 0.0) or np.any(arr > 1.0):
+        raise ValueError("rate_ci: scores must be in [0, 1]")
+    if np.all((arr == 0.0) | (arr == 1.0)) or np.all(arr == arr[0]):
+        return wilson_ci(float(arr.sum()), int(arr.size), alpha)
+    return bootstrap_ci(arr, np.mean, n=n, seed=seed, alpha=alpha, method="bca")
 
 
 def paired_bootstrap_diff(

@@ -19,7 +19,7 @@ Definitions (the report and the metrics use exactly these):
   of :func:`cai.judges.types.failure_kind`), never a loss, never in a denominator.
 - Win rate, ``ties="half"`` (default): ``(wins + ties/2) / (wins + ties + losses)``;
   ``ties="excluded"``: ``wins / (wins + losses)`` (ties still reported). The 95% interval
-  is a percentile bootstrap over prompts (:func:`cai.stats.bootstrap_ci`).
+  is :func:`cai.stats.rate_ci` over prompts (Wilson without ties, BCa bootstrap with ties).
 - Length-controlled win rate (RLAIF paper, appendix J): a logistic regression of the
   per-prompt outcome on the length difference (arm minus baseline), read off at a length
   difference of zero -- "how often would the arm win if its responses were as long as the
@@ -40,7 +40,7 @@ import numpy as np
 
 from cai.errors import DataError
 from cai.judges.types import failure_kind
-from cai.stats import OUTCOME_SCORE, bootstrap_ci
+from cai.stats import OUTCOME_SCORE, bootstrap_ci, rate_ci
 
 TIES = ("half", "excluded")
 
@@ -170,7 +170,7 @@ def win_rate(judgements: Sequence[Judgement], *, ties: str = "half", tie_margin:
     rate, low, high = nan, nan, nan
     if scores.size:
         rate = float(scores.mean())
-        low, high = bootstrap_ci(scores, n=n_boot, seed=seed, alpha=alpha)
+        low, high = rate_ci(scores, n=n_boot, seed=seed, alpha=alpha)
     return WinRate(
         n=len(judgements), wins=counts["win"], ties=counts["tie"], losses=counts["loss"],
         invalid=counts["invalid"], ties_as=ties, win_rate=rate, ci_low=low, ci_high=high,
@@ -223,7 +223,7 @@ def binary_rate(probs: Sequence[float | None], failures: Sequence[str | None] | 
     reasons = Counter(failure_kind(f) for p, f in zip(probs, failures) if p is None)
     decided = np.array([1.0 if p > 0.5 else 0.0 for p in valid if p != 0.5])
     nan = float("nan")
-    low, high = (bootstrap_ci(decided, n=n_boot, seed=seed, alpha=alpha) if decided.size else (nan, nan))
+    low, high = (rate_ci(decided, n=n_boot, seed=seed, alpha=alpha) if decided.size else (nan, nan))
     return Rate(n=len(probs), positive=int(decided.sum()), negative=int(decided.size - decided.sum()),
                 undecided=sum(p == 0.5 for p in valid), invalid=len(probs) - len(valid),
                 rate=float(decided.mean()) if decided.size else nan, ci_low=low, ci_high=high,
@@ -339,6 +339,8 @@ def length_controlled_win_rate(judgements: Sequence[Judgement], length_diff: Map
         rows = idx.astype(int)
         return _rate_at_zero(fit_logistic(x[rows], y[rows]))
 
-    low, high = bootstrap_ci(np.arange(y.size, dtype=float), stat=refit, n=n_boot, seed=seed, alpha=alpha)
+    # a refitted logistic model per resample: BCa's jackknife would refit n more times, so percentile
+    low, high = bootstrap_ci(np.arange(y.size, dtype=float), stat=refit, n=n_boot, seed=seed, alpha=alpha,
+                             method="percentile")
     return LengthControlledWinRate(_rate_at_zero(fit), low, high, float(y.mean()), fit.slope,
                                    int(y.size), fit.converged)

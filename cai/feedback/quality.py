@@ -30,7 +30,7 @@
   ``timeout``, ``budget``, ...).
 - ``cost_usd`` (sum of ``meta["cost_usd"]``) and ``cost_per_label_usd`` (per usable label).
 - ``agreement_ci_low/high`` and ``soft_agreement_ci_low/high``: seeded percentile bootstrap
-  over pairs (:func:`cai.stats.bootstrap_ci`).
+  over pairs (:func:`cai.stats.rate_ci`: Wilson, or BCa for soft agreement).
 
 Nothing is dropped silently: AI labels without a human label (``unmatched_ai``), human labels
 without an AI label (``unmatched_human``), failed labels and human ties are all counted. A metric
@@ -56,7 +56,7 @@ from cai.data import Label, read_jsonl
 from cai.errors import DataError
 from cai.feedback.label_methods import meta_probability, position_metrics
 from cai.judges.types import failure_kind
-from cai.stats import bootstrap_ci
+from cai.stats import rate_ci
 
 P = "quality/"
 
@@ -129,7 +129,7 @@ def _mean(xs: list[float]) -> float | None:
 def _ci(values: list[float], cfg: QualityConfig, seed: int) -> tuple[float | None, float | None]:
     if not values:
         return None, None
-    return bootstrap_ci(values, n=cfg.bootstrap, seed=seed, alpha=cfg.alpha)
+    return rate_ci(values, n=cfg.bootstrap, seed=seed, alpha=cfg.alpha)
 
 
 # ----------------------------------------------------------------------------- the metric groups

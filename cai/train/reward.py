@@ -248,10 +248,10 @@ def train_reward_model(
 # ============================================================================= stage, scoring and command line
 # Reward models after the loop: scoring, evaluation, the saved artifact, the pipeline stage.
 #
-# - :func:`preference_metrics`: accuracy on decided pairs with a 95% bootstrap CI
-#   (:func:`cai.stats.bootstrap_ci`), the soft Bradley-Terry loss, the expected calibration error
-#   of ``sigmoid(r_a - r_b)`` against the labels' ``p_a`` (ECE, 10 equal-width bins), reward
-#   mean/std and, for ensembles, the mean spread of the members.
+# - :func:`preference_metrics`: accuracy on decided pairs with a 95% interval
+#   (:func:`cai.stats.rate_ci`; an exact reward tie counts half), the soft Bradley-Terry loss,
+#   the expected calibration error of ``sigmoid(r_a - r_b)`` against the labels' ``p_a`` (ECE,
+#   10 equal-width bins), reward mean/std and, for ensembles, the mean spread of the members.
 # - :func:`run_reward`: train every ensemble member (:func:`cai.train.reward.train_reward_model`),
 #   score train / held-out / human held-out pairs, save the artifact:
 #   ``model/`` (member 0, or the k-head model), ``ensemble/member_<i>/`` (more seeds),
@@ -311,12 +311,13 @@ def expected_calibration_error(pred: torch.Tensor, target: torch.Tensor, n_bins:
 def preference_metrics(r_a: torch.Tensor, r_b: torch.Tensor, p_a: torch.Tensor, prefix: str, *,
                        seed: int = 0, n_boot: int = 2000) -> dict[str, float]:
     """Held-out metrics of member rewards ``[N, k]`` against labels ``p_a`` ``[N]``."""
-    from cai.stats import bootstrap_ci
+    from cai.stats import rate_ci
 
     ra, rb = r_a.mean(-1), r_b.mean(-1)
     d = ra - rb
     decided = p_a != 0.5
-    correct = ((d > 0) == (p_a > 0.5))[decided].float().numpy()
+    # an exact reward tie (d == 0) prefers neither side: it counts half, not as 'b preferred'
+    correct = torch.where(d == 0, torch.full_like(d, 0.5), ((d > 0) == (p_a > 0.5)).float())[decided].numpy()
     a_chosen, q = orient(p_a)
     dc = torch.where(a_chosen, d, -d)
     loss = -(q * torch.nn.functional.logsigmoid(dc) + (1 - q) * torch.nn.functional.logsigmoid(-dc))
@@ -326,7 +327,7 @@ def preference_metrics(r_a: torch.Tensor, r_b: torch.Tensor, p_a: torch.Tensor, 
            f"{prefix}/margin": float(dc.mean()), f"{prefix}/reward_mean": float(both.mean()),
            f"{prefix}/reward_std": float(both.std(unbiased=False))}
     if len(correct):
-        low, high = bootstrap_ci(correct, n=n_boot, seed=seed)
+        low, high = rate_ci(correct, n=n_boot, seed=seed)
         out.update({f"{prefix}/accuracy": float(correct.mean()), f"{prefix}/accuracy_ci_low": low,
                     f"{prefix}/accuracy_ci_high": high})
     if r_a.shape[1] > 1:
