@@ -66,9 +66,14 @@ EVALUATED_POLICIES = ("initial", "sft", "dpo", "ppo")
 # ============================================================================= the machinery
 def setting(default: Any = MISSING, *, factory: Any = MISSING, runtime: bool = False,
             choices: Sequence[Any] | None = None, ge: float | None = None, gt: float | None = None,
-            le: float | None = None, lt: float | None = None, keyed_unless_default: bool = False) -> Any:
-    """A schema field with its metadata: what :func:`check_fields` checks, what :func:`key_fields` keys."""
-    meta: dict[str, Any] = {"runtime": runtime, "keyed_unless_default": keyed_unless_default}
+            le: float | None = None, lt: float | None = None, keyed_unless_default: bool = False,
+            local_path: bool = False) -> Any:
+    """A schema field with its metadata: what :func:`check_fields` checks, what :func:`key_fields` keys.
+
+    ``local_path``: the value may name a local file or directory (a prompts file, a model
+    directory); when it does, its *contents* enter the artifact key of every stage reading it."""
+    meta: dict[str, Any] = {"runtime": runtime, "keyed_unless_default": keyed_unless_default,
+                            "local_path": local_path}
     for name, value in (("choices", choices), ("ge", ge), ("gt", gt), ("le", le), ("lt", lt)):
         if value is not None:
             meta[name] = tuple(value) if name == "choices" else value
@@ -307,8 +312,8 @@ class ModelConfig(Schema):
 
     GROUP: ClassVar[str] = "policy"
 
-    name_or_path: str = "tiny"
-    """hub name, local directory, or ``tiny`` (built in the store from the prompt source)"""
+    name_or_path: str = setting("tiny", local_path=True)
+    """hub name, local directory (its contents are keyed), or ``tiny`` (built in the store from the prompt source)"""
     revision: Optional[str] = None
     """hub revision (branch, tag or commit)"""
     gguf_file: Optional[str] = None
@@ -335,7 +340,7 @@ class HumanDataConfig(Schema):
 
     GROUP: ClassVar[str] = "data.human"
 
-    path: Optional[str] = None
+    path: Optional[str] = setting(None, local_path=True)
     """None: no human data. Hub: "Anthropic/hh-rlhf:harmless-base"; local: a .jsonl(.gz) path"""
     split: str = "test"
     """the hub split to read"""
@@ -349,7 +354,7 @@ class DataConfig(Schema):
 
     GROUP: ClassVar[str] = "data"
 
-    prompts: str = "builtin"
+    prompts: str = setting("builtin", local_path=True)
     """builtin (the project's own prompt set) | a .jsonl path | hh:<path-or-hub> (HH red-team prompts)"""
     max_prompts: Optional[int] = setting(None, ge=1)
     """use at most this many prompts (None: all)"""
@@ -433,7 +438,7 @@ class JudgeConfig(Schema):
 
     backend: str = setting("openai", choices=JUDGE_BACKENDS)
     """openai (any OpenAI-compatible base_url: vLLM, llama.cpp, Ollama) | anthropic | hf (local)"""
-    model: str = ""
+    model: str = setting("", local_path=True)
     """model name as the API knows it (hf: hub name or local path; tiny: the tiny policy)"""
     base_url: Optional[str] = None
     """None: the provider's public endpoint"""
@@ -627,7 +632,7 @@ class CritiqueConfig(Schema):
     judge the block's requests run concurrently, so raise it (e.g. 64) to keep them busy"""
     max_prompts: Optional[int] = setting(None, ge=1)
     """revise only the first N responses; None: all"""
-    initial_responses: Optional[str] = None
+    initial_responses: Optional[str] = setting(None, local_path=True)
     """None: the responses stage's output. Else a JSONL file of {"messages": [...], "response": "..."}"""
 
     def check(self) -> None:
@@ -665,7 +670,7 @@ class SFTConfig(Schema):
     """revisions (SL-CAI: the critique stage's revisions) | judge_answers (distil the judge)"""
     revision_round: Optional[int] = setting(None, ge=1)
     """None: the final revision; r >= 1: the revision after round r (SL-CAI-r)"""
-    helpful_source: Optional[str] = None
+    helpful_source: Optional[str] = setting(None, local_path=True)
     """helpful data mixed in: hh:<path-or-hub>[@split] (chosen replies) or a .jsonl of {messages, response}"""
     helpful_ratio: float = setting(0.0, ge=0.0, lt=1.0)
     """share of the SFT set drawn from helpful_source"""
@@ -717,7 +722,7 @@ class RewardConfig(Schema):
 
     labels_from: str = setting("human", choices=("human", "ai"))
     """which labels train the RM: human (stage human_pairs) | ai (stage ai_labels)"""
-    backbone: str = "tiny"
+    backbone: str = setting("tiny", local_path=True)
     """tiny (built from the policy's tokenizer) | a hub name | a local path"""
     revision: Optional[str] = None
     """hub revision of the backbone"""

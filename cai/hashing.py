@@ -58,3 +58,69 @@ def text_hash(*parts: str, length: int = 16) -> str:
         h.update(len(b).to_bytes(8, "big"))
         h.update(b)
     return h.hexdigest()[:length]
+
+
+# ----------------------------------------------------------------------------- files on disk
+class Fingerprints:
+    """SHA-256 of local files and directories, cached by (path, size, mtime): a user file a stage
+    reads (a prompts file, a local model directory) enters its artifact key by *contents*, so a
+    file edited in place gives a new key, while an unchanged 16 GB model is hashed once.
+
+    ``cache_file`` (JSON) keeps the hashes between runs; it is rewritten atomically.
+    """
+
+    def __init__(self, cache_file: str | PurePath | None = None) -> None:
+        from pathlib import Path
+
+        self._file = Path(cache_file) if cache_file else None
+        self._cache: dict[str, list[Any]] = {}
+        self._dirty = False
+        if self._file is not None and self._file.is_file():
+            try:
+                self._cache = json.loads(self._file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                self._cache = {}  # a damaged cache is only a cache: hash again
+
+    def file(self, path: str | PurePath) -> str:
+        import os
+
+        p = os.path.abspath(os.fspath(path))
+        st = os.stat(p)
+        hit = self._cache.get(p)
+        if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+            return str(hit[2])
+        digest = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        self._cache[p] = [st.st_size, st.st_mtime_ns, digest.hexdigest()]
+        self._dirty = True
+        return digest.hexdigest()
+
+    def of(self, path: str | PurePath) -> str:
+        """A file's SHA-256, or a directory's: the hash of every file's relative path and SHA-256."""
+        import os
+
+        p = os.fspath(path)
+        if os.path.isfile(p):
+            return self.file(p)
+        entries = []
+        for root, dirs, files in os.walk(p):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                full = os.path.join(root, name)
+                entries.append([os.path.relpath(full, p).replace(os.sep, "/"), self.file(full)])
+        return stable_hash(entries)
+
+    def save(self) -> None:
+        if not self._dirty or self._file is None:
+            return
+        import os
+        import tempfile
+
+        self._file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self._file.parent, prefix=".fingerprints-")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(self._cache, f)
+        os.replace(tmp, self._file)
+        self._dirty = False

@@ -14,8 +14,9 @@ Each row of :data:`STAGES` says, for one stage, everything the pipeline needs to
 - ``inputs``: input name -> upstream stage, a function of the config (explicit fields decide:
   ``ppo.start_from``, ``eval.policy``, ``reward.labels_from``...).
 - ``constitution``: whether the constitution's hash enters the key.
-- ``files``: user files the stage reads (a prompts file, initial responses): their *contents*
-  (SHA-256) enter the key, so a file edited in place is a new key, not a stale reuse.
+Every local file or directory a stage's read fields name (fields marked ``local_path`` in
+:mod:`cai.config`: a prompts file, human data, a local policy, judge or reward backbone) enters its
+key by *contents* (SHA-256, cached by size and mtime), so a file edited in place is a new key.
 
 ``plan(cfg)`` turns the composed config into the ordered stages (upstream first, each once);
 ``run_experiment(cfg, run_dir)`` asks the store for each, building only what is missing, and
@@ -120,7 +121,6 @@ class StageSpec:
     reads: Callable[[Config], list[str]]
     inputs: Callable[[Config], dict[str, str]] = lambda c: {}
     constitution: Callable[[Config], bool] = lambda c: False
-    files: Callable[[Config], list[str]] = lambda c: []
     version: str = "1"
 
 
@@ -253,24 +253,21 @@ def _human_pairs_reads(c: Config) -> list[str]:
 STAGES: dict[str, StageSpec] = {
     "prompts": StageSpec(
         "cai.generation.stages:build_prompts",
-        reads=lambda c: ["data.prompts", "data.test_fraction", "data.split_salt", "data.max_prompts"],
-        files=lambda c: _local_file(c.data.prompts.removeprefix("hh:")), version="2"),
+        reads=lambda c: ["data.prompts", "data.test_fraction", "data.split_salt", "data.max_prompts"], version="2"),
     # the tokenizer learns the whole prompt source, so the tiny model does not change with
     # data.max_prompts or the split: arms of a sweep share one initial policy
     "policy_model": StageSpec(
-        "cai.generation.stages:build_tiny_policy", reads=lambda c: ["policy.tiny", "data.prompts"],
-        files=lambda c: _local_file(c.data.prompts.removeprefix("hh:")), version="2"),
+        "cai.generation.stages:build_tiny_policy", reads=lambda c: ["policy.tiny", "data.prompts"], version="2"),
     "responses": StageSpec(
         "cai.generation.stages:sample_responses", reads=_sampled,
         inputs=lambda c: {"prompts": "prompts", **_tiny_policy(c)}, version="2"),
-    "human_pairs": StageSpec("cai.generation.stages:build_human_pairs", reads=_human_pairs_reads,
-                             files=lambda c: _local_file(c.data.human.path), version="2"),
+    "human_pairs": StageSpec("cai.generation.stages:build_human_pairs", reads=_human_pairs_reads, version="2"),
     "policy_pairs": StageSpec(
         "cai.generation.stages:sample_policy_pairs", reads=lambda c: [*_sampled(c), "labels.pairs_from"],
         inputs=lambda c: {"prompts": "prompts", **_tiny_policy(c), **_start(c, c.labels.pairs_from)}, version="2"),
     "revisions": StageSpec(
         "cai.feedback.critique:run_revisions", reads=_revisions_reads, inputs=_revisions_inputs,
-        constitution=lambda c: True, files=lambda c: _local_file(c.critique.initial_responses),
+        constitution=lambda c: True,
         version="2/critique-text/1"),  # the suffix is cai.feedback.critique_text.PROMPT_VERSION (a test checks)
     "ai_labels": StageSpec(
         "cai.feedback.label:label_pairs",
@@ -347,7 +344,11 @@ def _store_root(cfg: Config) -> Path:
     return Path(cfg.store.root or ArtifactStore.default_root()).expanduser()
 
 
-def make_stage(name: str, cfg: Config) -> Stage:
+def make_stage(name: str, cfg: Config, fingerprints: Any = None) -> Stage:
+    """Stage ``name`` planned for ``cfg`` (``fingerprints``: a shared :class:`cai.hashing.Fingerprints`)."""
+    from cai.hashing import Fingerprints
+
+    fingerprints = fingerprints or Fingerprints()
     spec = STAGES[name]
     reads = list(spec.reads(cfg))
     inputs = dict(spec.inputs(cfg))
@@ -357,20 +358,56 @@ def make_stage(name: str, cfg: Config) -> Stage:
     view = StageConfig(name, _sections(cfg, reads, name), _store_root(cfg),
                        resolve_constitution_file(cfg) if uses_constitution else None)
     config = stage_key_config(cfg, [r for r in reads if r != "constitution"])
-    files = spec.files(cfg)
-    if files:
-        config["files"] = {path: _file_sha256(path) for path in files}
+    local = _local_contents(cfg, [r for r in reads if not r.startswith("-")], fingerprints)
+    if local:
+        config["contents"] = local
     return Stage(name, spec, view, config, inputs, uses_constitution)
 
 
-def _file_sha256(path: str) -> str:
-    import hashlib
+_NOT_PATHS = ("tiny", "builtin", "")
 
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+
+def _local_target(value: str) -> str | None:
+    """The local file or directory a ``local_path`` field's value names, else None (a hub name,
+    ``tiny``, ``builtin``). ``hh:<path>[@split]`` names ``<path>``."""
+    if value in _NOT_PATHS:
+        return None
+    text = value.removeprefix("hh:")
+    for candidate in (text, text.rsplit("@", 1)[0]):
+        path = Path(candidate).expanduser()
+        if path.exists():
+            return str(path.resolve())
+    return None
+
+
+def _local_contents(cfg: Config, reads: Sequence[str], fingerprints: Any) -> dict[str, str]:
+    """``{field path: contents hash}`` of every local file or directory the read fields name."""
+    out: dict[str, str] = {}
+
+    def visit(obj: Any, path: str) -> None:
+        if not dataclasses.is_dataclass(obj):
+            return
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.metadata.get("local_path") and isinstance(value, str):
+                target = _local_target(value)
+                if target is not None:
+                    out[f"{path}.{f.name}"] = fingerprints.of(target)
+            else:
+                visit(value, f"{path}.{f.name}")
+
+    for path in reads:
+        parent_path, _, name = path.rpartition(".")
+        parent = _select(cfg, parent_path) if parent_path else cfg
+        value = getattr(parent, name)
+        field_meta = {f.name: f.metadata for f in dataclasses.fields(parent)}.get(name, {})
+        if field_meta.get("local_path") and isinstance(value, str):
+            target = _local_target(value)
+            if target is not None:
+                out[path] = fingerprints.of(target)
+        else:
+            visit(value, path)
+    return out
 
 
 def _check_judges(cfg: Config, stages: Sequence[Stage]) -> None:
@@ -399,9 +436,12 @@ def plan(cfg: Any) -> list[Stage]:
     ``cfg`` is the composed config (a ``DictConfig``) or a :class:`~cai.config.Config`; every value
     is checked here, so a bad one fails before any stage is built.
     """
+    from cai.hashing import Fingerprints
+
     cfg = typed(cfg)
     ordered: list[Stage] = []
     seen: set[str] = set()
+    fingerprints = Fingerprints(_store_root(cfg) / "fingerprints.json")
 
     def visit(name: str, chain: tuple[str, ...]) -> None:
         if name in seen:
@@ -410,7 +450,7 @@ def plan(cfg: Any) -> list[Stage]:
             raise ConfigError(f"experiment.stages names unknown stage {name!r}; known stages: {', '.join(STAGES)}")
         if name in chain:
             raise ConfigError(f"stage cycle: {' -> '.join(chain + (name,))}")
-        stage = make_stage(name, cfg)
+        stage = make_stage(name, cfg, fingerprints)
         for upstream in stage.inputs.values():
             visit(upstream, chain + (name,))
         seen.add(name)
@@ -421,6 +461,10 @@ def plan(cfg: Any) -> list[Stage]:
     if "ai_labels" in seen and cfg.labels.source == "human_pairs" and cfg.labels.measure_agreement:
         visit("label_quality", ())  # labels.measure_agreement: AI labels of human-labelled pairs are measured
     _check_judges(cfg, ordered)
+    try:
+        fingerprints.save()
+    except OSError as e:  # a read-only store still plans; the hashes are recomputed next time
+        log.warning("could not save the file fingerprints cache under %s: %s", _store_root(cfg), e)
     return ordered
 
 
