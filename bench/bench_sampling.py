@@ -25,7 +25,7 @@ import torch
 
 from bench.common import build_bench_model, format_table, interleaved
 from cai.models import ModelSpec, load_causal_lm
-from cai.sampling import SamplingEngine, SamplingParams, build_sampler
+from cai.sampling import SamplingEngine, SamplingParams, build_sampler, cache_keyword, output_cache
 from cai.tiny import default_tiny_corpus
 
 TEMPERATURE = 0.8
@@ -68,6 +68,7 @@ def _floor_candidate(model, tokenizer, prompts, n_new):
     batch, width = input_ids.shape
     mask = torch.cat([enc["attention_mask"], torch.ones(batch, n_new, dtype=torch.long, device=device)], 1)
     padded = not bool(enc["attention_mask"].all())  # no padding: pass no mask (cheapest valid call)
+    cache_kw = cache_keyword(model)
 
     def run():
         sample = build_sampler(TEMPERATURE, 0, 1.0, torch.Generator(device=device).manual_seed(0))
@@ -86,7 +87,7 @@ def _floor_candidate(model, tokenizer, prompts, n_new):
                 positions = positions + 1
                 step_mask = mask[:, :width + t + 1] if padded else None
                 out = model(input_ids=token[:, None], attention_mask=step_mask, position_ids=positions,
-                            past_key_values=out.past_key_values, use_cache=True)
+                            use_cache=True, **{cache_kw: output_cache(out)})
         return torch.stack(tokens, 1).tolist(), torch.stack(logprobs, 1).tolist()
 
     return run

@@ -42,9 +42,11 @@ string (which is not included). ``"length"`` means ``max_new_tokens`` was reache
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -58,7 +60,8 @@ from cai.sampling_steps import (
     logprobs_from_logits,
 )
 
-__all__ = ["SamplingParams", "Completion", "SamplingEngine", "build_sampler", "logprobs_from_logits"]
+__all__ = ["SamplingParams", "Completion", "SamplingEngine", "build_sampler", "logprobs_from_logits",
+           "cache_keyword", "output_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +121,42 @@ class _RowResult:
     tokens: list[int]
     logprobs: list[float]
     finish_reason: FinishReason
+
+
+def _forward_parameters(model) -> Mapping[str, inspect.Parameter]:
+    """The named parameters of the (unwrapped, base) model's forward."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inspect.signature(base.forward).parameters
+
+
+def cache_keyword(model) -> str:
+    """The forward keyword that carries the KV cache into ``model``: ``"cache"`` or ``"past_key_values"``.
+
+    transformers renamed ``past_key_values`` to ``cache`` (inputs and outputs; the old keyword
+    warns with a FutureWarning and goes away in 5.40), while older releases (>= 4.56 is allowed)
+    only know ``past_key_values``. The model's forward signature decides; a forward that names
+    neither (``**kwargs`` only) gets whichever name the installed transformers' outputs use.
+    Decide once per model (signature inspection is not free) and pass ``{keyword: cache}``."""
+    params = _forward_parameters(model)
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return "cache" if _outputs_say_cache() else "past_key_values"
+
+
+@functools.cache
+def _outputs_say_cache() -> bool:
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+
+
+def output_cache(out):
+    """The KV cache a forward with ``use_cache=True`` returned: ``out.cache`` where the installed
+    transformers has the new name, else ``out.past_key_values`` (reading the old name on a new
+    transformers works but logs a deprecation, so the new one is tried first)."""
+    cache = getattr(out, "cache", None)
+    return out.past_key_values if cache is None else cache
 
 
 class _UnpaddedDecodeFilter(logging.Filter):
@@ -197,9 +236,9 @@ class SamplingEngine:
         starts = (tokenizer.bos_token_id, tokenizer.eos_token_id, self.pad_id)
         self.start_id = next(i for i in starts if i is not None)  # what an empty prompt becomes
         self._eos_tensor = torch.tensor(sorted(self.eos_ids) or [-1], device=self.device)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
+        keeps_logits = "logits_to_keep" in _forward_parameters(model)
         self._keep_kw = {"logits_to_keep": 1} if keeps_logits else {}  # prefill: last position only
+        self._cache_kw = cache_keyword(model)
 
     @staticmethod
     def _eos_ids(model, tokenizer) -> set[int]:
@@ -298,7 +337,7 @@ class SamplingEngine:
         padded = any(len(r) < width for r in rows)
         out = self.model(input_ids=input_ids, attention_mask=mask[:, :width] if padded else None,
                          position_ids=position_ids, use_cache=True, **self._keep_kw)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        cache, logits = output_cache(out), out.logits[:, -1]
         positions = position_ids[:, -1:]
         tokens = torch.full((n_new, batch), self.pad_id, dtype=torch.long, device=self.device)
         logprobs = torch.zeros((n_new, batch), dtype=torch.float32, device=self.device)
@@ -330,8 +369,8 @@ class SamplingEngine:
             positions = positions + 1
             step_mask = mask[:, :width + t + 1] if padded else None
             out = self.model(input_ids=token[:, None], attention_mask=step_mask, position_ids=positions,
-                             past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1]
+                             use_cache=True, **{self._cache_kw: cache})
+            cache, logits = output_cache(out), out.logits[:, -1]
         self.last_stats["decode_steps"] += steps
         self.last_stats["row_drops"] += live.drops
         return self._finish_rows(tokens[:steps].T.tolist(), logprobs[:steps].T.tolist(), stops, check_eos)
