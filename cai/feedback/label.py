@@ -70,7 +70,7 @@ from cai.judges import (
 )
 from cai.judges import templates as tpl
 from cai.judges.config import stage_judge
-from cai.judges.types import BUDGET, failure_kind, is_transient
+from cai.judges.types import BUDGET, EMPTY_ANSWER, failure_kind, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ def _judge_all(labeller: Labeller, todo: list[Pair], journal: Any, batch_pairs: 
                 )
             reasons = [r for pl in plans if (r := labeller.transient(pl)) is not None]
             outage.failed += len(reasons)
-            outage.kinds.update(failure_kind(r) for r in reasons)
+            outage.kinds.update("empty_answer" if r.startswith(EMPTY_ANSWER) else failure_kind(r) for r in reasons)
             idle = idle + 1 if reasons and not finished else 0
             if idle >= DOWN_AFTER_BATCHES:
                 outage.not_asked = len(todo) - start - len(plans)
@@ -273,6 +273,7 @@ def _outage_error(outage: _Outage, n_labelled: int, n_unique: int, where: str) -
         f"ai_labels: {outage.failed} of {n_unique} pairs failed transiently (the judge or the network, not the "
         f"answers: {kinds}){more}; nothing was published. Check the judge ({where}) and rerun the same command: "
         f"the {n_labelled} labelled pairs are kept and only the failed ones are asked again"
+        + (f" (and the {outage.not_asked} not asked yet)" if outage.not_asked else "")
     )
 
 
