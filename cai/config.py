@@ -572,6 +572,10 @@ class LabelConfig(Schema):
     """pairs per judge call and per journal flush"""
     hf_batch_size: int = setting(16, ge=1, runtime=True)
     """rows per forward pass of a local hf judge (unless judge.batch_size is set)"""
+    max_failed_fraction: float = setting(0.05, ge=0.0, le=1.0, runtime=True)
+    """largest share of pairs whose label failed for good (refusal, unparseable answer, prompt too
+    long) that is still published; above it the stage stops with an error and publishes nothing
+    (the labels stay journaled: raise it and rerun to publish them without asking again)"""
 
     def check(self) -> None:
         if self.principles == "sample" and self.k_principles != 1:

@@ -23,3 +23,15 @@ class DataError(CaiError):
 
 class ModelLoadError(CaiError):
     """A model or tokenizer cannot be loaded from the given hub name or path."""
+
+
+class JudgeUnavailable(CaiError):
+    """Judge requests still failed for transient reasons (timeouts, connection errors, HTTP 429 or
+    5xx after the retries, empty answers) when the stage ended: nothing is published, the finished
+    results stay journaled and a rerun asks only the failed ones again."""
+
+
+class TooManyFailures(CaiError):
+    """More results than a stage's configured threshold failed for good (refusals, unparseable
+    answers): nothing is published; the journal is kept, so a rerun with a higher threshold
+    publishes without asking again."""

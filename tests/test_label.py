@@ -58,11 +58,12 @@ def fake_cfg(srv: FakeOpenAIServer, **labels) -> dict:
     return {"judge": {"backend": "openai", "model": "fake", "base_url": srv.base_url}, "labels": labels, "seed": 0}
 
 
-def runtime(tmp_path: Path, **judge) -> dict:
-    """Run-time settings (never in the key): the judge's transport, cache and budget, the stage's batching."""
+def runtime(tmp_path: Path, labels: dict | None = None, **judge) -> dict:
+    """Run-time settings (never in the key): the judge's transport, cache and budget, the stage's
+    batching and failure threshold (``labels``)."""
     j = {"api_key_env": None, "cache_path": str(tmp_path / "cache.sqlite"), "backoff_base_s": 0.001,
          "backoff_max_s": 0.01, "timeout_s": 5.0, **judge}
-    return {"judge": j, "labels": {"batch_pairs": 8}}
+    return {"judge": j, "labels": {"batch_pairs": 8, **(labels or {})}}
 
 
 def build(store: ArtifactStore, cfg: dict, inputs: dict, rt: dict, wrap=None):
@@ -189,13 +190,14 @@ def test_position_metrics_of_the_stage_are_those_of_label_quality():
 # ----------------------------------------------------------------------------- the method classes
 class ScriptedJudge:
     """An in-process judge: P(A) = 0.8 for every choice request (it fails one whose tag says
-    principle ``fail_on``); every generate request is answered "Because." Records each call."""
+    principle ``fail_on``, with ``reason``); every generate request is answered "Because." Records each call."""
 
     name, model = "scripted", "rule"
 
-    def __init__(self, fail_on: str | None = None):
+    def __init__(self, fail_on: str | None = None, reason: str = "refusal"):
         self.calls: list[tuple[str, list]] = []
         self.fail_on = fail_on
+        self.reason = reason
 
     async def choose_many(self, reqs, progress=False):
         from cai.judges import ChoiceResult
@@ -206,7 +208,7 @@ class ScriptedJudge:
             ok = r.tag.get("principle_id") != self.fail_on
             probs = {c: (0.8 if c == r.choices[0] else 0.2 / (len(r.choices) - 1)) for c in r.choices} if ok else None
             out.append(ChoiceResult(probs, "logprobs" if ok else "", "ok" if ok else "failed",
-                                    None if ok else "http 503 after 3 attempts", "", 10, 1, 0.001, 0.0, False, 1,
+                                    None if ok else self.reason, "", 10, 1, 0.001, 0.0, False, 1,
                                     self.model, self.name, r.tag))
         return out
 
@@ -287,9 +289,12 @@ def test_a_fourth_method_is_one_class_and_one_registry_row(monkeypatch):
         assert lab.meta["asked"] == n_principles and lab.meta["requests"] == n_principles
         assert lab.meta["label_method"] == "ask_once" and lab.meta["method"] == "logprobs"
     bad = _constitution().preference[0].id
-    _, failed = run_labeller(lc, ScriptedJudge(fail_on=bad), pairs[:1])
-    assert failed[0].status == "failed" and failed[0].failure_reason == f"principle {bad}: http 503 after 3 attempts"
-    assert failed[0].meta["failure_kind"] == "http_503"
+    _, failed = run_labeller(lc, ScriptedJudge(fail_on=bad, reason="http 400: prompt too long"), pairs[:1])
+    assert failed[0].status == "failed" and failed[0].failure_reason == f"principle {bad}: http 400: prompt too long"
+    assert failed[0].meta["failure_kind"] == "http_400"
+    # a transient failure (the judge, not the answer) makes no label: the pair is asked again later
+    labeller, held = run_labeller(lc, ScriptedJudge(fail_on=bad, reason="http 503 after 3 attempts"), pairs[:1])
+    assert held == [None]
 
 
 @pytest.mark.parametrize("bad,field", [
@@ -354,7 +359,10 @@ def test_stage_end_to_end_with_faults_counts_reconcile(pairs_dir, tmp_path):
     faults = Faults(refusal=0.08, unparseable=0.04, server_error=0.1, rate_limit=0.05, retry_after_s=0.01, seed=3)
     with FakeOpenAIServer(faults=faults) as srv:
         cfg = fake_cfg(srv)
-        res = build(ArtifactStore(tmp_path / "store"), cfg, {"pairs": pairs_dir}, runtime(tmp_path, max_retries=1))
+        # the refusals and unparseable answers are kept as failed labels (threshold off); the 429s and
+        # 500s are retried to success (a transient failure left over would stop the stage)
+        rt = runtime(tmp_path, labels={"max_failed_fraction": 1.0}, max_retries=4)
+        res = build(ArtifactStore(tmp_path / "store"), cfg, {"pairs": pairs_dir}, rt)
     pairs = read_jsonl(pairs_dir / "pairs.jsonl", cls=Pair)
     labels = labels_of(res)
     m = res.stage_info["metrics"]
@@ -418,7 +426,7 @@ def test_kill_and_resume_resends_nothing_finished(pairs_dir, tmp_path):
         ctx.journal = journal
 
     with FakeOpenAIServer(faults=faults) as srv:
-        cfg, rt = fake_cfg(srv), runtime(tmp_path)
+        cfg, rt = fake_cfg(srv), runtime(tmp_path, labels={"max_failed_fraction": 1.0})
         with pytest.raises(Killed):
             build(store, cfg, {"pairs": pairs_dir}, rt, wrap=kill_on_second_write)
         first = list(srv.records)

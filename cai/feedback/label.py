@@ -17,10 +17,19 @@ config (secrets scrubbed) and its cost ledger.
 Pairs are judged ``batch_pairs`` at a time (all requests of a batch -- both orders, every
 principle -- go to the judge together); each finished pair is journaled, so a killed run resumes
 where it stopped, and the judge cache answers whatever was already asked: nothing finished is
-sent twice. A failed judgement (refusal, unparseable answer, HTTP error after retries) makes a
-``status="failed"`` label with the reason -- never a coin flip, never a missing row. When the
-judge's dollar cap is reached, the finished pairs are journaled and the stage stops with
-"stopped at budget: N of M pairs labelled; rerun to resume" (nothing is published).
+sent twice. A judgement that failed because of the answer (a refusal, an unparseable answer, a
+prompt that does not fit) makes a ``status="failed"`` label with the reason -- never a coin flip,
+never a missing row; when more than ``labels.max_failed_fraction`` of the pairs have one, the
+stage stops with an error naming the share (:class:`~cai.errors.TooManyFailures`; the labels stay
+journaled, so a rerun with a higher threshold publishes them without asking again). A judgement
+that failed because of the judge or the network (a timeout, a connection error, HTTP 429 or 5xx
+after the judge's retries, an empty answer: :func:`~cai.judges.types.is_transient`) is never
+journaled: the pair is asked again on the next run, and the stage ends with
+:class:`~cai.errors.JudgeUnavailable` (how many pairs, the commonest reasons, how to resume)
+instead of publishing. After two batches in a row with no pair finished, the judge is taken to
+be down and the rest is not asked. When the judge's dollar cap is reached, the finished pairs are
+journaled and the stage stops with "stopped at budget: N of M pairs labelled; rerun to resume"
+(nothing is published either way).
 
 Only what changes the labels is part of the artifact key (the stage's row in
 :data:`cai.pipeline.STAGES` reads ``seed``, ``judge`` and ``labels``; the schemas' run-time fields
@@ -47,7 +56,7 @@ from cai.artifacts import scrub_secrets
 from cai.config import LabelConfig, StageConfig
 from cai.constitution import Constitution, PreferencePrinciple, load_constitution
 from cai.data import Label, Pair, read_jsonl, write_jsonl
-from cai.errors import CaiError, ConfigError
+from cai.errors import CaiError, ConfigError, JudgeUnavailable, TooManyFailures
 from cai.feedback import label_methods as lm
 from cai.judges import (
     BudgetExhausted,
@@ -61,7 +70,7 @@ from cai.judges import (
 )
 from cai.judges import templates as tpl
 from cai.judges.config import stage_judge
-from cai.judges.types import BUDGET, failure_kind
+from cai.judges.types import BUDGET, EMPTY_ANSWER, failure_kind, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +150,11 @@ class Labeller:
 
     # ---- answers -> label ----------------------------------------------------------------------
     def label(self, plan: _Plan) -> Label | None:
-        """The pair's label; None when part of it was never asked (stopped at the budget)."""
+        """The pair's label; None when part of it was never asked (stopped at the budget) or a
+        request behind it failed transiently (:meth:`transient`): the pair is asked again later."""
         if any(lm.why(a) == BUDGET for a in plan.answers.values() if not lm.answered(a)):
+            return None
+        if self.transient(plan) is not None:
             return None
         pids = tuple(p.id for p in plan.principles)
         meta = self._accounting(plan)
@@ -153,6 +165,16 @@ class Labeller:
             return Label.failed(plan.pair.id, self.source, verdict.failure, pids, verdict.order, meta)
         p_a = lm.finish(verdict.p_a, self.lc.clamp, self.lc.soft)  # type: ignore[arg-type]
         return Label(plan.pair.id, p_a, self.source, pids, verdict.order, meta=meta)
+
+    @staticmethod
+    def transient(plan: _Plan) -> str | None:
+        """The reason of the first request behind the pair that failed transiently (the judge
+        or the network, not the answer: :func:`~cai.judges.types.is_transient`), else None.
+        Any such failure holds the whole label back -- even one a method could label without
+        (``allow_single_order``, self-consistency) -- so a rerun makes the label a run without
+        the outage would have made."""
+        return next((str(r.failure_reason) for r in plan.spent
+                     if not r.ok and is_transient(r.failure_reason)), None)
 
     def _accounting(self, plan: _Plan) -> dict:
         methods = Counter(r.method for r in plan.spent if isinstance(r, ChoiceResult) and r.ok)
@@ -197,8 +219,26 @@ def _metrics(labels: list[Label], unique: list[Label], run: dict[str, Any]) -> d
     return m
 
 
-def _judge_all(labeller: Labeller, todo: list[Pair], journal: Any, batch_pairs: int, n_unique: int) -> None:
-    """Judge ``todo`` in batches, journaling each finished pair; stop cleanly at the budget."""
+# after this many batches in a row without a finished pair the judge is taken to be down
+DOWN_AFTER_BATCHES = 2
+
+
+@dataclass
+class _Outage:
+    """The pairs a run left unlabelled for transient reasons."""
+
+    kinds: Counter = field(default_factory=Counter)  # failure kind -> pairs
+    failed: int = 0  # pairs asked whose answers failed transiently
+    not_asked: int = 0  # pairs never asked (the judge looked down)
+
+
+def _judge_all(labeller: Labeller, todo: list[Pair], journal: Any, batch_pairs: int, n_unique: int) -> _Outage:
+    """Judge ``todo`` in batches, journaling each finished pair; stop cleanly at the budget.
+
+    Pairs with a transient failure are not journaled but counted in the returned :class:`_Outage`;
+    after :data:`DOWN_AFTER_BATCHES` batches in a row with no finished pair the rest is not asked."""
+    outage = _Outage()
+    idle = 0
     with tqdm(total=len(todo), desc=STAGE, unit="pair") as bar:
         for start in range(0, len(todo), batch_pairs):
             plans = [labeller.plan(p) for p in todo[start : start + batch_pairs]]
@@ -212,6 +252,43 @@ def _judge_all(labeller: Labeller, todo: list[Pair], journal: Any, batch_pairs: 
                     f"(${stopped.spent_usd:.4f} spent of judge.max_dollars=${stopped.cap_usd:.4f}; finished pairs "
                     "are journaled and answered requests cached)"
                 )
+            reasons = [r for pl in plans if (r := labeller.transient(pl)) is not None]
+            outage.failed += len(reasons)
+            outage.kinds.update("empty_answer" if r.startswith(EMPTY_ANSWER) else failure_kind(r) for r in reasons)
+            idle = idle + 1 if reasons and not finished else 0
+            if idle >= DOWN_AFTER_BATCHES:
+                outage.not_asked = len(todo) - start - len(plans)
+                if outage.not_asked:
+                    log.warning("ai_labels: %d batches in a row without an answer; the judge looks down: %d pairs "
+                                "not asked", idle, outage.not_asked)
+                break
+    return outage
+
+
+def _outage_error(outage: _Outage, n_labelled: int, n_unique: int, where: str) -> JudgeUnavailable:
+    kinds = ", ".join(f"{k} x {n}" for k, n in outage.kinds.most_common(3))
+    more = (f"; after {DOWN_AFTER_BATCHES} batches in a row without an answer the judge looked down and "
+            f"{outage.not_asked} more pairs were not asked" if outage.not_asked else "")
+    return JudgeUnavailable(
+        f"ai_labels: {outage.failed} of {n_unique} pairs failed transiently (the judge or the network, not the "
+        f"answers: {kinds}){more}; nothing was published. Check the judge ({where}) and rerun the same command: "
+        f"the {n_labelled} labelled pairs are kept and only the failed ones are asked again"
+        + (f" (and the {outage.not_asked} not asked yet)" if outage.not_asked else "")
+    )
+
+
+def _check_failed_fraction(labels: list[Label], limit: float) -> None:
+    failed = [lab for lab in labels if lab.status != "ok"]
+    if not labels or len(failed) / len(labels) <= limit:
+        return
+    kinds = Counter(str(lab.meta.get("failure_kind", "unknown")) for lab in failed).most_common(3)
+    raise TooManyFailures(
+        f"ai_labels: {len(failed)} of {len(labels)} pairs ({len(failed) / len(labels):.1%}) have a failed label "
+        f"({', '.join(f'{k} x {n}' for k, n in kinds)}), more than labels.max_failed_fraction={limit:g}; "
+        "nothing was published. The labels are journaled: to publish them anyway rerun with a larger "
+        "labels.max_failed_fraction (nothing is asked again); to have fewer, look at the failure reasons "
+        "(a refusing or badly prompted judge)"
+    )
 
 
 def label_pairs(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
@@ -242,13 +319,18 @@ def label_pairs(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
     t0 = time.perf_counter()
     try:
         with ctx.phase("judge"):
-            _judge_all(labeller, todo, journal, lc.batch_pairs, len(unique))
+            outage = _judge_all(labeller, todo, journal, lc.batch_pairs, len(unique))
     finally:
         close = getattr(judge, "close", None)
         if close is not None:
             close()
     judged_s = time.perf_counter() - t0
+    if outage.failed or outage.not_asked:
+        where = f"judge.backend={judge_cfg.backend}" + (f", judge.base_url={judge_cfg.base_url}"
+                                                        if judge_cfg.base_url else "")
+        raise _outage_error(outage, len(journal), len(unique), where)
     done = journal.done()
+    _check_failed_fraction([Label.from_dict(done[p.id]) for p in unique], lc.max_failed_fraction)
     with ctx.phase("write"):
         journal.export(ctx.dir / "labels.jsonl", [p.id for p in pairs])
         write_jsonl(ctx.dir / "pairs.jsonl", pairs)  # the labelled pairs, line for line

@@ -55,6 +55,23 @@ def failure_kind(reason: str | None) -> str:
     return m.group(0) if m else "unknown"
 
 
+# failure kinds that say nothing about the pair: the judge or the network was unavailable
+TRANSIENT_KINDS = frozenset({"timeout", "connection", "http_408", "http_409", "http_429"})
+EMPTY_ANSWER = "unparseable: empty answer"
+
+
+def is_transient(reason: str | None) -> bool:
+    """Whether a failure reason is transient -- the judge or the network failed (a timeout, a
+    connection error, HTTP 408/409/429/5xx after the retries, an empty answer) -- rather than the
+    answer itself (a refusal, an unparseable or malformed answer, a prompt that does not fit).
+    A transient failure is worth asking again later; a stage must not record it as a final result."""
+    text = (reason or "").strip().lower()
+    if text.startswith(EMPTY_ANSWER):
+        return True
+    kind = failure_kind(text)
+    return kind in TRANSIENT_KINDS or re.fullmatch(r"http_5\d\d", kind) is not None
+
+
 def _check_messages(messages: Any, tag: dict) -> None:
     where = f"judge request (tag {tag!r})"
     if not isinstance(messages, list) or not messages:
