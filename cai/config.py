@@ -229,10 +229,60 @@ def build(cls: type, data: Any = None, *, overrides: Sequence[str] = (), where: 
     return _to_object(node, where)
 
 
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _check_keys(node: Any, path: str) -> None:
+    """Every key of the schema nodes in ``node`` is a field of its schema: a key Hydra's ``+``
+    added (``+foo=bar``, ``+data.foo=1``) would otherwise be dropped without a word by
+    ``OmegaConf.to_object``. Tables (``judge.prices``, ``tags``) are open and not checked here."""
+    from omegaconf import DictConfig, OmegaConf
+
+    cls = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(cls) or node._is_none() or node._is_missing() or node._is_interpolation():
+        return
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in node.keys():
+        if key not in names:
+            raise ConfigError(f"{_join(path, key)}: unknown key; {path or 'the config'} has only "
+                              f"{', '.join(names)} (an override with '+' cannot add a setting the schema lacks)")
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            _check_keys(child, _join(path, key))
+
+
+def _omegaconf_error(e: Any, node: Any, where: str) -> ConfigError:
+    """An OmegaConf error (an interpolation that does not resolve, a value of the wrong type) as
+    one line naming the key: ``store.root: cannot resolve '${oc.env:NOPE}': Environment variable
+    'NOPE' not found``."""
+    import re
+
+    key = str(getattr(e, "full_key", None) or "")
+    text = str(getattr(e, "msg", None) or e).strip()
+    message = text.splitlines()[0] if text else type(e).__name__
+    raised = re.match(r"^\w+ raised while resolving interpolation: (.*)$", message)
+    if raised:
+        message = raised.group(1).strip().strip("'\"")
+    raw = None
+    if key:
+        try:
+            child = node
+            for part in key.split("."):
+                child = child._get_node(part)
+            raw = child._value() if child._is_interpolation() else None
+        except Exception:  # noqa: BLE001 - only the message's detail is lost
+            raw = None
+    what = f"cannot resolve {raw!r}: " if raw is not None else ""
+    return ConfigError(f"{_join(where, key) if key else where or 'config'}: {what}{message}")
+
+
 def _to_object(node: Any, where: str) -> Any:
     """``OmegaConf.to_object(node)``; a bad value raises :class:`FieldError` with its full path
-    (``ppo.lora.r``), found by building the sub-schemas one by one."""
+    (``ppo.lora.r``), found by building the sub-schemas one by one. A key no schema has, and an
+    interpolation that does not resolve, raise :class:`ConfigError` naming the key."""
     from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     def locate(node: Any, path: str) -> str:
         for key in node.keys():
@@ -242,12 +292,17 @@ def _to_object(node: Any, where: str) -> Any:
                     OmegaConf.to_object(child)
                 except FieldError:
                     return locate(child, f"{path}.{key}" if path else str(key))
+                except OmegaConfBaseException:
+                    continue
         return path
 
+    _check_keys(node, where)
     try:
         return OmegaConf.to_object(node)
     except FieldError as e:
         raise FieldError(locate(node, where), e.name, e.problem) from None
+    except OmegaConfBaseException as e:
+        raise _omegaconf_error(e, node, where) from None
 
 
 # ============================================================================= the schemas

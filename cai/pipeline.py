@@ -341,7 +341,22 @@ def resolve_constitution_file(cfg: Config) -> Path:
 
 
 def _store_root(cfg: Config) -> Path:
-    return Path(cfg.store.root or ArtifactStore.default_root()).expanduser()
+    """The store's folder; one that cannot be a folder (a file, or a path inside a file) fails at
+    planning naming store.root, before the store is opened or any stage is built."""
+    import os
+
+    root = Path(cfg.store.root or ArtifactStore.default_root()).expanduser()
+    for path in (root, *root.parents):
+        if not path.exists():
+            continue  # created when the first artifact is written
+        if not path.is_dir():
+            what = "a file" if path.is_file() else "not a directory"
+            problem = f"is {what}" if path == root else f"is inside {str(path)!r}, which is {what}"
+            origin = ("" if cfg.store.root else
+                      "unset, so $CAI_STORE decides: " if os.environ.get("CAI_STORE") else "unset, the default ")
+            raise ConfigError(f"store.root: {origin}{str(root)!r} {problem}, expected a directory")
+        break
+    return root
 
 
 def make_stage(name: str, cfg: Config, fingerprints: Any = None) -> Stage:
@@ -411,16 +426,21 @@ def _local_contents(cfg: Config, reads: Sequence[str], fingerprints: Any) -> dic
 
 
 def _check_judges(cfg: Config, stages: Sequence[Stage]) -> None:
-    """Every judge a planned stage will ask is ready (a model; a price for a budget) and the labelling
-    method exists, before any stage is built."""
-    from cai.judges.config import ready_judge
+    """Every judge a planned stage will ask is ready (a model; a price for a budget; an API judge's
+    key in its environment variable) and the labelling method exists, before any stage is built."""
+    from cai.judges.config import ready_judge, resolve_api_key
+
+    def ready(judge: Any, where: str) -> None:
+        judge = ready_judge(judge, where)
+        if judge.backend != "hf":  # names the variable, never its value
+            resolve_api_key(judge, f"{where}.api_key_env")
 
     names = {s.name for s in stages}
     if names & {"ai_labels", "judge_answers"} or ("revisions" in names and cfg.critique.generator == "judge") \
             or ("ppo" in names and _ppo_uses_judge(cfg)):
-        ready_judge(cfg.judge, "judge")
+        ready(cfg.judge, "judge")
     if "evaluate" in names or ("eval_baseline" in names and cfg.eval.harmless):
-        ready_judge(cfg.eval.judge, "eval.judge")
+        ready(cfg.eval.judge, "eval.judge")
     if "ai_labels" in names:
         from cai.feedback.label_methods import LABEL_METHODS
 
@@ -480,15 +500,16 @@ def run_experiment(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     run_dir = Path(run_dir)
+    checked = typed(cfg)  # first: a bad value or interpolation is one message naming its key
     resolved = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, Config) else dataclasses.asdict(cfg)
     arm = human_arm_config(cfg)
-    cfg = typed(cfg)
-    (run_dir / "stages").mkdir(parents=True, exist_ok=True)
+    cfg = checked
     store = ArtifactStore(_store_root(cfg))
     stages = plan(cfg)
     if arm is not None:
         plan(arm)  # a bad arm fails now, before any stage of this run is built
     constitution = next((_constitution_hash(s.cfg.constitution_file) for s in stages if s.uses_constitution), None)
+    (run_dir / "stages").mkdir(parents=True, exist_ok=True)  # everything checked: the run starts
     log.info("experiment %s: %d stages, store %s", cfg.experiment.name, len(stages), store.root)
 
     keys: dict[str, str] = {}

@@ -313,7 +313,7 @@ def test_config_and_revision_at_errors_name_the_field():
         revision_at(record, 4)
 
 
-def test_pipeline_plans_the_revisions_stage_and_keys_what_matters(tmp_path):
+def test_pipeline_plans_the_revisions_stage_and_keys_what_matters(tmp_path, monkeypatch):
     from hydra import compose, initialize_config_dir
 
     from cai.artifacts import ArtifactStore as Store
@@ -336,6 +336,7 @@ def test_pipeline_plans_the_revisions_stage_and_keys_what_matters(tmp_path):
     assert stage("critique=four_rounds")[1].config["critique"]["rounds"] == 4
     assert stage("critique=direct")[1].config["critique"]["direct_revision"] is True
     assert stage("critique.rounds=3")[2] != key
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-key")  # an API judge needs its key to be planned
     _, j1, k1 = stage("critique.generator=judge", "judge=openai_gpt4_1_mini")
     _, _, k2 = stage("critique.generator=judge", "judge=openai_gpt4_1_mini", "judge.max_concurrency=3",
                      "judge.max_dollars=5.0")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Sequence, TypeVar
 
 from cai.config import shipped_dir
+from cai.constitution.hh import as_hh_prompt as as_hh_prompt  # re-exported: the few-shot prompt format
 from cai.constitution.schema import Problem, check_yaml
 from cai.errors import CaiError, ConfigError
 from cai.hashing import stable_hash
@@ -164,25 +165,25 @@ def weighted_sample(items: Sequence[P], k: int, rng: random.Random, with_replace
     return out
 
 
-def as_hh_prompt(prompt: str) -> str:
-    """A few-shot ``prompt`` in HH format: text without ``Human:`` turns is one human turn."""
-    if "Human:" in prompt and prompt.rstrip().endswith("Assistant:"):
-        return prompt
-    return f"\n\nHuman: {prompt.strip()}\n\nAssistant:"
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading (the schema and its checks are in cai.constitution.schema; Problem is re-exported here)
 
 
 class ConstitutionError(CaiError):
-    """A constitution file is invalid; ``problems`` lists everything wrong with it."""
+    """A constitution file is invalid; ``problems`` lists everything wrong with it (the message
+    the first :data:`SHOWN_PROBLEMS`: ``cai constitution validate FILE`` prints every one)."""
+
+    SHOWN_PROBLEMS = 20
 
     def __init__(self, problems: list[Problem]):
         self.problems = list(problems)
         files = sorted({p.file for p in self.problems})
         head = f"invalid constitution {', '.join(files)}: {len(self.problems)} problem(s)"
-        super().__init__("\n".join([head, *(f"  {p}" for p in self.problems)]))
+        lines = [head, *(f"  {p}" for p in self.problems[:self.SHOWN_PROBLEMS])]
+        if len(self.problems) > self.SHOWN_PROBLEMS:
+            lines.append(f"  ... and {len(self.problems) - self.SHOWN_PROBLEMS} more "
+                         f"(cai constitution validate {' '.join(files)} lists every one)")
+        super().__init__("\n".join(lines))
 
 
 def check_text(text: str, source: str = "<string>") -> tuple[Constitution | None, list[Problem]]:

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from cai.constitution.hh import hh_prompt_problem, snippet
+
 __all__ = ["Problem", "check_yaml"]
 
 
@@ -96,7 +98,7 @@ def _describe(node: yaml.Node) -> str:
         return "a list"
     kind = node.tag.rsplit(":", 1)[-1]
     names = {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}
-    return "nothing (null)" if kind == "null" else f"{names.get(kind, kind)} {node.value!r}"
+    return "nothing (null)" if kind == "null" else f"{names.get(kind, kind)} {snippet(str(node.value))}"
 
 
 class _Checker:
@@ -139,7 +141,7 @@ class _Checker:
                 self.add(knode, path, "YAML merge keys (<<) are not supported; write the keys out"
                          if merge else f"keys must be names, got {_describe(knode)}")
                 continue
-            key, kpath = knode.value, _join(path, knode.value)
+            key, kpath = knode.value, _join(path, knode.value if len(knode.value) <= 60 else snippet(knode.value, 60))
             if key in seen:
                 self.add(knode, kpath, f"duplicate key (first at line {seen[key]})")
                 continue
@@ -216,7 +218,11 @@ class _Checker:
                 return None
             bad_answer = kind == "answer" and text not in ("A", "B")
             if bad_answer or (kind == "id" and not _ID_RE.fullmatch(text)):
-                self.add(node, path, f"expected {expect}, got {text!r}")
+                self.add(node, path, f"expected {expect}, got {snippet(text)}")
+                return None
+            problem = hh_prompt_problem(text) if kind == "prompt" else None
+            if problem is not None:  # the check the run's few-shot messages make (cai.constitution.hh)
+                self.add(node, path, problem)
                 return None
             return text
         if kind == "weight" and not (math.isfinite(value) and value > 0):

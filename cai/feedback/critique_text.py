@@ -30,7 +30,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cai.constitution import CritiqueExample, CritiquePrinciple, as_hh_prompt
+from cai.constitution import CritiqueExample, CritiquePrinciple
+from cai.constitution.hh import hh_turns as constitution_hh_turns
 
 # Bump when the wording or layout below changes: it is part of the revisions stage's key.
 PROMPT_VERSION = "critique-text/1"
@@ -68,19 +69,11 @@ def _msg(role: str, content: str) -> dict[str, str]:
     return {"role": role, "content": content}
 
 
-_HH_MARKER = re.compile(r"(?:\A[ \t\n]*|\n\n)(Human|Assistant):")
-_HH_ROLE = {"Human": "user", "Assistant": "assistant"}
-
-
 def hh_turns(text: str) -> list[dict[str, str]]:
-    """The turns of an HH transcript ending in ``Assistant:`` (that empty last turn is dropped)."""
-    parts = _HH_MARKER.split(as_hh_prompt(text))
-    turns = [_msg(_HH_ROLE[parts[i]], parts[i + 1].strip()) for i in range(1, len(parts), 2)]
-    if turns and turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
-        turns.pop()
-    if not turns or turns[0]["role"] != "user" or turns[-1]["role"] != "user":
-        raise ValueError(f"few-shot prompt is not a conversation ending with a human turn: {text[:80]!r}")
-    return turns
+    """The turns of a few-shot example's HH transcript ending in ``Assistant:`` (that empty last
+    turn is dropped): :func:`cai.constitution.hh.hh_turns`, the reading the constitution's schema
+    checks, so a file that validates never fails here."""
+    return constitution_hh_turns(text, "few_shot.critique_revision")
 
 
 def example_turns(example: CritiqueExample, direct: bool) -> list[dict[str, str]]:

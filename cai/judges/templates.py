@@ -59,7 +59,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from cai.constitution import PreferenceExample, as_hh_prompt
+from cai.constitution import PreferenceExample
+from cai.constitution.hh import hh_turns as constitution_hh_turns
 from cai.errors import DataError
 
 TEMPLATE_VERSION = "cai-label-v1"
@@ -97,8 +98,6 @@ ANSWER_SCORE = (
     "Answer with a single number from 1 to 10."
 )
 
-_HH_MARKER = re.compile(r"\n\n(Human|Assistant):[ \t]?")
-_ROLE_OF = {"Human": "user", "Assistant": "assistant"}
 _OPTION_LINE = re.compile(r"^\(([A-Z])\) " + re.escape(OPEN_REPLY) + r"$")
 
 
@@ -136,15 +135,9 @@ def _one_line(text: str) -> str:
 # ----------------------------------------------------------------------------- conversations
 def hh_turns(text: str, where: str = "few-shot example") -> list[dict[str, str]]:
     """The turns of an HH-format prompt (``"\\n\\nHuman: ...\\n\\nAssistant:"``); text without
-    markers is one user turn. The trailing empty assistant turn is dropped."""
-    hh = as_hh_prompt(text)
-    parts = _HH_MARKER.split(hh)
-    turns = [{"role": _ROLE_OF[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts), 2)]
-    if turns and turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
-        turns.pop()
-    if not turns or turns[-1]["role"] != "user" or parts[0].strip():
-        raise DataError(f"{where}: prompt must be an HH conversation ending with a human turn, got {text!r:.120}")
-    return turns
+    markers is one user turn. The trailing empty assistant turn is dropped.
+    :func:`cai.constitution.hh.hh_turns`: the reading the constitution's schema checks."""
+    return constitution_hh_turns(text, where)
 
 
 def render_conversation(turns: Sequence[Mapping[str, str]]) -> str:
