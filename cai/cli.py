@@ -57,15 +57,13 @@ def _hydra_run(argv: list[str]) -> int:
     register_configs()
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-    def _app(cfg: DictConfig) -> None:
+    def _app(cfg: DictConfig) -> float | None:
         from hydra.core.hydra_config import HydraConfig
-
-        from cai.pipeline import run_experiment
 
         run_dir = HydraConfig.get().runtime.output_dir
         _quiet_libraries()
         try:
-            run_experiment(cfg, run_dir)
+            return run_task(cfg, run_dir)
         except CaiError as e:
             # Hydra would print a traceback; a user mistake deserves one clear line.
             print(f"cai: error: {e}", file=sys.stderr)
@@ -74,6 +72,32 @@ def _hydra_run(argv: list[str]) -> int:
     sys.argv = ["cai run", *argv]
     _app()
     return 0
+
+
+def run_task(cfg: DictConfig, run_dir: str | Path) -> float | None:
+    """Hydra's task function: run the experiment, and return the metric ``experiment.objective``
+    names (None when unset), which a sweeper (``hydra/sweeper=optuna``) optimises."""
+    import difflib
+    import math
+
+    from cai.errors import ConfigError
+    from cai.pipeline import run_experiment
+
+    metrics = run_experiment(cfg, run_dir)
+    name = cfg.experiment.get("objective")
+    if not name:
+        return None
+    if name not in metrics:
+        known = [k for k in metrics if not k.startswith(("time/", "pipeline/"))]
+        close = difflib.get_close_matches(name, known, n=5)
+        hint = f"; close: {', '.join(close)}" if close else ""
+        raise ConfigError(f"experiment.objective: the run reported no metric {name!r}{hint} "
+                          f"(all in {Path(run_dir) / 'metrics.json'})")
+    value = metrics[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"experiment.objective: metric {name!r} is {value!r}, not a finite number a sweeper can use")
+    log.info("objective %s = %.6g", name, value)
+    return float(value)
 
 
 def _constitution(argv: list[str]) -> int:
