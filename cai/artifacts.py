@@ -25,6 +25,10 @@ Guarantees:
 * Resume. ``out/`` of a killed attempt is discarded (its files may be half written), but
   ``state/`` is kept: journals (:mod:`cai.journal`) and checkpoints there let the next attempt
   skip finished work. ``state/`` is not part of the published artifact.
+* Integrity. ``stage.json`` lists every file of the artifact with its size, SHA-256 and (for
+  JSONL) row count. A reuse checks the sizes (``verify="size"``, cheap) or every hash
+  (``verify="hash"``); a damaged artifact -- a truncated labels file, half a weights file -- is
+  moved aside with a warning and rebuilt, never silently reused.
 * Provenance. ``stage.json`` records config, input keys, constitution hash, seed, package
   versions, wall time per phase, token and dollar cost, metrics and resume counts, with
   secrets scrubbed (:func:`cai.secrets.scrub_secrets`, re-exported here).
@@ -35,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import hashlib
 import inspect
 import json
 import logging
@@ -138,13 +143,17 @@ class ArtifactStore:
     """Content-addressed, lock-protected, resumable store of stage outputs."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None, *, durable: bool = True,
-                 lock_timeout_s: float | None = None):
+                 lock_timeout_s: float | None = None, verify: str = "size"):
         """``root`` is created lazily. ``durable`` fsyncs artifacts before publishing them
         (survives power loss; turn off only for scratch stores). ``lock_timeout_s``: how long
-        to wait for another process building the same key (None: as long as it takes)."""
+        to wait for another process building the same key (None: as long as it takes).
+        ``verify``: what a reuse checks of the artifact's files, ``size`` or ``hash``."""
+        if verify not in VERIFY_MODES:
+            raise ConfigError(f"store.verify: expected one of {', '.join(VERIFY_MODES)}, got {verify!r}")
         self.root = Path(root).expanduser() if root is not None else self.default_root()
         self.durable = durable
         self.lock_timeout_s = lock_timeout_s
+        self.verify_mode = verify
         self._specs: dict[str, dict[str, Any]] = {}
 
     @staticmethod
@@ -208,6 +217,49 @@ class ArtifactStore:
         """Whether a complete artifact of ``key`` is present."""
         return (self.path(key) / STAGE_FILE).is_file()
 
+    def verify(self, key: str, full: bool | None = None) -> list[str]:
+        """What is wrong with the files of the complete artifact ``key`` (empty: nothing):
+        a file listed in its ``stage.json`` that is missing, of another size or (``full``, or
+        ``verify="hash"``) of another SHA-256 or JSONL row count. Artifacts written before
+        manifests existed have none and pass."""
+        full = self.verify_mode == "hash" if full is None else full
+        try:
+            manifest = self.load_stage_info(key).get("files")
+        except (ArtifactError, DataError) as e:
+            return [str(e)]
+        if not isinstance(manifest, dict):
+            return []
+        root = self.path(key)
+        problems = []
+        for rel, want in sorted(manifest.items()):
+            file = root / rel
+            if not file.is_file():
+                problems.append(f"{rel}: missing")
+                continue
+            size = file.stat().st_size
+            if size != want.get("size"):
+                problems.append(f"{rel}: {size} bytes, stage.json says {want.get('size')}")
+            elif full:
+                got = _file_record(file)
+                if got["sha256"] != want.get("sha256"):
+                    problems.append(f"{rel}: contents changed (sha256 differs)")
+                elif "rows" in want and got.get("rows") != want["rows"]:
+                    problems.append(f"{rel}: {got.get('rows')} rows, stage.json says {want['rows']}")
+        return problems
+
+    def _reusable(self, key: str) -> bool:
+        """Whether the complete artifact of ``key`` may be reused: present and undamaged. A
+        damaged one is moved aside (``<stage>/.<key>.damaged-<time>``) so it is rebuilt."""
+        if not self.exists(key):
+            return False
+        problems = self.verify(key)
+        if not problems:
+            return True
+        aside = self.path(key).parent / f".{key}.damaged-{int(time.time())}"
+        log.warning("artifact %s is damaged (%s); moved to %s and rebuilt", key, "; ".join(problems[:5]), aside)
+        os.rename(self.path(key), aside)
+        return False
+
     def load_stage_info(self, key: str) -> dict[str, Any]:
         """The ``stage.json`` of a complete artifact."""
         file = self.path(key) / STAGE_FILE
@@ -255,7 +307,7 @@ class ArtifactStore:
         """
         meta = dict(meta or {})
         spec = self._resolve_spec(key, meta)
-        if self.exists(key):
+        if self._reusable(key):
             log.info("reusing artifact %s", key)
             return BuildResult(key, self.path(key), True, self.load_stage_info(key))
         active = getattr(_building, "keys", set())
@@ -267,7 +319,7 @@ class ArtifactStore:
             t0 = time.perf_counter()
             with self._locked(key):
                 lock_wait = time.perf_counter() - t0
-                if self.exists(key):  # another process finished it while we waited
+                if self._reusable(key):  # another process finished it while we waited
                     log.info("reusing artifact %s (built by another process)", key)
                     shutil.rmtree(self._partial(key), ignore_errors=True)
                     return BuildResult(key, self.path(key), True, self.load_stage_info(key))
@@ -357,6 +409,8 @@ class ArtifactStore:
             raise ValueError(f"stage function of {key} wrote {STAGE_FILE}; that name is "
                              "reserved for the store's provenance record")
         info = self._stage_info(key, spec, meta, ctx, time.perf_counter() - t0, lock_wait)
+        info["files"] = {str(f.relative_to(out)).replace(os.sep, "/"): _file_record(f)
+                         for f in sorted(out.rglob("*")) if f.is_file()}
         (out / STAGE_FILE).write_text(
             json.dumps(info, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
             encoding="utf-8")
@@ -434,6 +488,23 @@ class ArtifactStore:
 
 
 # --------------------------------------------------------------------------- file helpers
+VERIFY_MODES = ("size", "hash")
+
+
+def _file_record(file: Path) -> dict[str, Any]:
+    """Size, SHA-256 and (JSONL) row count of one artifact file."""
+    digest = hashlib.sha256()
+    rows = 0
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+            rows += block.count(b"\n")
+    record: dict[str, Any] = {"size": file.stat().st_size, "sha256": digest.hexdigest()}
+    if file.suffix == ".jsonl":
+        record["rows"] = rows
+    return record
+
+
 def _bump_attempts(file: Path) -> int:
     try:
         attempt = int(file.read_text().strip() or 0) + 1

@@ -314,6 +314,9 @@ class StoreConfig(Schema):
 
     root: Optional[str] = setting(None, runtime=True)
     """None: $CAI_STORE, else $XDG_CACHE_HOME/cai/store, else ~/.cache/cai/store"""
+    verify: str = setting("size", choices=("size", "hash"), runtime=True)
+    """what reusing an artifact checks against the file list in its stage.json: size (cheap)
+    or hash (every file's SHA-256 and JSONL row count); a damaged artifact is moved aside and rebuilt"""
 
 
 @dataclass

@@ -504,7 +504,7 @@ def run_experiment(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
     resolved = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, Config) else dataclasses.asdict(cfg)
     arm = human_arm_config(cfg)
     cfg = checked
-    store = ArtifactStore(_store_root(cfg))
+    store = ArtifactStore(_store_root(cfg), verify=cfg.store.verify)
     stages = plan(cfg)
     if arm is not None:
         plan(arm)  # a bad arm fails now, before any stage of this run is built

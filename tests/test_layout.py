@@ -90,7 +90,8 @@ RUNTIME_OVERRIDES = [
     "dpo.log_every=3", "dpo.checkpoint_every=5", "dpo.device=cpu", "ppo.micro_batch_size=2", "ppo.log_every=4",
     "ppo.checkpoint_every=2", "ppo.device=cpu", "judge.max_concurrency=3", "judge.batch_size=2", "judge.device=cpu",
     "labels.batch_pairs=8", "labels.hf_batch_size=4", "eval.judge_batch=9", "eval.hf_batch_size=2",
-    "eval.judge.max_concurrency=2", "eval.judge.device=cpu", "store.root=/tmp/elsewhere", "tags.arm=renamed",
+    "eval.judge.max_concurrency=2", "eval.judge.device=cpu", "store.root=/tmp/elsewhere", "store.verify=hash",
+    "tags.arm=renamed",
 ]
 
 
