@@ -26,6 +26,15 @@ batch starting at prompt ``i`` is seeded with ``hash("eval", seed, i)``, as an a
 are) and the judge's answers per request batch (``eval.judge_batch``), so a stage killed
 mid-way and rerun re-samples nothing and re-asks nothing already answered, and writes what an
 uninterrupted run writes. The pieces ``evaluate`` shares with this stage live here too.
+
+A judge request that failed transiently (a timeout, a connection error, HTTP 408/409/429/5xx
+after the judge's retries, an empty answer: :func:`~cai.judges.types.is_transient`) is never
+journaled and never an invalid judgement: :class:`JudgeSession` ends ``eval_baseline``,
+``evaluate`` and ``cai compare`` with :class:`~cai.errors.JudgeUnavailable` (how many requests,
+the commonest reasons, how to resume), so nothing is published and a rerun of the same command
+asks only those requests. After two request batches in a row without an answer the judge is
+taken to be down and the rest is not asked. Refusals and unparseable answers stay invalid
+judgements, as before.
 """
 
 from __future__ import annotations
