@@ -262,7 +262,9 @@ def test_judge_generator_through_the_openai_loopback_server(tmp_path, world):
 
 
 def test_judge_failures_keep_the_previous_response_and_are_counted(tmp_path, world):
-    with FakeOpenAIServer(faults=Faults(server_error=0.3, seed=3)) as srv:
+    # permanent failures (a malformed answer); transient ones (HTTP 500) are never recorded:
+    # tests/test_eval_outage.py::test_a_critique_outage_publishes_nothing_and_the_rerun_asks_only_the_rest
+    with FakeOpenAIServer(faults=Faults(malformed=0.3, seed=3)) as srv:
         cfg = {"critique": _critique(generator="judge", rounds=1, max_new_tokens=8), "seed": 0,
                "judge": _judge_cfg(srv, tmp_path / "cache.sqlite", max_retries=0)}
         result = _build(tmp_path / "s", cfg, world)

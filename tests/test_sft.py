@@ -285,19 +285,22 @@ def test_judge_answers_through_the_openai_loopback_then_sft(tiny_model_dir, tmp_
                  "Tell me a joke.", "What is the capital of France?", "How many legs does a spider have?"]
     write_jsonl(prompts / "train.jsonl",
                 [Prompt.create([{"role": "user", "content": q}], "test").to_dict() for q in questions])
-    with FakeOpenAIServer(faults=Faults(server_error=0.3, seed=3)) as srv:
+    # permanent failures (malformed answers); transient ones (HTTP 500) are never recorded:
+    # tests/test_answers_outage.py
+    with FakeOpenAIServer(faults=Faults(malformed=0.7, seed=3)) as srv:
         judge = JudgeConfig(backend="openai", model="fake-judge", base_url=srv.base_url, api_key_env=None,
                             max_retries=0, cache=False, timeout_s=10.0)
         cfg = Config(judge=judge, sft=SFTConfig(answers=JudgeAnswersConfig(max_new_tokens=24, batch_size=4)), seed=0)
         answers = _build(store, "judge_answers", cfg, {"prompts": prompts})
-        assert srv.count() == len(questions)  # one request per prompt, none repeated
+        # one request per prompt (a malformed answer is retried by the judge, never by the stage)
+        assert len({r.body_hash for r in srv.records}) == len(questions)
     rows = [json.loads(line) for line in (answers / "answers.jsonl").read_text().splitlines()]
     assert [r["messages"][0]["content"] for r in rows] == questions
     ok = [r for r in rows if r["status"] == "ok"]
     failed = [r for r in rows if r["status"] != "ok"]
-    assert ok and failed, "Faults(server_error=0.3, seed=3) should fail some requests"
+    assert ok and failed, "Faults(malformed=0.7, seed=3) should fail some requests"
     assert all(r["answer"] and r["backend"] == "openai" for r in ok)
-    assert all("500" in r["failure_reason"] for r in failed)
+    assert all(r["failure_reason"].startswith("malformed") for r in failed)
     info = json.loads((answers / "stage.json").read_text())
     assert info["metrics"]["answers/failed"] == len(failed) and info["metrics"]["answers/ok"] == len(ok)
 

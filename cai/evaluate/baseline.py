@@ -26,6 +26,15 @@ batch starting at prompt ``i`` is seeded with ``hash("eval", seed, i)``, as an a
 are) and the judge's answers per request batch (``eval.judge_batch``), so a stage killed
 mid-way and rerun re-samples nothing and re-asks nothing already answered, and writes what an
 uninterrupted run writes. The pieces ``evaluate`` shares with this stage live here too.
+
+A judge request that failed transiently (a timeout, a connection error, HTTP 408/409/429/5xx
+after the judge's retries, an empty answer: :func:`~cai.judges.types.is_transient`) is never
+journaled and never an invalid judgement: :class:`JudgeSession` ends ``eval_baseline``,
+``evaluate`` and ``cai compare`` with :class:`~cai.errors.JudgeUnavailable` (how many requests,
+the commonest reasons, how to resume), so nothing is published and a rerun of the same command
+asks only those requests. After two request batches in a row without an answer the judge is
+taken to be down and the rest is not asked. Refusals and unparseable answers stay invalid
+judgements, as before.
 """
 
 from __future__ import annotations
@@ -136,7 +145,13 @@ class JudgeSession:
         self._journal = ctx.journal(ANSWERS_JOURNAL)
         self._batch = int(judge_batch)
         self._backend: Any = None
+        from cai.judges.outage import Outage
+
         self.used: dict[str, Any] = {}  # record id -> ChoiceResult, every answer this stage used
+        self._fresh: dict[str, Any] = {}  # record id -> a transient failure of this attempt (never journaled)
+        self.outage = Outage()  # the requests of this attempt that failed transiently or were not asked
+        self._asked: set[str] = set()  # record ids sent to the judge (or not asked) by this attempt
+        self._idle = 0  # batches in a row without an answer
 
     def _open(self) -> Any:
         from cai.judges import CostLedger, make_judge
@@ -152,33 +167,70 @@ class JudgeSession:
         return backend
 
     def ask(self, asks: Sequence[tuple[str, Any]]) -> list[Any]:
-        """One :class:`ChoiceResult` per ``(record id, request)``, in order."""
-        from cai.judges import ChoiceResult
+        """One :class:`ChoiceResult` per ``(record id, request)``, in order.
 
+        A transient failure (:func:`~cai.judges.types.is_transient`) is returned but never
+        journaled: the session counts it, and leaving the ``with`` block raises
+        :class:`~cai.errors.JudgeUnavailable`, so the stage publishes nothing and a rerun asks
+        only those requests again. After :data:`~cai.judges.outage.DOWN_AFTER_BATCHES` batches
+        in a row without an answer the judge is taken to be down: the rest is not asked and the
+        error is raised at once."""
+        from cai.judges import ChoiceResult
+        from cai.judges.outage import DOWN_AFTER_BATCHES
+
+        fresh = self._fresh
         for start in range(0, len(asks), self._batch):
             todo = [(rid, req) for rid, req in asks[start : start + self._batch] if rid not in self._journal]
-            if todo:
-                self._ask_and_journal(todo)
+            todo = list({rid: (rid, req) for rid, req in todo if rid not in fresh}.values())
+            if not todo:
+                continue
+            self._asked.update(rid for rid, _ in todo)
+            answered, failed = self._ask_and_journal(todo)
+            fresh.update(failed)
+            self._idle = self._idle + 1 if failed and not answered else 0
+            if self._idle >= DOWN_AFTER_BATCHES:
+                rest = {rid for rid, _ in asks[start + self._batch :] if rid not in self._journal and rid not in fresh}
+                self.outage.not_asked += len(rest)
+                self._asked.update(rest)
+                if rest:
+                    log.warning("%s: %d judge batches in a row without an answer; the judge looks down: %d "
+                                "requests not asked", self._stage, self._idle, len(rest))
+                raise self.unavailable()
         done = self._journal.done()
-        results = [ChoiceResult(**done[rid]) for rid, _ in asks]
-        self.used.update((rid, res) for (rid, _), res in zip(asks, results))
+        results = [ChoiceResult(**done[rid]) if rid in done else fresh[rid] for rid, _ in asks]
+        self.used.update((rid, res) for (rid, _), res in zip(asks, results) if rid in done)
         return results
 
-    def _ask_and_journal(self, todo: list[tuple[str, Any]]) -> None:
+    def unavailable(self) -> Exception:
+        """The :class:`~cai.errors.JudgeUnavailable` of this session's outage."""
+        from cai.judges.outage import judge_where, outage_error
+
+        jcfg = self._judge
+        where = judge_where(jcfg.backend, jcfg.base_url, self._where) if jcfg is not None else self._where
+        return outage_error(self._stage, self.outage, len(self._asked) - self.outage.failed - self.outage.not_asked,
+                            len(self._asked), where, unit="judge requests", done="answered")
+
+    def _ask_and_journal(self, todo: list[tuple[str, Any]]) -> tuple[int, dict[str, Any]]:
+        """Ask ``todo``, journal every answer but the transient failures; returns how many were
+        journaled and the transient failures by record id (counted in :attr:`outage`)."""
         from cai.judges import BudgetExhausted, run_sync
-        from cai.judges.types import BUDGET
+        from cai.judges.types import BUDGET, is_transient
 
         backend = self._backend or self._open()
         try:
             results = list(run_sync(backend.choose_many([req for _, req in todo], progress=False)))
         except BudgetExhausted as e:  # keep what was answered; the unsent requests are asked on a rerun
             self._journal.append_many((rid, res.to_dict()) for (rid, _), res in zip(todo, e.results)
-                                      if res.failure_reason != BUDGET)
+                                      if res.failure_reason != BUDGET and not is_transient(res.failure_reason))
             raise CaiError(f"{self._stage}: {e}; {len(self._journal)} judge answers of this stage are "
                            "journaled, so a rerun asks only the rest") from e
         if len(results) != len(todo):
             raise DataError(f"{self._stage}: the judge returned {len(results)} answers to {len(todo)} requests")
-        self._journal.append_many((rid, res.to_dict()) for (rid, _), res in zip(todo, results))
+        failed = {rid: res for (rid, _), res in zip(todo, results) if not res.ok and is_transient(res.failure_reason)}
+        keep = [(rid, res.to_dict()) for (rid, _), res in zip(todo, results) if rid not in failed]
+        self._journal.append_many(keep)
+        self.outage.add(str(res.failure_reason) for res in failed.values())
+        return len(keep), failed
 
     def cost(self) -> tuple[int, int, float]:
         """Tokens in, tokens out and dollars of every answer used (earlier attempts' included)."""
@@ -195,8 +247,12 @@ class JudgeSession:
     def __enter__(self) -> JudgeSession:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        """Close the judge; with no error already on its way and an :attr:`outage`, raise
+        :class:`~cai.errors.JudgeUnavailable`, so the stage publishes nothing."""
         self.close()
+        if exc_type is None and self.outage:
+            raise self.unavailable()
 
 
 # ----------------------------------------------------------------------------- the stage

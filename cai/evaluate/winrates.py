@@ -15,8 +15,11 @@ Definitions (the report and the metrics use exactly these):
 - Outcome per prompt: **win** if ``p_win > 0.5 + tie_margin``, **loss** if
   ``p_win < 0.5 - tie_margin``, else **tie**. With hard answers (probabilities 0/1) a tie is
   a prompt whose two orders disagree. A prompt where either order has no usable answer
-  (refusal, unparseable, HTTP failure, budget) is **invalid**: counted by reason (the codes
-  of :func:`cai.judges.types.failure_kind`), never a loss, never in a denominator.
+  (refusal, unparseable, a prompt too long, budget) is **invalid**: counted by reason (the codes
+  of :func:`cai.judges.types.failure_kind`), never a loss, never in a denominator. (The stages
+  never publish a transient failure -- a timeout, HTTP 429/5xx after the retries, an empty
+  answer: :class:`cai.evaluate.baseline.JudgeSession` ends them with
+  :class:`~cai.errors.JudgeUnavailable` -- but a hand-made judgement with one counts the same.)
 - Win rate, ``ties="half"`` (default): ``(wins + ties/2) / (wins + ties + losses)``;
   ``ties="excluded"``: ``wins / (wins + losses)`` (ties still reported). The 95% interval
   is :func:`cai.stats.rate_ci` over prompts (Wilson without ties, BCa bootstrap with ties).

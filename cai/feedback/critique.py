@@ -53,7 +53,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cai.config import CritiqueConfig, StageConfig
 from cai.constitution import Constitution, CritiquePrinciple, load_constitution
@@ -67,6 +67,9 @@ from cai.feedback.critique_runner import (
     run_block_round,
 )
 from cai.feedback.critique_text import PROMPT_VERSION
+
+if TYPE_CHECKING:
+    from cai.judges.outage import Outage
 
 log = logging.getLogger(__name__)
 
@@ -188,25 +191,51 @@ def _current_response(journal: Any, item: Item, round: int) -> str:
 
 
 def _generate_all(gen: Generator, items: list[Item], todo: list[tuple[int, int]], journal: Any,
-                  c: CritiqueConfig, seed: int, constitution: Constitution) -> set[str]:
-    """Run the unfinished block-rounds, journaling each; returns the prompt ids touched."""
+                  c: CritiqueConfig, seed: int, constitution: Constitution) -> tuple[set[str], Outage]:
+    """Run the unfinished block-rounds, journaling each finished record; returns the prompt ids
+    touched and the :class:`~cai.judges.outage.Outage` of the records left unfinished.
+
+    Only a block's unfinished records are asked (a request depends on its prompt, round and step,
+    never on the block's other records). A record with a transient failure (the judge or the
+    network: :func:`~cai.judges.types.is_transient`) is not journaled, and its prompt's later
+    rounds wait for a rerun; after :data:`~cai.judges.outage.DOWN_AFTER_BATCHES` block-rounds in
+    a row without a finished record the rest is not asked."""
     from tqdm.auto import tqdm
 
+    from cai.judges.outage import DOWN_AFTER_BATCHES, Outage
+    from cai.judges.types import is_transient
+
     touched: set[str] = set()
+    outage = Outage()
+    idle = 0
     examples = constitution.few_shot.critique_revision
     bar = tqdm(todo, desc="critique/revise", unit="block")
-    for rnd, start in bar:
-        block = items[start : start + c.batch_size]
+    for n, (rnd, start) in enumerate(bar):
+        block = [it for it in items[start : start + c.batch_size] if round_id(it.prompt_id, rnd) not in journal
+                 and (rnd == 1 or round_id(it.prompt_id, rnd - 1) in journal)]  # else: an earlier round failed
+        if not block:
+            continue
         current = [_current_response(journal, it, rnd) for it in block]
         principles = [round_principles(constitution, seed, it.prompt_id, rnd) for it in block]
         shots = [[examples[i] for i in few_shot_indices(len(examples), c.few_shot, seed, it.prompt_id)]
                  for it in block]
         records = run_block_round(gen, c, seed, rnd, start // c.batch_size, block, current, principles, shots)
-        journal.append_many((round_id(it.prompt_id, rnd), rec) for it, rec in zip(block, records))
+        failed = [next((f for f in rec["failures"] if is_transient(f)), None) for rec in records]
+        finished = [(round_id(it.prompt_id, rnd), rec) for it, rec, f in zip(block, records, failed) if f is None]
+        journal.append_many(finished)
+        outage.add(f for f in failed if f is not None)
         touched.update(it.prompt_id for it in block)
         bar.set_postfix(round=rnd)
+        idle = idle + 1 if len(finished) < len(block) and not finished else 0
+        if idle >= DOWN_AFTER_BATCHES:
+            outage.not_asked = sum(1 for r, s in todo[n + 1 :] for it in items[s : s + c.batch_size]
+                                   if round_id(it.prompt_id, r) not in journal)
+            if outage.not_asked:
+                log.warning("revisions: %d blocks in a row without an answer; the judge looks down: %d records "
+                            "not asked", idle, outage.not_asked)
+            break
     bar.close()
-    return touched
+    return touched, outage
 
 
 def _trace(item: Item, rounds: list[dict[str, Any]], c: CritiqueConfig, seed: int, model: str,
@@ -286,10 +315,16 @@ def run_revisions(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
         try:
             with ctx.phase("generate"):
                 t0 = time.perf_counter()
-                touched = _generate_all(gen, items, todo, journal, c, seed, constitution)
+                touched, outage = _generate_all(gen, items, todo, journal, c, seed, constitution)
                 elapsed = time.perf_counter() - t0
         finally:
             gen.close()
+        if outage:
+            from cai.judges.outage import judge_where, outage_error
+
+            raise outage_error("revisions", outage, len(journal), len(items) * c.rounds,
+                               judge_where(cfg.judge.backend, cfg.judge.base_url), unit="critique records",
+                               done="finished")
         timing["critique/prompts_per_s"] = len(touched) / elapsed if elapsed > 0 else 0.0
         timing["critique/contexts_truncated"] = gen.truncated
     done = journal.done()

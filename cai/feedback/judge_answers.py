@@ -11,7 +11,11 @@ Two routes, same output:
 - API judges (``openai`` / ``anthropic``, or any OpenAI-compatible server) through
   :func:`cai.judges.make_judge` and ``GenerateRequest``: concurrent, rate-limited,
   cached in the store's judge cache (``judge.cache_path`` when set), cost recorded. A request that fails (refusal, HTTP
-  error after retries) is a row with ``status: failed`` and its reason, counted in the metrics.
+  answer) is a row with ``status: failed`` and its reason, counted in the metrics. A transient
+  failure (a timeout, a connection error, HTTP 429/5xx after the retries, an empty answer:
+  :func:`~cai.judges.types.is_transient`) is never journaled: the stage ends with
+  :class:`~cai.errors.JudgeUnavailable` and publishes nothing, and a rerun asks only those prompts
+  again (after two chunks in a row without an answer the rest is not asked).
   Reaching the dollar cap stops the stage; the answers so far are journaled and cached.
 - A local model (``backend: hf``; ``model: tiny`` is the tiny policy artifact) through
   :class:`cai.sampling.SamplingEngine`, batched.
@@ -88,7 +92,9 @@ class _ApiAnswerer:
         self.judge = make_judge(judge_cfg, cache_path=cache_path, where="judge")
         self.acfg, self.ctx = acfg, ctx
 
-    def answer(self, prompts: list[Prompt], seed: int) -> list[dict[str, Any]]:
+    def answer(self, prompts: list[Prompt], seed: int, skip: Any = ()) -> list[dict[str, Any]]:
+        """Rows for the prompts of the chunk not in ``skip`` (ids already answered); a prompt's
+        request (its seed) is the same whichever of the chunk's prompts are asked."""
         from cai.judges import BudgetExhausted, GenerateRequest, run_sync
 
         a = self.acfg
@@ -100,6 +106,8 @@ class _ApiAnswerer:
                             tag={"stage": "judge_answers", "prompt_id": p.id})
             for p in prompts
         ]
+        asked = [(p, req) for p, req in zip(prompts, reqs) if p.id not in skip]
+        prompts, reqs = [p for p, _ in asked], [req for _, req in asked]
         try:
             results = run_sync(self.judge.generate_many(reqs))
         except BudgetExhausted as e:
@@ -140,15 +148,44 @@ def judge_answers(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
             else:
                 answerer = _ApiAnswerer(judge_cfg, acfg, cfg.judge_cache, ctx)
         with ctx.phase("answer"):
-            for start in todo:
-                chunk = prompts[start:start + bs]
-                rows = answerer.answer(chunk, _chunk_seed(cfg.seed, start))
-                journal.append_many([(r["prompt_id"], r) for r in rows])
+            outage = _answer_all(answerer, prompts, todo, bs, cfg.seed, journal)
+        if outage:
+            from cai.judges.outage import judge_where, outage_error
+
+            raise outage_error("judge_answers", outage, len(journal), len(prompts),
+                               judge_where(judge_cfg.backend, judge_cfg.base_url), unit="prompts", done="answered")
     done = journal.done()
     rows = [done[p.id] for p in prompts]
     with ctx.phase("write"):
         write_jsonl(ctx.dir / "answers.jsonl", rows)
     ctx.set_metrics(_metrics(rows, len(prompts) - sum(len(prompts[i:i + bs]) for i in todo)))
+
+
+def _answer_all(answerer: Any, prompts: list[Prompt], todo: list[int], bs: int, seed: int, journal: Any) -> Any:
+    """Answer the chunks starting at ``todo``, journaling every row but the transient failures;
+    returns the :class:`~cai.judges.outage.Outage` of the prompts left unanswered."""
+    from cai.judges.outage import DOWN_AFTER_BATCHES, Outage
+    from cai.judges.types import is_transient
+
+    outage, idle = Outage(), 0
+    for n, start in enumerate(todo):
+        chunk = prompts[start:start + bs]
+        if isinstance(answerer, _ApiAnswerer):
+            rows = answerer.answer(chunk, _chunk_seed(seed, start), skip=journal)
+        else:  # a local model: the whole chunk (its batch is seeded as one)
+            rows = answerer.answer(chunk, _chunk_seed(seed, start))
+        failed = [r for r in rows if r["status"] != "ok" and is_transient(r.get("failure_reason"))]
+        keep = [(r["prompt_id"], r) for r in rows if not any(r is f for f in failed)]
+        journal.append_many(keep)
+        outage.add(str(r["failure_reason"]) for r in failed)
+        idle = idle + 1 if failed and not keep else 0
+        if idle >= DOWN_AFTER_BATCHES:
+            outage.not_asked = sum(1 for s in todo[n + 1:] for p in prompts[s:s + bs] if p.id not in journal)
+            if outage.not_asked:
+                log.warning("judge_answers: %d chunks in a row without an answer; the judge looks down: %d prompts "
+                            "not asked", idle, outage.not_asked)
+            break
+    return outage
 
 
 def _metrics(rows: list[dict[str, Any]], resumed: int) -> dict[str, Any]:

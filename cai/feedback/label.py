@@ -56,7 +56,7 @@ from cai.artifacts import scrub_secrets
 from cai.config import LabelConfig, StageConfig
 from cai.constitution import Constitution, PreferencePrinciple, load_constitution
 from cai.data import Label, Pair, read_jsonl, write_jsonl
-from cai.errors import CaiError, ConfigError, JudgeUnavailable, TooManyFailures
+from cai.errors import CaiError, ConfigError, TooManyFailures
 from cai.feedback import label_methods as lm
 from cai.judges import (
     BudgetExhausted,
@@ -70,7 +70,8 @@ from cai.judges import (
 )
 from cai.judges import templates as tpl
 from cai.judges.config import stage_judge
-from cai.judges.types import BUDGET, EMPTY_ANSWER, failure_kind, is_transient
+from cai.judges.outage import DOWN_AFTER_BATCHES, Outage, judge_where, outage_error
+from cai.judges.types import BUDGET, failure_kind, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -219,25 +220,12 @@ def _metrics(labels: list[Label], unique: list[Label], run: dict[str, Any]) -> d
     return m
 
 
-# after this many batches in a row without a finished pair the judge is taken to be down
-DOWN_AFTER_BATCHES = 2
-
-
-@dataclass
-class _Outage:
-    """The pairs a run left unlabelled for transient reasons."""
-
-    kinds: Counter = field(default_factory=Counter)  # failure kind -> pairs
-    failed: int = 0  # pairs asked whose answers failed transiently
-    not_asked: int = 0  # pairs never asked (the judge looked down)
-
-
-def _judge_all(labeller: Labeller, todo: list[Pair], journal: Any, batch_pairs: int, n_unique: int) -> _Outage:
+def _judge_all(labeller: Labeller, todo: list[Pair], journal: Any, batch_pairs: int, n_unique: int) -> Outage:
     """Judge ``todo`` in batches, journaling each finished pair; stop cleanly at the budget.
 
-    Pairs with a transient failure are not journaled but counted in the returned :class:`_Outage`;
+    Pairs with a transient failure are not journaled but counted in the returned :class:`~cai.judges.outage.Outage`;
     after :data:`DOWN_AFTER_BATCHES` batches in a row with no finished pair the rest is not asked."""
-    outage = _Outage()
+    outage = Outage()
     idle = 0
     with tqdm(total=len(todo), desc=STAGE, unit="pair") as bar:
         for start in range(0, len(todo), batch_pairs):
@@ -253,8 +241,7 @@ def _judge_all(labeller: Labeller, todo: list[Pair], journal: Any, batch_pairs: 
                     "are journaled and answered requests cached)"
                 )
             reasons = [r for pl in plans if (r := labeller.transient(pl)) is not None]
-            outage.failed += len(reasons)
-            outage.kinds.update("empty_answer" if r.startswith(EMPTY_ANSWER) else failure_kind(r) for r in reasons)
+            outage.add(reasons)
             idle = idle + 1 if reasons and not finished else 0
             if idle >= DOWN_AFTER_BATCHES:
                 outage.not_asked = len(todo) - start - len(plans)
@@ -263,18 +250,6 @@ def _judge_all(labeller: Labeller, todo: list[Pair], journal: Any, batch_pairs: 
                                 "not asked", idle, outage.not_asked)
                 break
     return outage
-
-
-def _outage_error(outage: _Outage, n_labelled: int, n_unique: int, where: str) -> JudgeUnavailable:
-    kinds = ", ".join(f"{k} x {n}" for k, n in outage.kinds.most_common(3))
-    more = (f"; after {DOWN_AFTER_BATCHES} batches in a row without an answer the judge looked down and "
-            f"{outage.not_asked} more pairs were not asked" if outage.not_asked else "")
-    return JudgeUnavailable(
-        f"ai_labels: {outage.failed} of {n_unique} pairs failed transiently (the judge or the network, not the "
-        f"answers: {kinds}){more}; nothing was published. Check the judge ({where}) and rerun the same command: "
-        f"the {n_labelled} labelled pairs are kept and only the failed ones are asked again"
-        + (f" (and the {outage.not_asked} not asked yet)" if outage.not_asked else "")
-    )
 
 
 def _check_failed_fraction(labels: list[Label], limit: float) -> None:
@@ -325,10 +300,8 @@ def label_pairs(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
         if close is not None:
             close()
     judged_s = time.perf_counter() - t0
-    if outage.failed or outage.not_asked:
-        where = f"judge.backend={judge_cfg.backend}" + (f", judge.base_url={judge_cfg.base_url}"
-                                                        if judge_cfg.base_url else "")
-        raise _outage_error(outage, len(journal), len(unique), where)
+    if outage:
+        raise outage_error(STAGE, outage, len(journal), len(unique), judge_where(judge_cfg.backend, judge_cfg.base_url))
     done = journal.done()
     _check_failed_fraction([Label.from_dict(done[p.id]) for p in unique], lc.max_failed_fraction)
     with ctx.phase("write"):
