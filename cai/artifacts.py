@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
-import hashlib
 import inspect
 import json
 import logging
@@ -62,7 +61,7 @@ from typing import Any
 import filelock
 
 from cai.errors import CaiError, ConfigError, DataError
-from cai.hashing import canonical_json, stable_hash
+from cai.hashing import canonical_json, file_digest, stable_hash
 from cai.journal import BuildContext, Journal, fsync_dir, fsync_tree
 from cai.secrets import (  # re-exported (see __all__)
     SCRUBBED,
@@ -493,13 +492,8 @@ VERIFY_MODES = ("size", "hash")
 
 def _file_record(file: Path) -> dict[str, Any]:
     """Size, SHA-256 and (JSONL) row count of one artifact file."""
-    digest = hashlib.sha256()
-    rows = 0
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-            rows += block.count(b"\n")
-    record: dict[str, Any] = {"size": file.stat().st_size, "sha256": digest.hexdigest()}
+    sha, rows = file_digest(file)
+    record: dict[str, Any] = {"size": file.stat().st_size, "sha256": sha}
     if file.suffix == ".jsonl":
         record["rows"] = rows
     return record

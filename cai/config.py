@@ -176,21 +176,22 @@ class Schema:
         raise FieldError(self.GROUP, name, problem)
 
 
+def field_keyed(obj: Any, f: dataclasses.Field) -> bool:
+    """Whether field ``f`` of the schema ``obj`` enters an artifact key: not run-time, and a
+    ``keyed_unless_default`` field only when it differs from its default."""
+    if f.metadata.get("runtime"):
+        return False
+    if f.metadata.get("keyed_unless_default"):
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        return getattr(obj, f.name) != default
+    return True
+
+
 def key_fields(obj: Any) -> Any:
-    """What of a schema (or a value inside one) enters an artifact key: every field but the
-    run-time ones, and ``keyed_unless_default`` fields only when they differ from their default."""
+    """What of a schema (or a value inside one) enters an artifact key: the fields
+    :func:`field_keyed` admits, recursively."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        out = {}
-        for f in dataclasses.fields(obj):
-            if f.metadata.get("runtime"):
-                continue
-            value = getattr(obj, f.name)
-            if f.metadata.get("keyed_unless_default"):
-                default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-                if value == default:
-                    continue
-            out[f.name] = key_fields(value)
-        return out
+        return {f.name: key_fields(getattr(obj, f.name)) for f in dataclasses.fields(obj) if field_keyed(obj, f)}
     if isinstance(obj, Mapping):
         return {str(k): key_fields(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

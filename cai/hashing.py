@@ -61,6 +61,17 @@ def text_hash(*parts: str, length: int = 16) -> str:
 
 
 # ----------------------------------------------------------------------------- files on disk
+def file_digest(path: str | PurePath) -> tuple[str, int]:
+    """``(SHA-256 hex, newline count)`` of a file, read once in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    lines = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+            lines += block.count(b"\n")
+    return digest.hexdigest(), lines
+
+
 class Fingerprints:
     """SHA-256 of local files and directories, cached by (path, size, mtime): a user file a stage
     reads (a prompts file, a local model directory) enters its artifact key by *contents*, so a
@@ -89,13 +100,10 @@ class Fingerprints:
         hit = self._cache.get(p)
         if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
             return str(hit[2])
-        digest = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        self._cache[p] = [st.st_size, st.st_mtime_ns, digest.hexdigest()]
+        sha, _ = file_digest(p)
+        self._cache[p] = [st.st_size, st.st_mtime_ns, sha]
         self._dirty = True
-        return digest.hexdigest()
+        return sha
 
     def of(self, path: str | PurePath) -> str:
         """A file's SHA-256, or a directory's: the hash of every file's relative path and SHA-256."""

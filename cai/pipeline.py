@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.artifacts import ArtifactStore
-from cai.config import Config, Restricted, StageConfig, key_fields, typed
+from cai.config import Config, Restricted, StageConfig, field_keyed, key_fields, typed
 from cai.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -80,13 +80,7 @@ def _keyed(cfg: Config, path: str) -> bool:
     field at its default (whole sections always do; their run-time fields drop out inside)."""
     parent_path, _, name = path.rpartition(".")
     parent = _select(cfg, parent_path) if parent_path else cfg
-    f = {f.name: f for f in dataclasses.fields(parent)}[name]
-    if f.metadata.get("runtime"):
-        return False
-    if f.metadata.get("keyed_unless_default"):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        return getattr(parent, name) != default
-    return True
+    return field_keyed(parent, {f.name: f for f in dataclasses.fields(parent)}[name])
 
 
 def stage_key_config(cfg: Config, reads: Sequence[str]) -> dict[str, Any]:
@@ -154,13 +148,6 @@ def _preference_inputs(c: Config, stage: str, labels_from: str) -> dict[str, str
     return inputs
 
 
-def _local_file(spec: str | None) -> list[str]:
-    """``spec`` when it names a local file (a hub name or ``builtin`` does not)."""
-    if spec and Path(spec).expanduser().is_file():
-        return [str(Path(spec).expanduser())]
-    return []
-
-
 def _sampled(c: Config) -> list[str]:
     return ["seed", "policy", "sampling"]
 
@@ -170,7 +157,7 @@ def _revisions_reads(c: Config) -> list[str]:
 
 
 def _revisions_inputs(c: Config) -> dict[str, str]:
-    if c.critique.initial_responses and not _local_file(c.critique.initial_responses):
+    if c.critique.initial_responses and not Path(c.critique.initial_responses).expanduser().is_file():
         raise ConfigError(f"critique.initial_responses: {c.critique.initial_responses!r} is not a file")
     inputs = {} if c.critique.initial_responses else {"prompts": "prompts", "responses": "responses"}
     if c.critique.generator == "policy":
