@@ -52,6 +52,7 @@ from cai.train import common as C
 from cai.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from cai.train.log import MetricsLogger, Throughput
 from cai.train.pairs import (
+    ADAPTER_DIR,
     EncodedPair,
     PreferenceData,
     chosen_rejected,
@@ -353,7 +354,7 @@ def run_dpo(dcfg: DPOConfig, data: PreferenceData, model, tok, chat_format: str,
                         if k.startswith("dpo/eval/")})
     metrics["dpo/resumed_from_step"] = result.resumed_from or 0
     if accelerator is None or accelerator.is_main_process:
-        merged_for_saving(result.model).save_pretrained(out_dir / "model")
+        merged_for_saving(result.model, out_dir / ADAPTER_DIR).save_pretrained(out_dir / "model")
         tok.save_pretrained(out_dir / "model")
         shutil.copyfile(state_dir / "train_log.jsonl", out_dir / "train_log.jsonl")
     return metrics

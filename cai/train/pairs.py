@@ -420,8 +420,16 @@ def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: floa
     return float(norm)
 
 
-def merged_for_saving(model):
-    """The model to ``save_pretrained``: LoRA adapters merged in, so later stages load a plain model."""
+ADAPTER_DIR = "adapter"  # an artifact's LoRA adapter, beside its merged model/ (cai export reads it)
+
+
+def merged_for_saving(model, adapter_dir: str | Path | None = None):
+    """The model to ``save_pretrained``: LoRA adapters merged in, so later stages load a plain model.
+
+    ``adapter_dir``: first ``save_pretrained`` the adapter alone there (a few MB), which
+    ``cai export`` ships instead of the merged model; nothing is written for a model without LoRA."""
     if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
+        if adapter_dir is not None:
+            model.save_pretrained(adapter_dir)
         return model.merge_and_unload()
     return model

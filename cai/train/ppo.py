@@ -56,6 +56,7 @@ from cai.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from cai.train.log import MetricsLogger
 from cai.train.monitors import PPOMonitors, Warning_
 from cai.train.pairs import (
+    ADAPTER_DIR,
     disable_dropout,
     local_rows,
     merged_for_saving,
@@ -429,7 +430,7 @@ def run(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
         result = train_ppo(policy, tok, conversations, reward_fn, pcfg, seed=seed, state_dir=ctx.state_dir,
                            chat_format=chat_format, ref_model=ref, value_backbone=value, heldout_fn=heldout)
     with ctx.phase("save"):
-        merged_for_saving(result.model).save_pretrained(ctx.dir / "model")
+        merged_for_saving(result.model, ctx.dir / ADAPTER_DIR).save_pretrained(ctx.dir / "model")
         tok.save_pretrained(ctx.dir / "model")
         shutil.copyfile(ctx.state_dir / "train_log.jsonl", ctx.dir / "train_log.jsonl")
         write_jsonl(ctx.dir / "warnings.jsonl", [w.to_dict() for w in result.warnings])
@@ -491,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = train_ppo(policy, tok, conversations, reward_fn, pcfg, seed=args.seed, state_dir=args.out / "state",
                        chat_format=chat_format, ref_model=ref, value_backbone=value, accelerator=accelerator)
     if accelerator.is_main_process:
-        merged_for_saving(result.model).save_pretrained(args.out / "model")
+        merged_for_saving(result.model, args.out / ADAPTER_DIR).save_pretrained(args.out / "model")
         tok.save_pretrained(args.out / "model")
         write_jsonl(args.out / "warnings.jsonl", [w.to_dict() for w in result.warnings])
     metrics = {**result.metrics, "ppo/resumed_from_step": result.resumed_from or 0, "ppo/prompts": len(conversations)}

@@ -52,6 +52,7 @@ from cai.train import common as C
 from cai.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from cai.train.log import MetricsLogger, Throughput, read_train_log
 from cai.train.pairs import (
+    ADAPTER_DIR,
     iter_steps,
     merged_for_saving,
     micro_batches,
@@ -261,7 +262,7 @@ def train_sft(
 def save_sft_model(model, tokenizer, out_dir: str | Path) -> Path:
     """``save_pretrained`` the model (LoRA adapters merged) and its tokenizer into ``out_dir``."""
     out_dir = Path(out_dir)
-    merged_for_saving(model).save_pretrained(out_dir)
+    merged_for_saving(model, out_dir.parent / ADAPTER_DIR).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 
