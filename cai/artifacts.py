@@ -515,3 +515,26 @@ def _latest_mtime(root: Path) -> float:
             with contextlib.suppress(FileNotFoundError):
                 latest = max(latest, os.stat(os.path.join(dirpath, name)).st_mtime)
     return latest
+
+
+# ----------------------------------------------------------------------------- a run's artifacts
+RUN_FILE = "run.json"
+
+
+def run_artifacts(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Path]]:
+    """``(run.json, {stage: artifact folder})`` of a run folder written by ``cai run``: each stage's
+    key in ``run.json`` resolved in the run's store. For ``cai export`` and ``cai score``; a folder
+    without ``run.json`` (a sweep folder, a typo) is a :class:`DataError` saying what to pass."""
+    run_dir = Path(run_dir).expanduser()
+    file = run_dir / RUN_FILE
+    if not file.is_file():
+        below = sorted(str(p.parent.relative_to(run_dir)) for p in run_dir.glob(f"*/{RUN_FILE}"))[:5] \
+            if run_dir.is_dir() else []
+        hint = f"; runs below it: {', '.join(below)}" if below else ""
+        raise DataError(f"{run_dir}: not a run folder (no {RUN_FILE}, which `cai run` writes){hint}")
+    try:
+        info = json.loads(file.read_text())
+        root, keys = Path(info["store"]), dict(info["artifacts"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{file}: unreadable run record ({e})") from None
+    return info, {stage: root / ArtifactStore.stage_of(key) / key for stage, key in keys.items()}

@@ -3,6 +3,8 @@
 - ``cai run [overrides]`` / ``cai run -m [sweep]``: a Hydra app over ``conf/`` (see README).
 - ``cai report PATH``: report.md + report.html for a run or a multirun folder.
 - ``cai compare PATH``: head-to-head win rates between the arms of a sweep (head_to_head.json).
+- ``cai export RUN --stage S --to DIR``: a trained model with a model card, the labels as a dataset (:mod:`cai.export`).
+- ``cai score RUN --pairs FILE...``: reward models on pair files (:mod:`cai.evaluate.reward_sets`).
 - ``cai constitution validate FILE...`` / ``cai constitution import SRC --format anthropic -o OUT``.
 - :class:`ReportCallback`, the Hydra callback that writes the report when ``cai run`` finishes.
 
@@ -30,6 +32,10 @@ commands:
   run -m [sweep overrides]         a Hydra multirun sweep, e.g. cai run -m seed=0,1
   report PATH [-o OUT]             write report.md + report.html for a run or a sweep folder
   compare PATH                     judge the arms of a sweep head to head -> PATH/head_to_head.json
+  export RUN --stage S --to DIR    a trained model (sft|dpo|ppo|reward) as a save_pretrained folder
+         [--merge] [--labels]      with a model card; --labels: the labels as a TRL preference dataset
+  score RUN --pairs FILE...        a run's reward models and DPO implicit reward on HH-RLHF/TRL pair
+                                   files: accuracy, interval, ECE, length correlation
   constitution validate FILE...    check constitution files; exit 0 if valid, 2 if not
   constitution import SRC --format anthropic -o OUT.yaml
                                    convert the CAI paper's published prompt files
@@ -126,6 +132,16 @@ def main(argv: list[str] | None = None) -> int:
 
             _quiet_libraries()
             return compare_main(rest)
+        if cmd == "export":
+            from cai.export import main as export_main
+
+            _quiet_libraries()
+            return export_main(rest)
+        if cmd == "score":
+            from cai.evaluate.reward_sets import main as score_main
+
+            _quiet_libraries()
+            return score_main(rest)
     except CaiError as e:
         print(f"cai: error: {e}", file=sys.stderr)
         return 2

@@ -846,6 +846,9 @@ class RewardConfig(Schema):
     """optimizer steps between rows of train_log.jsonl"""
     checkpoint_every: int = setting(100, ge=0, runtime=True)
     """optimizer steps between checkpoints; 0: never"""
+    eval_sets: List[str] = setting(factory=list, keyed_unless_default=True, local_path=True)
+    """local pair files (HH-RLHF or TRL preference format, .jsonl[.gz]) the trained RM is also scored on:
+    metrics rm/sets/<file name>/accuracy, ece, length_corr...; their contents enter the key"""
 
     @property
     def n_heads(self) -> int:

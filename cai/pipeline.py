@@ -228,7 +228,21 @@ def _evaluate_inputs(c: Config) -> dict[str, str]:
 def _eval_reward_check(c: Config) -> list[str]:
     if not c.data.human.path:
         raise ConfigError("stage eval_reward trains on human labels: it needs data.human.path")
+    _eval_sets_exist(c.eval.rm, "eval.rm")
     return ["seed", "eval.rm", "eval.rm_seed_offset"]
+
+
+def _eval_sets_exist(rm: Any, where: str) -> None:
+    """``<where>.eval_sets`` names local pair files (checked when the run is planned)."""
+    for i, path in enumerate(rm.eval_sets):
+        if not Path(path).expanduser().is_file():
+            raise ConfigError(f"{where}.eval_sets[{i}]: {path!r} is not a file (expected a local .jsonl or "
+                              ".jsonl.gz of preference pairs in HH-RLHF or TRL format)")
+
+
+def _reward_reads(c: Config) -> list[str]:
+    _eval_sets_exist(c.reward, "reward")
+    return ["seed", "reward"]
 
 
 def _human_pairs_reads(c: Config) -> list[str]:
@@ -272,7 +286,7 @@ STAGES: dict[str, StageSpec] = {
         inputs=lambda c: {("revisions" if c.sft.source == "revisions" else "answers"): c.sft.source, **_tiny_policy(c)},
         version="2"),
     "reward": StageSpec(
-        "cai.train.reward:run", reads=lambda c: ["seed", "reward"],
+        "cai.train.reward:run", reads=_reward_reads,
         inputs=lambda c: {**_preference_inputs(c, "reward", c.reward.labels_from),
                           **(_tiny_policy(c) if c.reward.backbone == "tiny" else {})},
         version="2"),
@@ -386,15 +400,23 @@ def _local_contents(cfg: Config, reads: Sequence[str], fingerprints: Any) -> dic
     """``{field path: contents hash}`` of every local file or directory the read fields name."""
     out: dict[str, str] = {}
 
+    def add(value: Any, path: str) -> None:
+        """A local_path field's value: one name, or a list of them (``reward.eval_sets``)."""
+        if isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                add(item, f"{path}[{i}]")
+        elif isinstance(value, str):
+            target = _local_target(value)
+            if target is not None:
+                out[path] = fingerprints.of(target)
+
     def visit(obj: Any, path: str) -> None:
         if not dataclasses.is_dataclass(obj):
             return
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
-            if f.metadata.get("local_path") and isinstance(value, str):
-                target = _local_target(value)
-                if target is not None:
-                    out[f"{path}.{f.name}"] = fingerprints.of(target)
+            if f.metadata.get("local_path"):
+                add(value, f"{path}.{f.name}")
             else:
                 visit(value, f"{path}.{f.name}")
 
@@ -403,10 +425,8 @@ def _local_contents(cfg: Config, reads: Sequence[str], fingerprints: Any) -> dic
         parent = _select(cfg, parent_path) if parent_path else cfg
         value = getattr(parent, name)
         field_meta = {f.name: f.metadata for f in dataclasses.fields(parent)}.get(name, {})
-        if field_meta.get("local_path") and isinstance(value, str):
-            target = _local_target(value)
-            if target is not None:
-                out[path] = fingerprints.of(target)
+        if field_meta.get("local_path"):
+            add(value, path)
         else:
             visit(value, path)
     return out
@@ -525,6 +545,8 @@ def run_experiment(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
         log.info("%-14s %s  %s (%.1fs)", stage.name, "reused" if result.reused else "built ", key, elapsed)
 
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    dirs = {name: str(store.path(key)) for name, key in keys.items()}
+    link_artifacts(run_dir, dirs)
     (run_dir / "run.json").write_text(
         json.dumps(
             {
@@ -532,6 +554,7 @@ def run_experiment(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
                 "seed": int(cfg.seed),
                 "store": str(store.root),
                 "artifacts": keys,
+                "artifact_dirs": dirs,
                 "constitution_hash": constitution,
                 "config": resolved,
             },
@@ -544,6 +567,24 @@ def run_experiment(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
         log.info("human-label arm (%s): %s", " ".join(cfg.experiment.human_arm), run_dir / HUMAN_ARM_DIR)
         run_experiment(arm, run_dir / HUMAN_ARM_DIR)
     return metrics
+
+
+ARTIFACT_LINKS = "artifacts"
+
+
+def link_artifacts(run_dir: Path, dirs: dict[str, str]) -> None:
+    """``<run>/artifacts/<stage>``: a symlink to each stage's artifact folder in the store (the same
+    paths as run.json's ``artifact_dirs``); a file system without symlinks only logs it."""
+    folder = run_dir / ARTIFACT_LINKS
+    try:
+        folder.mkdir(exist_ok=True)
+        for name, target in dirs.items():
+            link = folder / name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(target, target_is_directory=True)
+    except OSError as e:
+        log.warning("could not link the artifacts under %s (%s); run.json's artifact_dirs lists them", folder, e)
 
 
 HUMAN_ARM_DIR = Path("arms") / "human"

@@ -47,13 +47,17 @@ import torch.nn.functional as F
 
 from cai.config import RewardConfig, StageConfig, build
 from cai.data import Prompt, write_jsonl
+from cai.data.pair_files import load_pair_files
 from cai.errors import DataError
+from cai.report.reward_eval import pair_set_metrics
 from cai.train import common as C
 from cai.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from cai.train.log import MetricsLogger, Throughput
 from cai.train.pairs import (
+    ADAPTER_DIR,
     Encoded,
     EncodedPair,
+    LabelledPair,
     PreferenceData,
     chosen_rejected,
     collate_pairs,
@@ -341,10 +345,13 @@ def _member_dir(out_dir: Path, i: int) -> Path:
 
 
 def run_reward(cfg: RewardConfig, data: PreferenceData, load_backbone: Callable, *, seed: int,
-               out_dir: str | Path, state_dir: str | Path, accelerator=None) -> dict[str, float]:
+               out_dir: str | Path, state_dir: str | Path, accelerator=None,
+               pair_sets: Mapping[str, Sequence[Any]] | None = None) -> dict[str, float]:
     """Train, score and save a reward model (all members); returns flat ``rm/...`` metrics.
 
-    ``load_backbone(num_labels, seed) -> (model, tokenizer)``. Only the main process writes.
+    ``load_backbone(num_labels, seed) -> (model, tokenizer)``. ``pair_sets``: set name -> pairs
+    (``response_a`` the human's choice) of ``cfg.eval_sets``, scored as ``rm/sets/<name>/...``
+    (:func:`cai.report.reward_eval.pair_set_metrics`). Only the main process writes.
     """
     from cai.models import resolve_chat_format
 
@@ -361,6 +368,9 @@ def run_reward(cfg: RewardConfig, data: PreferenceData, load_backbone: Callable,
     for name, items in sets.items():
         encoded[name], metrics[f"rm/data/{name}_truncated"] = encode_pairs(items, tok, chat_format, cfg.max_length)
         metrics[f"rm/data/{name}_pairs"] = len(items)
+    extra = {name: encode_pairs([LabelledPair(p, 1.0) for p in pairs], tok, chat_format, cfg.max_length)[0]
+             for name, pairs in (pair_sets or {}).items()}
+    extra_scores: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in extra}
     scores: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in sets}
     for i in range(members):
         member_seed = seed + 1000 * i
@@ -373,8 +383,12 @@ def run_reward(cfg: RewardConfig, data: PreferenceData, load_backbone: Callable,
         for name, enc in encoded.items():
             if enc:
                 scores[name].append(score_pairs(result.model, enc, tok.pad_token_id, cfg.eval_batch_size, accelerator))
+        for name, enc in extra.items():
+            extra_scores[name].append(score_pairs(result.model, enc, tok.pad_token_id, cfg.eval_batch_size,
+                                                  accelerator))
         if main:
-            merged_for_saving(result.model).save_pretrained(_member_dir(out_dir, i))
+            adapter = out_dir / ADAPTER_DIR if members == 1 else None  # an ensemble exports merged members
+            merged_for_saving(result.model, adapter).save_pretrained(_member_dir(out_dir, i))
             tok.save_pretrained(_member_dir(out_dir, i))
             log_name = "train_log.jsonl" if i == 0 else f"train_log_member_{i}.jsonl"
             shutil.copyfile(state_dir / f"member_{i}" / "train_log.jsonl", out_dir / log_name)
@@ -396,6 +410,11 @@ def run_reward(cfg: RewardConfig, data: PreferenceData, load_backbone: Callable,
         if name in stacked:
             p_a = torch.tensor([e.p_a for e in encoded[name]])
             metrics.update(preference_metrics(*stacked[name], p_a, prefix, seed=seed, n_boot=cfg.bootstrap_resamples))
+    for name, ss in extra_scores.items():  # the ensemble mean, as for the held-out pairs
+        r_chosen, r_rejected = (torch.cat([s[j] for s in ss], -1).mean(-1).tolist() for j in (0, 1))
+        pairs = pair_sets[name]
+        metrics.update(pair_set_metrics(r_chosen, r_rejected, [len(p.response_a) for p in pairs],
+                                        [len(p.response_b) for p in pairs], f"rm/sets/{name}"))
     if main:
         (out_dir / STATS_FILE).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
         _write_heldout(out_dir / "heldout_scores.jsonl", encoded, {k: v for k, v in stacked.items()
@@ -528,11 +547,12 @@ def build_reward_model(rcfg: RewardConfig, seed: int, inputs: Mapping[str, Path]
     write the artifact into ``ctx.dir``: the body of stage ``reward`` (and of ``eval_reward``)."""
     with ctx.phase("load_data"):
         data = preference_data(rcfg.labels_from, inputs, rcfg.test_fraction, rcfg.split_salt, "rm")
+        pair_sets = {f.name: f.pairs for f in load_pair_files(rcfg.eval_sets)}
     location = tiny_backbone(inputs, data, ctx.state_dir / "tiny_backbone", seed) if rcfg.backbone == "tiny" \
         else rcfg.backbone
     with ctx.phase("train"):
         metrics = run_reward(rcfg, data, backbone_loader(rcfg, location), seed=seed, out_dir=ctx.dir,
-                             state_dir=ctx.state_dir)
+                             state_dir=ctx.state_dir, pair_sets=pair_sets)
     ctx.set_metrics(metrics)
 
 
@@ -557,7 +577,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = cli_data(args.pairs, args.labels, rcfg.test_fraction, rcfg.split_salt, "rm")
     accelerator = C.make_accelerator(mixed_precision=rcfg.mixed_precision, device=rcfg.device)
     metrics = run_reward(rcfg, data, backbone_loader(rcfg, args.backbone), seed=args.seed, out_dir=args.out,
-                         state_dir=args.out / "state", accelerator=accelerator)
+                         state_dir=args.out / "state", accelerator=accelerator,
+                         pair_sets={f.name: f.pairs for f in load_pair_files(rcfg.eval_sets)})
     return finish_cli(accelerator, args.out, metrics, "rm")
 
 
