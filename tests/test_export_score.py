@@ -342,3 +342,36 @@ def test_push_to_hub_unreachable_is_one_clear_error(finished, tmp_path, monkeypa
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)  # the hub cannot be reached from a test
     with pytest.raises(CaiError, match=r"--push-to-hub me/labels: the hub could not be reached.*is complete"):
         push_to_hub(out, "me/labels", "dataset")
+
+
+# ----------------------------------------------------------------------------- a known answer
+def test_a_reward_model_that_learned_the_rule_scores_high_and_swapping_inverts_it(tmp_path):
+    """A tiny RM trained on the synthetic task (courteous beats rude) through the reward command line
+    with ``eval_sets``: high accuracy on held-out task pairs, the mirror image on the same file with
+    chosen and rejected swapped, and ``cai score`` on the trained folder gives the same numbers."""
+    from cai.config import TinyConfig
+    from cai.evaluate.reward_sets import score
+    from cai.testing.preference_task import task_corpus, write_task
+    from cai.tiny import build_tiny_sequence_classifier, default_tiny_corpus
+    from cai.train.reward import main
+
+    backbone = build_tiny_sequence_classifier(tmp_path / "bb", default_tiny_corpus() + task_corpus(),
+                                              TinyConfig(vocab_size=512, n_layer=1, n_head=2, n_embd=64, seed=0))
+    pairs, labels = write_task(tmp_path / "task", 240, seed=0)
+    held_out = [(p, a) for p, a in _rows(40, seed=11)]
+    good, swapped = tmp_path / "good.jsonl", tmp_path / "swapped.jsonl"
+    for path, flip in ((good, False), (swapped, True)):
+        with open(path, "w") as f:
+            for pair, a_chosen in held_out:
+                c, r = (pair.response_a, pair.response_b) if a_chosen != flip else (pair.response_b, pair.response_a)
+                f.write(json.dumps({"prompt": pair.prompt.hh_text, "chosen": " " + c, "rejected": " " + r}) + "\n")
+    out = tmp_path / "out"
+    assert main(["--pairs", str(pairs), "--labels", str(labels), "--backbone", str(backbone), "--out", str(out),
+                 "epochs=3", "batch_size=16", "lr=3e-3", "max_length=64", "device=cpu", "bootstrap_resamples=50",
+                 f"eval_sets=[{good},{swapped}]"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["rm/sets/good/pairs"] == 40 and m["rm/sets/good/accuracy"] >= 0.9
+    assert m["rm/sets/swapped/accuracy"] == pytest.approx(1 - m["rm/sets/good/accuracy"])
+    assert m["rm/sets/good/margin"] == pytest.approx(-m["rm/sets/swapped/margin"])
+    again = score(out, [good, swapped], device="cpu")
+    assert again == pytest.approx({k: v for k, v in m.items() if "/sets/" in k}, abs=1e-6, nan_ok=True)
