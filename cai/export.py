@@ -169,7 +169,7 @@ def _provenance(run: RunView, extra: Sequence[tuple[str, str]]) -> list[str]:
             *extra,
             ("constitution", f"{c['name']} v{c['version']} (`{c['path']}`)"),
             ("constitution hash", f"`{c['hash']}`" + (f" ({c['note']})" if c.get("note") else "")),
-            ("judge", f"`{run.judge()}`"),
+            ("AI judge of the run", f"`{run.judge()}`"),
             ("arm", f"`{(run.config.get('tags') or {}).get('arm', '?')}`")]
     return ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
 
@@ -356,7 +356,8 @@ def dataset_card(run: RunView, source: str, counts: Mapping[str, int], conversat
         "task_categories": ["text-generation"],
         "size_categories": ["n<1K" if n < 1000 else "1K<n<10K" if n < 10_000 else "10K<n<100K"],
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": DATA_FILE}]}],
-        "cai": {"label_source": source, "constitution_hash": c["hash"], "judge": run.judge()},
+        "cai": {"label_source": source, "constitution_hash": c["hash"],
+                "judge": run.judge() if source == "ai" else "human"},
     }
     who = f"the AI judge `{run.judge()}`" if source == "ai" else "human raters (the run's human pairs)"
     lines = [_yaml_header(header), f"# {run.info.get('experiment', 'cai')}: preference labels", "",
