@@ -60,18 +60,38 @@ def _hydra_run(argv: list[str]) -> int:
     def _app(cfg: DictConfig) -> float | None:
         from hydra.core.hydra_config import HydraConfig
 
-        run_dir = HydraConfig.get().runtime.output_dir
+        from cai.secrets import redact_text
+
+        hydra_cfg = HydraConfig.get()
+        run_dir = hydra_cfg.runtime.output_dir
+        _scrub_hydra_files(hydra_cfg, run_dir)
         _quiet_libraries()
         try:
             return run_task(cfg, run_dir)
         except CaiError as e:
             # Hydra would print a traceback; a user mistake deserves one clear line.
-            print(f"cai: error: {e}", file=sys.stderr)
+            print(f"cai: error: {redact_text(str(e))}", file=sys.stderr)
             sys.exit(2)
 
     sys.argv = ["cai run", *argv]
     _app()
     return 0
+
+
+def _scrub_hydra_files(hydra_cfg: Any, run_dir: str | Path) -> None:
+    """Cut credentials (a key inside ``judge.base_url``, secret environment values) out of what
+    Hydra wrote before the task started: ``.hydra/*.yaml`` of the run and a sweep's
+    ``multirun.yaml``; and put the secret filter on the log handlers (``cai.log``, the console)."""
+    from cai.secrets import install_log_filter, scrub_text_files
+
+    install_log_filter()
+    subdir = OmegaConf.select(hydra_cfg, "output_subdir", default=".hydra")
+    if subdir:
+        scrub_text_files(Path(run_dir) / subdir)
+    sweep_dir = OmegaConf.select(hydra_cfg, "sweep.dir", default=None)
+    if sweep_dir and OmegaConf.select(hydra_cfg, "mode", default=None) is not None and \
+            str(OmegaConf.select(hydra_cfg, "mode")).endswith("MULTIRUN"):
+        scrub_text_files(Path(sweep_dir), "multirun.yaml")
 
 
 def run_task(cfg: DictConfig, run_dir: str | Path) -> float | None:
@@ -127,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             _quiet_libraries()
             return compare_main(rest)
     except CaiError as e:
-        print(f"cai: error: {e}", file=sys.stderr)
+        from cai.secrets import redact_text
+
+        print(f"cai: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     print(f"cai: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2

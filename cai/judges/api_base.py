@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from cai.config import JudgeConfig
 from cai.judges.cache import JudgeCache, call_key
-from cai.judges.config import default_cache_path, resolve_api_key
+from cai.judges.config import PLACEHOLDER_KEY, default_cache_path, redact, resolve_api_key
 from cai.judges.cost import CostLedger, estimate_tokens
 from cai.judges.parsing import (
     Position,
@@ -64,6 +64,7 @@ from cai.judges.types import (
     SyncJudgeMixin,
     failure_kind,
 )
+from cai.secrets import register_secret, url_secrets
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -152,6 +153,10 @@ class ApiJudge(SyncJudgeMixin, abc.ABC):
         # the endpoint the SDK will talk to (it reads the env var when base_url is None): part of the cache key
         self.base_url = cfg.base_url or os.environ.get(self.base_url_env) or None
         self._key = resolve_api_key(cfg)
+        # what a server could echo back: the key, and any credential written into the base URL;
+        # registered, so every log line and file written by this process has them cut out too
+        self._secrets = [s for s in (self._key, *url_secrets(self.base_url)) if s and s != PLACEHOLDER_KEY]
+        register_secret(*self._secrets)
         self.ledger = ledger if ledger is not None else CostLedger(cfg.prices, cfg.max_dollars)
         self.ledger.add_prices(cfg.prices)
         path = cfg.cache_path or cache_path or default_cache_path()
@@ -171,7 +176,9 @@ class ApiJudge(SyncJudgeMixin, abc.ABC):
 
     def _classify(self, exc: BaseException) -> CallFailure:
         """Classify an exception raised by :meth:`_send` (the key is redacted from its message)."""
-        return classify_sdk_error(self.sdk, exc, self._key)
+        failure = classify_sdk_error(self.sdk, exc, self._key)
+        failure.message = redact(failure.message, *self._secrets)
+        return failure
 
     @abc.abstractmethod
     async def _send(self, client: Any, messages: list[dict], params: dict) -> CallAnswer:
@@ -301,6 +308,10 @@ class ApiJudge(SyncJudgeMixin, abc.ABC):
         tally.attempts += outcome.attempts
         if outcome.answer is not None:
             a = outcome.answer
+            if self._secrets:  # a server echoing the key (or the URL's password) back: never stored
+                a.text = redact(a.text, *self._secrets)
+                a.positions = [(redact(tok, *self._secrets), [(redact(alt, *self._secrets), lp) for alt, lp in top])
+                               for tok, top in a.positions]
             cost = self.ledger.cost(self.model, a.tokens_in, a.tokens_out)
             tally.add(a, cost, cached=False)
             self.ledger.record_call(tag, a.tokens_in, a.tokens_out, cost)

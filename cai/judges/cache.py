@@ -31,16 +31,20 @@ from urllib.parse import urlsplit
 
 from cai.errors import ConfigError
 from cai.hashing import stable_hash
+from cai.secrets import redact_urls
 
 SCHEMA_VERSION = 1
 
 
 def endpoint_of(base_url: str | None) -> str:
-    """``host:port`` of a base URL (the provider's default endpoint when None)."""
+    """``host:port`` of a base URL (the provider's default endpoint when None); credentials written
+    into the URL (``user:key@``) are not part of it, so a key never enters a cache key and a
+    rotated one keeps the cache warm."""
     if not base_url:
         return "default"
     parts = urlsplit(base_url)
-    return parts.netloc.lower() or base_url
+    netloc = parts.netloc.rsplit("@", 1)[-1].lower()
+    return netloc or redact_urls(base_url)
 
 
 _SCALARS = (str, int, bool, type(None))
