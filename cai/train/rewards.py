@@ -115,7 +115,8 @@ class JudgeScoreReward:
             if round_ == self.transient_rounds:
                 outage = Outage()
                 outage.add(results[i].failure_reason or "" for i in pending)
-                where = f"{self.namespace}: judge {getattr(self.judge, 'name', '?')}:{getattr(self.judge, 'model', '?')}"
+                judge = self.judge
+                where = f"{self.namespace}: judge {getattr(judge, 'name', '?')}:{getattr(judge, 'model', '?')}"
                 raise outage_error(f"{self.namespace} judge reward", outage, len(results) - len(pending),
                                    len(results), where, unit="score requests", done="answered")
             time.sleep(self.transient_pause_s * (2 ** round_))
