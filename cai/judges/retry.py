@@ -166,7 +166,8 @@ async def call_with_retries(
     """
     attempts = retries = malformed = 0
     while True:
-        if not ledger.try_reserve(est_usd):
+        reservation = ledger.try_reserve(est_usd)
+        if not reservation:
             return Outcome(None, attempts, BUDGET)
         try:
             await limiter.acquire(est_tokens)
@@ -179,7 +180,7 @@ async def call_with_retries(
                 limiter.correct(est_tokens, actual_tokens(answer))
                 return Outcome(answer, attempts, None)
         finally:
-            ledger.release(est_usd)
+            ledger.release(est_usd, reservation)
         if not failure.retryable:
             return Outcome(None, attempts, failure.reason(attempts))
         if failure.kind == "malformed":
