@@ -55,6 +55,7 @@ def _hydra_run(argv: list[str]) -> int:
     from cai.config import CONF_DIR, register_configs
 
     register_configs()
+    _check_run_folder_name(argv)
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def _app(cfg: DictConfig) -> float | None:
@@ -76,6 +77,33 @@ def _hydra_run(argv: list[str]) -> int:
     sys.argv = ["cai run", *argv]
     _app()
     return 0
+
+
+def _check_run_folder_name(argv: list[str]) -> None:
+    """``experiment.name`` names the run folder, which Hydra resolves before the task starts: an
+    interpolation there that does not resolve (``'${oc.env:NOPE}'``) would end in Hydra's
+    traceback. Resolve it first and fail with one line naming the key (sweeps: the first value)."""
+    names = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("experiment.name=")]
+    if not names or "${" not in names[-1]:
+        return
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from cai.config import _omegaconf_error, compose_config
+
+    def first_value(arg: str) -> str:  # a sweep's first value stands for all (their syntax is Hydra's)
+        key, _, value = arg.partition("=")
+        return f"{key}={value.split(',', 1)[0]}" if "," in value and "${" not in value else arg
+
+    plain = [first_value(a) for a in argv if not a.startswith("-") and "=" in a and not a.startswith("hydra.")]
+    try:
+        cfg = compose_config(*plain)
+    except Exception:  # noqa: BLE001 - anything else is the run's to report, as it always has
+        return
+    try:
+        OmegaConf.select(cfg, "experiment.name", throw_on_resolution_failure=True)
+    except OmegaConfBaseException as e:
+        raise _omegaconf_error(e, cfg, "") from None
 
 
 def _scrub_hydra_files(hydra_cfg: Any, run_dir: str | Path) -> None:

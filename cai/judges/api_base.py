@@ -27,6 +27,7 @@ import abc
 import asyncio
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -49,7 +50,7 @@ from cai.judges.parsing import (
     probs_from_logprobs,
 )
 from cai.judges.ratelimit import RateLimiter
-from cai.judges.retry import CallFailure, Outcome, RetryPolicy, call_with_retries
+from cai.judges.retry import CallFailure, MalformedResponse, Outcome, RetryPolicy, call_with_retries
 from cai.judges.sdk import classify_sdk_error, make_sdk_client
 from cai.judges.types import (
     BUDGET,
@@ -70,6 +71,34 @@ from cai.secrets import register_secret, url_secrets
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 SAMPLE_TEMPERATURE = 1.0
+# an answer text longer than this many characters per requested token (and at least
+# ANSWER_CHARS_MIN) is not an answer to the request: refused before it is parsed or stored
+CHARS_PER_TOKEN_CAP = 64
+ANSWER_CHARS_MIN = 4096
+# a log-prob above this is not a log-probability (float noise may make a certain token's 0.0 tiny positive)
+MAX_LOGPROB = 1e-3
+MAX_TOKENS_REPORTED = 10**9
+
+
+def check_answer(answer: CallAnswer, max_tokens: int) -> CallAnswer:
+    """``answer`` if its numbers and size are plausible, else :class:`MalformedResponse` naming the
+    problem: token usage must be whole numbers in [0, 1e9]; the text at most
+    ``max(ANSWER_CHARS_MIN, CHARS_PER_TOKEN_CAP * max_tokens)`` characters; every log-prob a finite
+    number <= 0. A malformed answer is retried ``malformed_retries`` times, then fails for good."""
+    for name in ("tokens_in", "tokens_out"):
+        value = getattr(answer, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS_REPORTED:
+            raise MalformedResponse(f"token usage {name}={value!r} is not a count in [0, {MAX_TOKENS_REPORTED}]")
+    cap = max(ANSWER_CHARS_MIN, CHARS_PER_TOKEN_CAP * max_tokens)
+    if len(answer.text) > cap:
+        raise MalformedResponse(f"an answer of {len(answer.text)} characters to max_tokens={max_tokens} "
+                                f"(at most {cap} expected)")
+    for _token, top in answer.positions:
+        for alt, lp in top:
+            if not (isinstance(lp, float) and math.isfinite(lp) and lp <= MAX_LOGPROB):
+                raise MalformedResponse(f"top log-prob {lp!r} of token {alt[:20]!r} is not a log-probability "
+                                        "(expected a finite number <= 0)")
+    return answer
 
 
 @dataclass
@@ -355,8 +384,11 @@ class ApiJudge(SyncJudgeMixin, abc.ABC):
                 return Outcome(answer, 0, None)
         est_in = estimate_tokens(messages)
         client = batch.get_client()
+        async def send() -> CallAnswer:
+            return check_answer(await self._send(client, messages, params), max_tokens)
+
         outcome = await call_with_retries(
-            lambda: self._send(client, messages, params),
+            send,
             self._classify,
             policy=self.policy,
             limiter=self.limiter,

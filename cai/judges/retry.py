@@ -119,7 +119,8 @@ def classify(
         return CallFailure("http", message, retryable, status, parse_retry_after(headers) if retryable else None)
     if isinstance(exc, connection_error):
         return CallFailure("connection", "connection error", retryable=True)
-    if isinstance(exc, (MalformedResponse, json.JSONDecodeError, ValueError, TypeError, AttributeError, LookupError)):
+    if isinstance(exc, (MalformedResponse, json.JSONDecodeError, ValueError, TypeError, AttributeError, LookupError,
+                        RecursionError, OverflowError)):
         snippet = redact(f"{type(exc).__name__}: {exc}", secret)[:SNIPPET]
         return CallFailure("malformed", snippet, retryable=True)
     raise exc
