@@ -27,6 +27,11 @@ budget ledger:
   outage) before it finished is *adopted* by the first later cache hit on that key
   (:meth:`JudgeCache.adopt`): the resumed run reports it, so its cost equals what was paid.
 
+A judge ``model`` naming a local file or directory (a local hf judge, a re-trained checkpoint) enters
+the key by its *contents* (:func:`model_identity`: the SHA-256 of every file, via
+:class:`cai.hashing.Fingerprints`), never by its path: a judge re-trained at the same path asks
+again, the same weights under another path reuse the answers.
+
 Keys are computed on every call, so they take a fast path: a key made only of plain JSON values
 (dicts with string keys, lists, tuples, strings, ints, finite floats, bools, None) -- every key
 the judges build from valid requests -- is encoded by one ``json.dumps`` call, which gives the
@@ -50,7 +55,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cai.errors import ConfigError
-from cai.hashing import stable_hash
+from cai.hashing import Fingerprints, stable_hash
 from cai.secrets import redact_urls
 
 SCHEMA_VERSION = 1
@@ -101,6 +106,46 @@ def fast_stable_hash(obj: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+_FINGERPRINTS = Fingerprints()  # file hashes by (path, size, mtime): each file is read once per process
+_MODEL_IDS: dict[str, tuple[float, tuple, str]] = {}  # abspath -> (checked at, signature, identity)
+_MODEL_IDS_LOCK = threading.Lock()
+# a local model's files are looked at (stat) at most this often; their contents are read only when changed
+MODEL_RECHECK_S = 1.0
+
+
+def _signature(path: str) -> tuple:
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return ((".", st.st_size, st.st_mtime_ns),)
+    entries = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            st = os.stat(os.path.join(root, name))
+            entries.append((os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns))
+    return tuple(entries)
+
+
+def model_identity(model: str) -> str:
+    """What a judge's answers depend on in its ``model``: the name as given, or -- when it names a
+    local file or directory -- ``local-sha256:<digest of its contents>``."""
+    if not model or "://" in model or not os.path.exists(model):
+        return model
+    path = os.path.abspath(os.path.expanduser(model))
+    now = time.monotonic()
+    with _MODEL_IDS_LOCK:
+        memo = _MODEL_IDS.get(path)
+        if memo is not None and now - memo[0] < MODEL_RECHECK_S:
+            return memo[2]
+        signature = _signature(path)
+        if memo is not None and memo[1] == signature:
+            _MODEL_IDS[path] = (now, signature, memo[2])
+            return memo[2]
+        identity = "local-sha256:" + _FINGERPRINTS.of(path)
+        _MODEL_IDS[path] = (now, signature, identity)
+        return identity
+
+
 def call_key(
     *,
     kind: str,
@@ -120,7 +165,7 @@ def call_key(
             "v": SCHEMA_VERSION,
             "kind": kind,
             "backend": backend,
-            "model": model,
+            "model": model_identity(model),
             "endpoint": endpoint_of(base_url),
             "params": params,
             "template_version": template_version,
