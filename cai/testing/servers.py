@@ -131,6 +131,13 @@ class _Server(ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = 256  # the default backlog (5) drops bursts of connections: 1 s SYN retries
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return  # a client that went away (a timeout, a killed process): nothing to report
+        super().handle_error(request, client_address)
+
 
 @dataclass
 class _Reply:
