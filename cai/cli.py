@@ -53,8 +53,10 @@ def _hydra_run(argv: list[str]) -> int:
     import hydra
 
     from cai.config import CONF_DIR, register_configs
+    from cai.secrets import install_record_redaction
 
     register_configs()
+    install_record_redaction()  # before Hydra logs anything (its launcher prints the overrides)
     _check_run_folder_name(argv)
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-__all__ = ["SCRUBBED", "SecretFilter", "env_secret_values", "install_log_filter", "is_secret_name",
+__all__ = ["SCRUBBED", "SecretFilter", "env_secret_values", "install_log_filter", "install_record_redaction",
+           "is_secret_name",
            "known_secrets", "redact", "redact_text", "redact_urls", "register_secret", "scrub_secrets",
            "scrub_text_files", "url_secrets"]
 
@@ -62,7 +63,8 @@ _ENV_SECRET_NAMES = ("API_KEY", "TOKEN")
 # query parameters that carry a credential although is_secret_name does not flag the bare word
 _SECRET_QUERY_NAMES = frozenset({"key", "sig", "signature", "code", "access_token", "refresh_token"})
 # ``scheme://userinfo@``: the userinfo ends at the first "@" before any "/", "?", "#" or space
-_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/?#@\s\"'<>]+)@")
+# (Hydra writes a sweep's overrides with ":" escaped: ``http\://user\:KEY@host``)
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*\\?://)(?P<userinfo>[^/?#@\s\"'<>]+)@")
 # ``?name=value`` / ``&name=value`` anywhere (in a URL, an override, a log line)
 _QUERY_PARAM = re.compile(r"(?P<lead>[?&;](?P<name>[A-Za-z0-9_.\-]+)=)(?P<value>[^&#\s\"'<>]*)")
 _REGISTERED: set[str] = set()
@@ -260,6 +262,33 @@ def install_log_filter(logger: logging.Logger | None = None) -> None:
     for handler in (logger or logging.getLogger()).handlers:
         if not any(isinstance(f, SecretFilter) for f in handler.filters):
             handler.addFilter(SecretFilter())
+
+
+_FACTORY_INSTALLED = False
+
+
+def install_record_redaction() -> None:
+    """Redact every log record of this process when it is created (a record factory wrapping the
+    current one): whatever handlers Hydra or a library installs later (Hydra's launcher prints a
+    sweep's overrides, ``judge.base_url`` included), no record carries a secret. Idempotent."""
+    global _FACTORY_INSTALLED
+    if _FACTORY_INSTALLED:
+        return
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string is logging's to report
+            return record
+        clean = redact_text(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return record
+
+    logging.setLogRecordFactory(factory)
+    _FACTORY_INSTALLED = True
 
 
 def scrub_text_files(folder: str | Path, pattern: str = "*.yaml") -> int:

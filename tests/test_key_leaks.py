@@ -35,6 +35,7 @@ def test_url_credentials_are_cut_out_of_any_text():
     assert redact_urls(text) == (
         "judge.base_url=http://user:***@host:8000/v1 then https://***@h.example/v1 and "
         "https://h/v1?api-version=2&api_key=***&key=*** keeps http://h/v1?page=2 and a@b.c")
+    assert redact_urls(r"- judge.base_url=http\://u\:sk-abc@h\:8/v1") == r"- judge.base_url=http\://u\:***@h\:8/v1"
     assert url_secrets("http://u:p%40ss@h/v1?api_key=k1&x=1") == ["p%40ss", "p@ss", "k1"]
     assert url_secrets("http://h:8/v1") == [] and url_secrets(None) == []
 
@@ -79,3 +80,20 @@ def test_a_key_in_the_base_url_or_echoed_in_answers_reaches_no_file(tmp_path):
     assert not leaks
     assert KEY not in done.stdout + done.stderr and KEY[-16:] not in done.stdout + done.stderr
     assert Path(run / "report.md").is_file()
+
+
+def test_a_sweep_with_a_key_in_the_base_url_leaks_it_nowhere(tmp_path):
+    """A sweep (cai run -m): Hydra escapes the overrides it writes (``http\\://u\\:KEY@``) and its
+    launcher logs them before any job starts; neither reaches a file or the console."""
+    url = f"http://user:{KEY}@127.0.0.1:9/v1"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "cai.cli", "run", "-m", "seed=0,1", f"judge.base_url={url}", "judge.backend=openai",
+           "judge.model=m", "judge.api_key_env=null", "experiment.stages=[prompts]", "data.max_prompts=2",
+           f"store.root={tmp_path / 'store'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    overrides = (tmp_path / "sweep" / "0" / ".hydra" / "overrides.yaml").read_text()
+    assert "judge.base_url=http\\://user\\:***@127.0.0.1" in overrides
+    assert (tmp_path / "sweep" / "multirun.yaml").is_file() and (tmp_path / "sweep" / "report.md").is_file()
+    leaks = [str(p) for p in tmp_path.rglob("*") if p.is_file() and KEY[-16:].encode() in p.read_bytes()]
+    assert not leaks and KEY[-16:] not in done.stdout + done.stderr
