@@ -4,10 +4,13 @@ A batch runs on ``max_concurrency`` asyncio workers that take requests in order;
 request's result lands at its own index, so results come back in request order, one per
 request. Every API call goes through :meth:`ApiJudge._call`:
 
-    cache lookup -> budget reservation -> rate limiter -> send (timeout) -> retries -> ledger
+    cache lookup -> claim the key (or wait for the process paying for it) -> budget reservation
+    (this process's and the store's ledger) -> rate limiter -> send (timeout) -> answer checks
+    (size, usage, log-probs: :func:`check_answer`) -> retries -> ledger (and the store's spend)
 
 and a call whose answer is usable is stored in the cache (failures never are, so a rerun
-retries them and pays only for what is missing).
+retries them and pays only for what is missing), then its claim is released. A key or URL
+credential a server echoes back is cut out of the answer before anything keeps it.
 
 The warm path is kept lean: before the workers start, the cache keys of every call the batch
 can make are looked up in a few batched queries; the SDK client is built only when a call
