@@ -59,25 +59,75 @@ def _hydra_run(argv: list[str]) -> int:
     import hydra
 
     from cai.config import CONF_DIR, register_configs
+    from cai.secrets import install_record_redaction
 
     register_configs()
+    install_record_redaction()  # before Hydra logs anything (its launcher prints the overrides)
+    _check_run_folder_name(argv)
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def _app(cfg: DictConfig) -> float | None:
         from hydra.core.hydra_config import HydraConfig
 
-        run_dir = HydraConfig.get().runtime.output_dir
+        from cai.secrets import redact_text
+
+        hydra_cfg = HydraConfig.get()
+        run_dir = hydra_cfg.runtime.output_dir
+        _scrub_hydra_files(hydra_cfg, run_dir)
         _quiet_libraries()
         try:
             return run_task(cfg, run_dir)
         except CaiError as e:
             # Hydra would print a traceback; a user mistake deserves one clear line.
-            print(f"cai: error: {e}", file=sys.stderr)
+            print(f"cai: error: {redact_text(str(e))}", file=sys.stderr)
             sys.exit(2)
 
     sys.argv = ["cai run", *argv]
     _app()
     return 0
+
+
+def _check_run_folder_name(argv: list[str]) -> None:
+    """``experiment.name`` names the run folder, which Hydra resolves before the task starts: an
+    interpolation there that does not resolve (``'${oc.env:NOPE}'``) would end in Hydra's
+    traceback. Resolve it first and fail with one line naming the key (sweeps: the first value)."""
+    names = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("experiment.name=")]
+    if not names or "${" not in names[-1]:
+        return
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from cai.config import _omegaconf_error, compose_config
+
+    def first_value(arg: str) -> str:  # a sweep's first value stands for all (their syntax is Hydra's)
+        key, _, value = arg.partition("=")
+        return f"{key}={value.split(',', 1)[0]}" if "," in value and "${" not in value else arg
+
+    plain = [first_value(a) for a in argv if not a.startswith("-") and "=" in a and not a.startswith("hydra.")]
+    try:
+        cfg = compose_config(*plain)
+    except Exception:  # noqa: BLE001 - anything else is the run's to report, as it always has
+        return
+    try:
+        OmegaConf.select(cfg, "experiment.name", throw_on_resolution_failure=True)
+    except OmegaConfBaseException as e:
+        raise _omegaconf_error(e, cfg, "") from None
+
+
+def _scrub_hydra_files(hydra_cfg: Any, run_dir: str | Path) -> None:
+    """Cut credentials (a key inside ``judge.base_url``, secret environment values) out of what
+    Hydra wrote before the task started: ``.hydra/*.yaml`` of the run and a sweep's
+    ``multirun.yaml``; and put the secret filter on the log handlers (``cai.log``, the console)."""
+    from cai.secrets import install_log_filter, scrub_text_files
+
+    install_log_filter()
+    subdir = OmegaConf.select(hydra_cfg, "output_subdir", default=".hydra")
+    if subdir:
+        scrub_text_files(Path(run_dir) / subdir)
+    sweep_dir = OmegaConf.select(hydra_cfg, "sweep.dir", default=None)
+    if sweep_dir and OmegaConf.select(hydra_cfg, "mode", default=None) is not None and \
+            str(OmegaConf.select(hydra_cfg, "mode")).endswith("MULTIRUN"):
+        scrub_text_files(Path(sweep_dir), "multirun.yaml")
 
 
 def run_task(cfg: DictConfig, run_dir: str | Path) -> float | None:
@@ -143,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
             _quiet_libraries()
             return score_main(rest)
     except CaiError as e:
-        print(f"cai: error: {e}", file=sys.stderr)
+        from cai.secrets import redact_text
+
+        print(f"cai: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     print(f"cai: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2

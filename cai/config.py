@@ -540,7 +540,8 @@ class JudgeConfig(Schema):
     cache_path: Optional[str] = setting(None, runtime=True)
     """None: the store's judge_cache.sqlite (outside a run: ~/.cache/cai/judge_cache.sqlite)"""
     max_dollars: Optional[float] = setting(None, gt=0.0, runtime=True)
-    """dollar cap for this judge; None: no cap"""
+    """dollar cap for this judge (backend, model, endpoint): what it has been paid through this judge cache (the
+    store's), by every process and run together; None: no cap"""
     prices: Dict[str, Any] = setting(factory=dict, runtime=True)
     """{model: {input_per_mtok, output_per_mtok}}; a model without a price costs 0. Open to new
     model names on the command line ('+judge.prices.gpt-4o={input_per_mtok:2.5,output_per_mtok:10}')"""

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cai.artifacts import ArtifactStore
+from cai.artifacts import ArtifactStore, scrub_secrets
 from cai.config import Config, Restricted, StageConfig, field_keyed, key_fields, typed
 from cai.errors import ConfigError
 
@@ -556,7 +556,7 @@ def run_experiment(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
                 "artifacts": keys,
                 "artifact_dirs": dirs,
                 "constitution_hash": constitution,
-                "config": resolved,
+                "config": scrub_secrets(resolved, names=False),  # api_key_env is read back
             },
             indent=2,
             sort_keys=True,

@@ -75,6 +75,9 @@ ROWS = [
     ("env-interpolation", ["store.root=${oc.env:CAI_TEST_UNSET_VAR}"],
      r"store\.root: cannot resolve '\$\{oc\.env:CAI_TEST_UNSET_VAR\}': "
      r"Environment variable 'CAI_TEST_UNSET_VAR' not found$", True),
+    ("run-name-env-interpolation", ["experiment.name=${oc.env:CAI_TEST_UNSET_VAR}"],
+     r"experiment\.name: cannot resolve '\$\{oc\.env:CAI_TEST_UNSET_VAR\}': Environment variable "
+     r"'CAI_TEST_UNSET_VAR' not found$", True),
     ("key-interpolation", ["sampling.temperature=${no.such.key}"],
      r"sampling\.temperature: cannot resolve '\$\{no\.such\.key\}': Interpolation key 'no\.such\.key' not found$",
      True),
@@ -162,6 +165,7 @@ def _cai(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 CLI_ROWS = [r for r in ROWS if r[0] in {"labeller-openai-key", "env-interpolation", "store-is-a-file",
+                                        "run-name-env-interpolation",
                                         "plus-top-level-key", "data-max-prompts-0"}]
 
 

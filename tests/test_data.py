@@ -164,10 +164,11 @@ BAD_ROWS = [
     (14, {"chosen": hh("q", "sure. Human: and then?"), "rejected": hh("q", "no")}),
     (15, {"chosen": hh("x", "", "y", "c"), "rejected": hh("x", "", "y", "r")}),
     (16, b"\xff\xfe not utf-8\n"),
+    (17, {"chosen": hh("hi", "hello!"), "rejected": hh("hi", "go away")}),  # line 1 again
 ]
 EXPECTED_EXCLUDED = {2: "malformed_json", 4: "missing_markers", 6: "identical_responses", 8: "missing_field",
                      9: "starts_with_assistant", 10: "no_final_assistant", 11: "context_unresolvable",
-                     12: "empty_prompt", 16: "malformed_json"}
+                     12: "empty_prompt", 16: "malformed_json", 17: "duplicate_pair"}
 EXPECTED_FLAGS = {1: (), 5: ("empty_chosen",), 7: ("context_mismatch",), 13: ("merged_turns",),
                   14: ("inline_marker",), 15: ("empty_turn",)}
 
@@ -190,8 +191,12 @@ def test_bad_cases_counted_with_lines(tmp_path, name):
     assert {e.line: e.code for e in res.excluded} == EXPECTED_EXCLUDED
     assert {r.line: r.flags for r in res.records} == EXPECTED_FLAGS
     c = res.counts
-    assert (c["total_in"], c["records"], c["excluded"], c["blank_lines"]) == (15, 6, 9, 1)
+    assert (c["total_in"], c["records"], c["excluded"], c["blank_lines"]) == (16, 6, 10, 1)
     assert c["excluded/malformed_json"] == 2 and c["excluded/missing_markers"] == 1
+    assert c["excluded/duplicate_pair"] == 1
+    reasons = {e.line: e.reason for e in res.excluded}
+    assert reasons[17] == "duplicate_pair: the same context and replies as line 1"
+    assert reasons[16].startswith("malformed_json: not UTF-8")
     assert all(c[f"flag/{f}"] == (1 if f != "empty_rejected" else 0) for f in FLAGS)
     assert all(isinstance(line, int) and reason for line, reason in res.excluded)
     assert "excluded/malformed_json: 2" in res.summary()

@@ -193,6 +193,44 @@ def test_judge_score_reward_is_the_expected_score_and_counts_failures():
     assert [r.tag["principle_id"] for r in again.judge.seen] == [r.tag["principle_id"] for r in judge.seen[:2]]
 
 
+class _FlakyJudge(_ScriptedJudge):
+    """Each request fails transiently (HTTP 503 after the retries, then an empty answer) the
+    first ``flaky`` times it is asked, then answers like :class:`_ScriptedJudge`."""
+
+    def __init__(self, flaky):
+        super().__init__()
+        self.flaky, self.asked = flaky, {}
+
+    async def choose_many(self, reqs, progress=False):
+        out = await super().choose_many(reqs, progress)
+        for i, r in enumerate(reqs):
+            n = self.asked[id(r)] = self.asked.get(id(r), 0) + 1
+            if n <= self.flaky:
+                reason = "http 503 after 7 attempts" if n % 2 else "unparseable: empty answer"
+                out[i] = ChoiceResult(None, "", "failed", reason, "", 10, 0, 0.001, 0.0, False, 7,
+                                      self.model, self.name, r.tag)
+        return out
+
+
+def test_judge_score_reward_asks_transient_failures_again_and_stops_when_they_last():
+    """A transient judge failure is never a missing reward: it is asked again; still failing after
+    the rounds, the step stops with JudgeUnavailable instead of training without those responses."""
+    from cai.constitution import load_constitution, resolve_constitution
+    from cai.errors import JudgeUnavailable
+
+    constitution = load_constitution(resolve_constitution("harmless"))
+    convs, comps = [PROMPTS[0], PROMPTS[1]], [_Completion("Sure, here is help."), _Completion("FAIL")]
+    judge = _FlakyJudge(flaky=2)
+    batch = JudgeScoreReward(judge, constitution, seed=0, transient_rounds=2, transient_pause_s=0.0)(convs, comps)
+    assert batch.raw == [8.0, None]  # the flaky answers came back; FAIL stays a permanent failure
+    assert batch.metrics["ppo/judge/failed"] == 1 and batch.metrics["ppo/judge/failed/unparseable"] == 1
+    assert batch.metrics["ppo/judge/retried_transient"] == 4 and len(judge.seen) == 6
+    assert batch.metrics["ppo/judge/cost_usd"] == pytest.approx(0.006)  # every attempt is paid for
+    down = JudgeScoreReward(_FlakyJudge(flaky=3), constitution, seed=0, transient_rounds=2, transient_pause_s=0.0)
+    with pytest.raises(JudgeUnavailable, match=r"2 of 2 score requests failed transiently"):
+        down(convs, comps)
+
+
 def test_failed_rewards_are_left_out_and_counted(tiny_model_dir, tmp_path):
     policy, ref, backbone, tok = _models(tiny_model_dir)
 
@@ -345,5 +383,5 @@ def test_judge_score_reward_names_its_metrics_and_cost_stage_after_the_trainer()
     batch = reward([PROMPTS[0], PROMPTS[0]], [_Completion("One answer."), _Completion("FAIL")])
     assert batch.raw == [8.0, None]
     assert batch.metrics == {"rloo/judge/requests": 2.0, "rloo/judge/failed": 1.0, "rloo/judge/cost_usd": 0.002,
-                             "rloo/judge/failed/unparseable": 1.0}
+                             "rloo/judge/failed/unparseable": 1.0, "rloo/judge/retried_transient": 0.0}
     assert {r.tag["stage"] for r in judge.seen} == {"rloo"}

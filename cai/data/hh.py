@@ -26,6 +26,8 @@ Excluded rows (reason):
   context_unresolvable   the contexts differ and share no leading turns that end on a user turn
   empty_prompt           the last user turn of the context is empty
   identical_responses    chosen and rejected replies are equal: no preference to learn
+  duplicate_pair         the same context and the same two replies as an earlier row (its line
+                         is named): one human judgement counted twice would weigh double
 
 Kept rows (flag):
   context_mismatch  the two transcripts differ before their last assistant turn (4 rows of the
@@ -63,7 +65,8 @@ from cai.hashing import text_hash
 
 HH_SOURCE = "hh-rlhf"
 EXCLUSION_REASONS = ("malformed_json", "missing_field", "missing_markers", "starts_with_assistant",
-                     "no_final_assistant", "context_unresolvable", "empty_prompt", "identical_responses")
+                     "no_final_assistant", "context_unresolvable", "empty_prompt", "identical_responses",
+                     "duplicate_pair")
 FLAGS = ("context_mismatch", "merged_turns", "empty_turn", "empty_chosen", "empty_rejected", "inline_marker")
 
 _MARKER = re.compile(r"(?:\A[ \t\n]*|\n\n)(Human|Assistant):")
@@ -271,6 +274,7 @@ def parse_hh_rows(rows: Iterable[tuple[int, str | bytes | Mapping[str, Any]]], s
     counts = {"total_in": 0, "records": 0, "excluded": 0, "blank_lines": 0}
     counts.update({f"excluded/{r}": 0 for r in EXCLUSION_REASONS})
     counts.update({f"flag/{f}": 0 for f in FLAGS})
+    first_line: dict[str, int] = {}  # record id -> the line that gave it
     for line, row in rows:
         if isinstance(row, (str, bytes)) and not row.strip():
             counts["blank_lines"] += 1
@@ -280,6 +284,9 @@ def parse_hh_rows(rows: Iterable[tuple[int, str | bytes | Mapping[str, Any]]], s
         counts["total_in"] += 1
         try:
             rec = _parse_row(row if isinstance(row, Mapping) else _decode(row), line)
+            if rec.id in first_line:
+                raise _Reject("duplicate_pair", f"the same context and replies as line {first_line[rec.id]}")
+            first_line[rec.id] = line
         except _Reject as e:
             if strict:
                 raise DataError(f"{source}:{line}: {e}") from None

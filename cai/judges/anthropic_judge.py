@@ -44,6 +44,15 @@ def split_system(messages: list[dict], tag: dict | None = None) -> tuple[str | N
     return system, turns
 
 
+def _count(value: Any) -> int:
+    """A usage count: None -> 0; otherwise a whole, non-negative number (MalformedResponse)."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 0:
+        raise MalformedResponse(f"token usage {value!r} is not a non-negative whole number")
+    return int(value)
+
+
 class AnthropicJudge(ApiJudge):
     """A judge behind Anthropic's Messages API (or a server speaking it)."""
 
@@ -76,12 +85,12 @@ class AnthropicJudge(ApiJudge):
         text = "".join(getattr(b, "text", "") for b in content if getattr(b, "type", None) == "text")
         usage = response.usage
         tokens_in = (
-            int(usage.input_tokens or 0)
-            + int(getattr(usage, "cache_creation_input_tokens", 0) or 0)
-            + int(getattr(usage, "cache_read_input_tokens", 0) or 0)
+            _count(usage.input_tokens)
+            + _count(getattr(usage, "cache_creation_input_tokens", 0))
+            + _count(getattr(usage, "cache_read_input_tokens", 0))
         )
         stop = getattr(response, "stop_reason", None)
         return CallAnswer(
-            text=text, positions=[], tokens_in=tokens_in, tokens_out=int(usage.output_tokens or 0),
+            text=text, positions=[], tokens_in=tokens_in, tokens_out=_count(usage.output_tokens),
             finish_reason=stop, refusal=stop == "refusal",
         )

@@ -4,10 +4,13 @@ A batch runs on ``max_concurrency`` asyncio workers that take requests in order;
 request's result lands at its own index, so results come back in request order, one per
 request. Every API call goes through :meth:`ApiJudge._call`:
 
-    cache lookup -> budget reservation -> rate limiter -> send (timeout) -> retries -> ledger
+    cache lookup -> claim the key (or wait for the process paying for it) -> budget reservation
+    (this process's and the store's ledger) -> rate limiter -> send (timeout) -> answer checks
+    (size, usage, log-probs: :func:`check_answer`) -> retries -> ledger (and the store's spend)
 
 and a call whose answer is usable is stored in the cache (failures never are, so a rerun
-retries them and pays only for what is missing).
+retries them and pays only for what is missing), then its claim is released. A key or URL
+credential a server echoes back is cut out of the answer before anything keeps it.
 
 The warm path is kept lean: before the workers start, the cache keys of every call the batch
 can make are looked up in a few batched queries; the SDK client is built only when a call
@@ -27,6 +30,7 @@ import abc
 import asyncio
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -39,8 +43,8 @@ from typing import Any, TypeVar
 from tqdm.auto import tqdm
 
 from cai.config import JudgeConfig
-from cai.judges.cache import JudgeCache, call_key
-from cai.judges.config import default_cache_path, resolve_api_key
+from cai.judges.cache import LEASE_S, JudgeCache, call_key, endpoint_of, new_owner
+from cai.judges.config import PLACEHOLDER_KEY, default_cache_path, redact, resolve_api_key
 from cai.judges.cost import CostLedger, estimate_tokens
 from cai.judges.parsing import (
     Position,
@@ -49,7 +53,7 @@ from cai.judges.parsing import (
     probs_from_logprobs,
 )
 from cai.judges.ratelimit import RateLimiter
-from cai.judges.retry import CallFailure, Outcome, RetryPolicy, call_with_retries
+from cai.judges.retry import CallFailure, MalformedResponse, Outcome, RetryPolicy, call_with_retries
 from cai.judges.sdk import classify_sdk_error, make_sdk_client
 from cai.judges.types import (
     BUDGET,
@@ -63,11 +67,41 @@ from cai.judges.types import (
     GenerateResult,
     SyncJudgeMixin,
     failure_kind,
+    is_transient,
 )
+from cai.secrets import register_secret, url_secrets
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 SAMPLE_TEMPERATURE = 1.0
+# an answer text longer than this many characters per requested token (and at least
+# ANSWER_CHARS_MIN) is not an answer to the request: refused before it is parsed or stored
+CHARS_PER_TOKEN_CAP = 64
+ANSWER_CHARS_MIN = 4096
+# a log-prob above this is not a log-probability (float noise may make a certain token's 0.0 tiny positive)
+MAX_LOGPROB = 1e-3
+MAX_TOKENS_REPORTED = 10**9
+
+
+def check_answer(answer: CallAnswer, max_tokens: int) -> CallAnswer:
+    """``answer`` if its numbers and size are plausible, else :class:`MalformedResponse` naming the
+    problem: token usage must be whole numbers in [0, 1e9]; the text at most
+    ``max(ANSWER_CHARS_MIN, CHARS_PER_TOKEN_CAP * max_tokens)`` characters; every log-prob a finite
+    number <= 0. A malformed answer is retried ``malformed_retries`` times, then fails for good."""
+    for name in ("tokens_in", "tokens_out"):
+        value = getattr(answer, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS_REPORTED:
+            raise MalformedResponse(f"token usage {name}={value!r} is not a count in [0, {MAX_TOKENS_REPORTED}]")
+    cap = max(ANSWER_CHARS_MIN, CHARS_PER_TOKEN_CAP * max_tokens)
+    if len(answer.text) > cap:
+        raise MalformedResponse(f"an answer of {len(answer.text)} characters to max_tokens={max_tokens} "
+                                f"(at most {cap} expected)")
+    for _token, top in answer.positions:
+        for alt, lp in top:
+            if not (isinstance(lp, float) and math.isfinite(lp) and lp <= MAX_LOGPROB):
+                raise MalformedResponse(f"top log-prob {lp!r} of token {alt[:20]!r} is not a log-probability "
+                                        "(expected a finite number <= 0)")
+    return answer
 
 
 @dataclass
@@ -116,14 +150,24 @@ class _Tally:
 
 
 class _Batch:
-    """What the requests of one batch share: the lazily built client and the prefetched cache rows."""
+    """What the requests of one batch share: the lazily built client, the prefetched cache rows
+    and the claims its requests hold in the cache (renewed together while the batch runs)."""
 
-    def __init__(self, make_client: Callable[[], Any], hits: dict[str, str], keys: dict[tuple[int, int], str]) -> None:
+    def __init__(self, make_client: Callable[[], Any], hits: dict[str, str], keys: dict[tuple[int, int], str],
+                 orphaned: set[str] | None = None) -> None:
         self._make_client = make_client
         self.client: Any = None
         self.hits = hits  # cache key -> stored JSON text, read before the batch started
         self.keys = keys  # (id(request), sample index) -> cache key, computed for the prefetch
+        self.orphaned = orphaned or set()  # keys whose payment a dead process left unreported
         self.stopping = False  # set when the batch is cancelled: workers take no new request
+        self.owner = new_owner()  # claims of this batch: owner + ":" + a counter per claim
+        self.held: dict[str, str] = {}  # cache key -> the owner of our claim on it
+        self._n = 0
+
+    def next_owner(self) -> str:
+        self._n += 1
+        return f"{self.owner}:{self._n}"
 
     def get_client(self) -> Any:
         if self.client is None:
@@ -152,10 +196,19 @@ class ApiJudge(SyncJudgeMixin, abc.ABC):
         # the endpoint the SDK will talk to (it reads the env var when base_url is None): part of the cache key
         self.base_url = cfg.base_url or os.environ.get(self.base_url_env) or None
         self._key = resolve_api_key(cfg)
+        # what a server could echo back: the key, and any credential written into the base URL;
+        # registered, so every log line and file written by this process has them cut out too
+        self._secrets = [s for s in (self._key, *url_secrets(self.base_url)) if s and s != PLACEHOLDER_KEY]
+        register_secret(*self._secrets)
         self.ledger = ledger if ledger is not None else CostLedger(cfg.prices, cfg.max_dollars)
         self.ledger.add_prices(cfg.prices)
         path = cfg.cache_path or cache_path or default_cache_path()
         self.cache = JudgeCache(path) if cfg.cache else None
+        # the judge in the store's ledger: max_dollars caps what it has been paid through this store
+        self.scope = f"{self.name}:{self.model}@{endpoint_of(self.base_url)}"
+        if self.cache is not None:
+            self.ledger.attach(self.cache, self.scope)
+        self._unreported = False  # a result failed transiently or at the budget: its payments stay adoptable
         self.limiter = RateLimiter(cfg.rpm, cfg.tpm, cfg.burst_s)
         self.policy = RetryPolicy(
             cfg.max_retries, cfg.malformed_retries, cfg.backoff_base_s, cfg.backoff_max_s, cfg.timeout_s,
@@ -171,7 +224,9 @@ class ApiJudge(SyncJudgeMixin, abc.ABC):
 
     def _classify(self, exc: BaseException) -> CallFailure:
         """Classify an exception raised by :meth:`_send` (the key is redacted from its message)."""
-        return classify_sdk_error(self.sdk, exc, self._key)
+        failure = classify_sdk_error(self.sdk, exc, self._key)
+        failure.message = redact(failure.message, *self._secrets)
+        return failure
 
     @abc.abstractmethod
     async def _send(self, client: Any, messages: list[dict], params: dict) -> CallAnswer:
@@ -200,6 +255,8 @@ class ApiJudge(SyncJudgeMixin, abc.ABC):
 
     def close(self) -> None:
         if self.cache is not None:
+            if not self._unreported:  # every answer paid went into a result the caller kept
+                self.cache.settle_mine()
             self.cache.close()
 
     def __enter__(self) -> ApiJudge:
@@ -225,20 +282,35 @@ class ApiJudge(SyncJudgeMixin, abc.ABC):
             for i in order:  # shared iterator: each index is taken by exactly one worker
                 if batch.stopping:  # a cancellation that a finished await swallowed (asyncio.wait_for)
                     return
-                results[i] = await handler(batch, items[i])
+                try:
+                    results[i] = await handler(batch, items[i])
+                finally:  # claims of an unusable answer: another process may ask for itself
+                    self._release_claims(batch, items[i])
                 bar.update(1)
 
+        async def heartbeat() -> None:
+            while True:
+                await asyncio.sleep(LEASE_S / 4)
+                if batch.held and self.cache is not None:
+                    self.cache.renew(batch.owner)
+
         tasks = [asyncio.ensure_future(worker()) for _ in range(min(self.cfg.max_concurrency, len(items)))]
+        beat = asyncio.ensure_future(heartbeat())
         try:
             await asyncio.gather(*tasks)
         finally:
             batch.stopping = True
-            for t in tasks:
+            for t in (*tasks, beat):
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, beat, return_exceptions=True)
+            for key, owner in list(batch.held.items()):
+                self.cache.release(key, owner)  # type: ignore[union-attr]
             bar.close()
             if batch.client is not None:
                 await self._close_client(batch.client)
+        if any(r is not None and not r.ok and (r.failure_reason == BUDGET or is_transient(r.failure_reason))
+               for r in results):
+            self._unreported = True
         ok = sum(1 for r in results if r.status == OK)
         log.info(
             "%s:%s %d %s: %d ok, %d failed, $%.4f spent so far",
@@ -254,7 +326,18 @@ class ApiJudge(SyncJudgeMixin, abc.ABC):
                 for index, key in self._keys_of(item):
                     keys[(id(item), index)] = key
         hits = self.cache.get_many(keys.values()) if self.cache is not None else {}
-        return _Batch(self._make_client, hits, keys)
+        orphaned = self.cache.orphaned(hits) if self.cache is not None and hits else set()
+        return _Batch(self._make_client, hits, keys, orphaned)
+
+    def _release_claims(self, batch: _Batch, item: Any) -> None:
+        """Give up the claims ``item``'s calls still hold (their answers were unusable)."""
+        if self.cache is None or not batch.held:
+            return
+        index = 0
+        while (key := batch.keys.get((id(item), index))) is not None:
+            if key in batch.held:
+                self.cache.release(key, batch.held.pop(key))
+            index += 1
 
     def _keys_of(self, item: ChoiceRequest | GenerateRequest) -> list[tuple[int, str]]:
         """(sample index, cache key) of every call a request can make."""
@@ -270,26 +353,45 @@ class ApiJudge(SyncJudgeMixin, abc.ABC):
 
     def _check_budget(self, results: Sequence[Any]) -> None:
         if any(r.failure_reason == BUDGET for r in results):
-            raise BudgetExhausted(results, self.ledger.spent_usd, self.ledger.max_dollars or 0.0)
+            spent = max(self.ledger.spent_usd, self.ledger.store_spent() or 0.0)  # the store's ledger: every process
+            raise BudgetExhausted(results, spent, self.ledger.max_dollars or 0.0)
 
     # ---- one call -----------------------------------------------------------------------
     async def _call(
         self, batch: _Batch, *, key: str, messages: list[dict], params: dict, max_tokens: int, tag: dict, tally: _Tally
     ) -> Outcome[CallAnswer]:
-        """One answer: from the cache, or from the API under budget, limits and retries."""
+        """One answer: from the cache, or from the API under budget, limits and retries.
+
+        On a miss the call's key is claimed in the cache first: while another process (or
+        request) holds it, this one waits for its answer instead of paying for it again."""
         if self.cache is not None:
             text = batch.hits.get(key)
             # not prefetched: another process, or an earlier request of this batch, may have stored it since
             hit = json.loads(text) if text is not None else self.cache.get(key)
+            pause = 0.02
+            while hit is None:
+                owner = batch.next_owner()
+                state = self.cache.claim(key, owner)
+                if state == "claimed":
+                    batch.held[key] = owner
+                    break
+                if state == "busy":  # someone is paying for it: wait for the answer (or the release)
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 1.5, 0.5)
+                hit = self.cache.get(key)
             if hit is not None:
                 answer = CallAnswer.from_json(hit)
-                tally.add(answer, 0.0, cached=True)
-                self.ledger.record_cache_hit(tag, answer.tokens_in, answer.tokens_out)
+                adopted = self.cache.adopt(key) if key in batch.orphaned or text is None else 0.0
+                tally.add(answer, adopted, cached=True)
+                self.ledger.record_cache_hit(tag, answer.tokens_in, answer.tokens_out, adopted)
                 return Outcome(answer, 0, None)
         est_in = estimate_tokens(messages)
         client = batch.get_client()
+        async def send() -> CallAnswer:
+            return check_answer(await self._send(client, messages, params), max_tokens)
+
         outcome = await call_with_retries(
-            lambda: self._send(client, messages, params),
+            send,
             self._classify,
             policy=self.policy,
             limiter=self.limiter,
@@ -301,15 +403,24 @@ class ApiJudge(SyncJudgeMixin, abc.ABC):
         tally.attempts += outcome.attempts
         if outcome.answer is not None:
             a = outcome.answer
+            if self._secrets:  # a server echoing the key (or the URL's password) back: never stored
+                a.text = redact(a.text, *self._secrets)
+                a.positions = [(redact(tok, *self._secrets), [(redact(alt, *self._secrets), lp) for alt, lp in top])
+                               for tok, top in a.positions]
             cost = self.ledger.cost(self.model, a.tokens_in, a.tokens_out)
             tally.add(a, cost, cached=False)
             self.ledger.record_call(tag, a.tokens_in, a.tokens_out, cost)
+            if self.cache is not None:
+                self.cache.record_spend(key, self.scope, cost)
         return outcome
 
-    def _store(self, key: str, out: Outcome[CallAnswer]) -> None:
-        """Cache a usable answer that came from the API (a cache hit is already stored)."""
+    def _store(self, key: str, out: Outcome[CallAnswer], batch: _Batch | None = None) -> None:
+        """Cache a usable answer that came from the API (a cache hit is already stored), then
+        give up our claim on its key: whoever waits for it reads it from the cache."""
         if self.cache is not None and out.answer is not None and out.attempts > 0:
             self.cache.put(key, out.answer.to_json())
+        if self.cache is not None and batch is not None and key in batch.held:
+            self.cache.release(key, batch.held.pop(key))
 
     # ---- choices ------------------------------------------------------------------------
     def _choice_key(self, req: ChoiceRequest, n: int, index: int, params: dict) -> str:
@@ -344,11 +455,11 @@ class ApiJudge(SyncJudgeMixin, abc.ABC):
             if index == 0 and use_logprobs:
                 probs = probs_from_logprobs(a.positions, req.choices)
                 if probs is not None:
-                    self._store(key, out)
+                    self._store(key, out, batch)
                     return self._choice_result(req, probs, "logprobs", OK, None, [a], tally, t0)
             answers.append(a)
             if not a.refusal and parse_choice(a.text, req.choices).choice is not None:
-                self._store(key, out)
+                self._store(key, out, batch)
         return self._from_texts(req, n, answers, tally, t0)
 
     def _from_texts(
@@ -407,7 +518,7 @@ class ApiJudge(SyncJudgeMixin, abc.ABC):
         a = out.answer
         status, reason = (OK, None) if a is not None and not a.refusal else (FAILED, out.failure or REFUSAL)
         if status == OK:
-            self._store(key, out)
+            self._store(key, out, batch)
         self.ledger.record_result(req.tag, status == OK)
         return GenerateResult(
             text=a.text if status == OK else None, status=status, failure_reason=reason,

@@ -11,6 +11,12 @@ reserved + this estimate stays within ``max_dollars`` (so the cap holds unless c
 underestimates the input, e.g. for text that tokenizes densely). After the answer the reservation is
 replaced by the actual cost. Once one request is refused the ledger is *exhausted* and refuses
 every later one, so a run stops cleanly at the cap instead of trickling on with small requests.
+
+An API judge with a cache attaches the ledger to its store (:meth:`CostLedger.attach`): the cap
+then also holds for everything the judge (``backend:model@endpoint``) has been paid through that
+store -- by every process of a sweep and every earlier run, killed or not -- through the
+cache's ``spend`` table (:meth:`cai.judges.cache.JudgeCache.reserve`). ``judge.max_dollars`` is
+then a per-store budget: three reruns, or three parallel jobs, spend it once.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from cai.config import PriceConfig
 
@@ -35,6 +42,7 @@ class CostTotals:
 
     api_calls: int = 0
     cache_hits: int = 0
+    adopted_usd: float = 0.0  # paid by a process that died before reporting it (part of cost_usd)
     tokens_in: int = 0
     tokens_out: int = 0
     cached_tokens_in: int = 0
@@ -49,10 +57,12 @@ class CostTotals:
         self.tokens_out += tokens_out
         self.cost_usd += cost_usd
 
-    def add_cache_hit(self, tokens_in: int, tokens_out: int) -> None:
+    def add_cache_hit(self, tokens_in: int, tokens_out: int, adopted_usd: float = 0.0) -> None:
         self.cache_hits += 1
         self.cached_tokens_in += tokens_in
         self.cached_tokens_out += tokens_out
+        self.adopted_usd += adopted_usd
+        self.cost_usd += adopted_usd
 
 
 class CostLedger:
@@ -67,6 +77,7 @@ class CostLedger:
         self.reserved_usd = 0.0
         self.exhausted = False
         self._lock = threading.Lock()
+        self._store: Any = None  # (JudgeCache, scope) once attached
 
     # ---- prices -------------------------------------------------------------------------
     def add_prices(self, prices: Mapping[str, PriceConfig]) -> None:
@@ -86,8 +97,21 @@ class CostLedger:
     def spent_usd(self) -> float:
         return self.total.cost_usd
 
-    def try_reserve(self, estimate_usd: float) -> bool:
-        """Reserve ``estimate_usd`` for a request about to be sent; False: do not send it."""
+    def attach(self, cache: Any, scope: str) -> None:
+        """Hold the cap against the store's ledger too (``cache``: a JudgeCache; ``scope``: the
+        judge, ``backend:model@endpoint``). The first judge attached wins."""
+        with self._lock:
+            if self._store is None:
+                self._store = (cache, scope)
+
+    def store_spent(self) -> float | None:
+        """What the attached store says the judge has been paid (None when not attached)."""
+        return self._store[0].spent(self._store[1]) if self._store is not None else None
+
+    def try_reserve(self, estimate_usd: float) -> bool | str:
+        """Reserve ``estimate_usd`` for a request about to be sent; False: do not send it.
+
+        A truthy result is the reservation: give it back with :meth:`release`."""
         with self._lock:
             if self.max_dollars is None:
                 return True
@@ -96,14 +120,24 @@ class CostLedger:
             if self.exhausted or spent >= self.max_dollars or over:
                 self.exhausted = True
                 return False
+            token: bool | str = True
+            if self._store is not None:
+                cache, scope = self._store
+                token = cache.reserve(scope, estimate_usd, self.max_dollars) or False
+                if not token:
+                    self.exhausted = True
+                    return False
             self.reserved_usd += estimate_usd
-            return True
+            return token
 
-    def release(self, estimate_usd: float) -> None:
+    def release(self, estimate_usd: float, token: bool | str = True) -> None:
         """Give back a reservation (the request finished, was answered or failed)."""
         with self._lock:
             if self.max_dollars is not None:
                 self.reserved_usd = max(0.0, self.reserved_usd - estimate_usd)
+            store = self._store
+        if isinstance(token, str) and store is not None:
+            store[0].unreserve(token)
 
     # ---- accounting ---------------------------------------------------------------------
     def _rows(self, tag: Mapping) -> list[CostTotals]:
@@ -116,10 +150,11 @@ class CostLedger:
             for row in self._rows(tag):
                 row.add_call(tokens_in, tokens_out, cost_usd)
 
-    def record_cache_hit(self, tag: Mapping, tokens_in: int, tokens_out: int) -> None:
+    def record_cache_hit(self, tag: Mapping, tokens_in: int, tokens_out: int, adopted_usd: float = 0.0) -> None:
+        """A cached answer (free, unless ``adopted_usd``: paid by a process that died first)."""
         with self._lock:
             for row in self._rows(tag):
-                row.add_cache_hit(tokens_in, tokens_out)
+                row.add_cache_hit(tokens_in, tokens_out, adopted_usd)
 
     def record_result(self, tag: Mapping, ok: bool) -> None:
         with self._lock:

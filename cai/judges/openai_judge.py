@@ -33,16 +33,32 @@ def _omit_none(params: dict) -> dict:
     return {k: v for k, v in params.items() if v is not None}
 
 
-def _read_body(response: Any) -> Any:
+# a reply body larger than this (plus BODY_BYTES_PER_TOKEN per requested token: 20 top log-probs
+# of one token take about 2 KB) is refused before it is parsed
+BODY_BYTES_BASE = 256 * 1024
+BODY_BYTES_PER_TOKEN = 8 * 1024
+
+
+def _read_body(response: Any, max_tokens: int = 0) -> Any:
     """The reply's JSON, read as the SDK reads it: a JSON content type must parse (a bad body
-    raises ``json.JSONDecodeError``); any other type is JSON if it parses, else its text."""
+    raises ``json.JSONDecodeError``); any other type is JSON if it parses, else its text.
+
+    A body too large for ``max_tokens`` or nested too deeply is a :class:`MalformedResponse`."""
+    content = response.content
+    limit = BODY_BYTES_BASE + BODY_BYTES_PER_TOKEN * max(0, max_tokens)
+    if len(content) > limit:
+        raise MalformedResponse(f"a reply of {len(content)} bytes to max_tokens={max_tokens} (at most {limit} "
+                                "expected); not parsed")
     content_type = response.headers.get("content-type", "*").split(";")[0]
-    if content_type.endswith("json"):
-        return json.loads(response.content)
     try:
-        return json.loads(response.content)
-    except ValueError:
-        return response.text
+        if content_type.endswith("json"):
+            return json.loads(content)
+        try:
+            return json.loads(content)
+        except ValueError:
+            return response.text
+    except RecursionError:
+        raise MalformedResponse("the reply's JSON is nested too deeply to read") from None
 
 
 def _as_dict(response: Any) -> Any:
@@ -53,6 +69,16 @@ def _as_dict(response: Any) -> Any:
 
 def _get(d: Any, key: str) -> Any:
     return d.get(key) if isinstance(d, dict) else None
+
+
+def _count(value: Any) -> int:
+    """A usage count as the server sent it: None -> 0; a number must be a whole, non-negative
+    count (a negative one would pay back money and get around the budget)."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 0:
+        raise MalformedResponse(f"token usage {value!r} is not a non-negative whole number")
+    return int(value)
 
 
 class OpenAIJudge(ApiJudge):
@@ -77,7 +103,7 @@ class OpenAIJudge(ApiJudge):
     async def _send(self, client: Any, messages: list[dict], params: dict) -> CallAnswer:
         body = {"model": self.model, "messages": messages, **_omit_none(params)}
         response = await client.post("/chat/completions", body=body, cast_to=http_library().Response)
-        return self._answer(_read_body(response), messages)
+        return self._answer(_read_body(response, int(params.get("max_tokens") or 0)), messages)
 
     def _answer(self, response: Any, messages: list[dict]) -> CallAnswer:
         """A :class:`CallAnswer` from a chat completion (its JSON, or the SDK's model of it)."""
@@ -95,8 +121,8 @@ class OpenAIJudge(ApiJudge):
             top = [(alt["token"], float(alt["logprob"])) for alt in (tok.get("top_logprobs") or [])]
             positions.append((tok["token"], top))
         usage = response.get("usage")
-        tokens_in = int(_get(usage, "prompt_tokens") or 0) or estimate_tokens(messages)
-        tokens_out = int(_get(usage, "completion_tokens") or 0) or max(1, len(text) // 4)
+        tokens_in = _count(_get(usage, "prompt_tokens")) or estimate_tokens(messages)
+        tokens_out = _count(_get(usage, "completion_tokens")) or max(1, len(text) // 4)
         return CallAnswer(
             text=text if not refusal else str(refusal),
             positions=positions,

@@ -119,7 +119,8 @@ def classify(
         return CallFailure("http", message, retryable, status, parse_retry_after(headers) if retryable else None)
     if isinstance(exc, connection_error):
         return CallFailure("connection", "connection error", retryable=True)
-    if isinstance(exc, (MalformedResponse, json.JSONDecodeError, ValueError, TypeError, AttributeError, LookupError)):
+    if isinstance(exc, (MalformedResponse, json.JSONDecodeError, ValueError, TypeError, AttributeError, LookupError,
+                        RecursionError, OverflowError)):
         snippet = redact(f"{type(exc).__name__}: {exc}", secret)[:SNIPPET]
         return CallFailure("malformed", snippet, retryable=True)
     raise exc
@@ -166,7 +167,8 @@ async def call_with_retries(
     """
     attempts = retries = malformed = 0
     while True:
-        if not ledger.try_reserve(est_usd):
+        reservation = ledger.try_reserve(est_usd)
+        if not reservation:
             return Outcome(None, attempts, BUDGET)
         try:
             await limiter.acquire(est_tokens)
@@ -179,7 +181,7 @@ async def call_with_retries(
                 limiter.correct(est_tokens, actual_tokens(answer))
                 return Outcome(answer, attempts, None)
         finally:
-            ledger.release(est_usd)
+            ledger.release(est_usd, reservation)
         if not failure.retryable:
             return Outcome(None, attempts, failure.reason(attempts))
         if failure.kind == "malformed":

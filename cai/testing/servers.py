@@ -27,6 +27,7 @@ what was done) so tests can count attempts, measure retry gaps and spot duplicat
 from __future__ import annotations
 
 import abc
+import base64
 import hashlib
 import json
 import math
@@ -109,7 +110,15 @@ def last_user(body: dict) -> str:
 
 
 def _bearer(h: BaseHTTPRequestHandler) -> str | None:
+    """The key of ``Authorization: Bearer <key>``, or the password of HTTP Basic auth (what a
+    client sends for a base URL with ``user:key@`` in it)."""
     auth = h.headers.get("authorization", "")
+    if auth.startswith("Basic "):
+        try:
+            user_pass = base64.b64decode(auth[len("Basic ") :]).decode("utf-8")
+        except ValueError:
+            return None
+        return user_pass.split(":", 1)[1] or None if ":" in user_pass else None
     return auth[len("Bearer ") :] or None if auth.startswith("Bearer ") else None
 
 
@@ -121,6 +130,13 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     request_queue_size = 256  # the default backlog (5) drops bursts of connections: 1 s SYN retries
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return  # a client that went away (a timeout, a killed process): nothing to report
+        super().handle_error(request, client_address)
 
 
 @dataclass

@@ -18,11 +18,20 @@ the judge's cost ledger stage) start with ``namespace`` (``ppo`` unless a siblin
   expected score under the judge's distribution, ``sum_i p(i) * i``, averaged over principles
   and mapped to ``[-1, 1]`` by ``(s - 5.5) / 4.5``. Principles are drawn with an RNG seeded by
   the (conversation, response) pair, so a resumed run asks the same questions.
+
+  A judge failure that is *transient* (:func:`cai.judges.types.is_transient`: a timeout, a
+  connection error, HTTP 429/5xx after the judge's own retries, an empty answer) says nothing
+  about the response, so it never turns into a missing reward: those requests are asked again,
+  up to ``transient_rounds`` more times with a doubling pause (``transient_pause_s``, 2x, 4x,
+  ...), and when some still fail the step stops with :class:`~cai.errors.JudgeUnavailable`
+  (the run resumes from its last checkpoint once the judge is back). Only permanent failures (a
+  refusal, an unparseable answer) leave a response unscored, counted in ``<ns>/judge/failed``.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -31,7 +40,8 @@ import torch
 
 from cai.hashing import stable_hash
 from cai.judges import templates as tpl
-from cai.judges.types import ChoiceRequest, failure_kind, run_sync
+from cai.judges.outage import Outage, outage_error
+from cai.judges.types import ChoiceRequest, failure_kind, is_transient, run_sync
 from cai.train.rl_math import shape_scores
 
 SCORE_MID, SCORE_HALF_RANGE = 5.5, 4.5
@@ -82,12 +92,42 @@ class JudgeScoreReward:
     """d-RLAIF: the judge's expected 1-10 score of each response, online."""
 
     def __init__(self, judge, constitution, principles_per_response: int = 1, seed: int = 0,
-                 scale: float = 1.0, clip: float = 10.0, *, namespace: str = "ppo") -> None:
+                 scale: float = 1.0, clip: float = 10.0, *, namespace: str = "ppo",
+                 transient_rounds: int = 4, transient_pause_s: float = 2.0) -> None:
         if not constitution.preference:
             raise ValueError("the constitution has no preference principles to score against")
         self.judge, self.constitution = judge, constitution
         self.k, self.seed, self.scale, self.clip = principles_per_response, seed, scale, clip
         self.namespace = namespace
+        self.transient_rounds, self.transient_pause_s = transient_rounds, transient_pause_s
+
+    def _ask(self, reqs: list[ChoiceRequest]) -> tuple[list, int]:
+        """The judge's results for ``reqs``, transient failures asked again (see the module
+        docstring); raises JudgeUnavailable when some still fail. Also returns how many
+        requests were asked again."""
+        results = list(run_sync(self.judge.choose_many(reqs)))
+        cost = [r.cost_usd for r in results]
+        retried = 0
+        for round_ in range(self.transient_rounds + 1):
+            pending = [i for i, r in enumerate(results) if not r.ok and is_transient(r.failure_reason)]
+            if not pending:
+                break
+            if round_ == self.transient_rounds:
+                outage = Outage()
+                outage.add(results[i].failure_reason or "" for i in pending)
+                judge = self.judge
+                where = f"{self.namespace}: judge {getattr(judge, 'name', '?')}:{getattr(judge, 'model', '?')}"
+                raise outage_error(f"{self.namespace} judge reward", outage, len(results) - len(pending),
+                                   len(results), where, unit="score requests", done="answered")
+            time.sleep(self.transient_pause_s * (2 ** round_))
+            retried += len(pending)
+            again = run_sync(self.judge.choose_many([reqs[i] for i in pending]))
+            for i, res in zip(pending, again):
+                cost[i] += res.cost_usd
+                results[i] = res
+        for i, res in enumerate(results):  # what every attempt cost, not only the last
+            res.cost_usd = cost[i]
+        return results, retried
 
     def _principles(self, conversation: list[dict], text: str):
         rng = random.Random(stable_hash([self.seed, conversation, text]))
@@ -107,7 +147,7 @@ class JudgeScoreReward:
     def __call__(self, conversations: Sequence[list[dict]], completions: Sequence[Any]) -> ScoredBatch:
         texts = [c.text for c in completions]
         reqs = self.requests(conversations, texts)
-        results = run_sync(self.judge.choose_many([r for _, r in reqs]))
+        results, retried = self._ask([r for _, r in reqs])
         per: list[list[float]] = [[] for _ in texts]
         failed = cost = 0.0
         reasons: dict[str, int] = {}
@@ -124,7 +164,7 @@ class JudgeScoreReward:
                                                             False, self.scale, self.clip)) for r in raw]
         ns = self.namespace
         metrics = {f"{ns}/judge/requests": float(len(reqs)), f"{ns}/judge/failed": failed,
-                   f"{ns}/judge/cost_usd": cost}
+                   f"{ns}/judge/retried_transient": float(retried), f"{ns}/judge/cost_usd": cost}
         metrics.update({f"{ns}/judge/failed/{k}": float(v) for k, v in sorted(reasons.items())})
         return ScoredBatch(shaped, raw, metrics)
 
