@@ -246,6 +246,74 @@ def test_artifact_sharing_is_described_per_arm_and_seed(tmp_path):
     assert folded[("y", key("y", 7))] == "all 6 runs"
 
 
+def test_curves_are_picked_by_exact_name_and_a_shared_artifact_is_drawn_once(sweep, tmp_path):
+    from cai.report.runs import Arm, ReportData, RunRecord
+    from cai.report.sections import curve_panels
+
+    panels, _ = curve_panels(collect(sweep))
+    assert "PPO: KL to reference  (ppo/objective/kl)" in panels  # never crowded out by look-alike names
+    assert not any("reward_failed" in t or "time/" in t or "clipfrac" in t for t in panels)
+    kl = panels["PPO: KL to reference  (ppo/objective/kl)"]
+    assert set(kl) == {"reward.labels_from=ai", "reward.labels_from=human"} and all(len(v) == 2 for v in kl.values())
+    assert panels["DPO: loss  (dpo/loss)"]["reward.labels_from=ai"][0] == ([1.0], [0.69])  # one point: kept
+    # two arms reading one SFT artifact and one held-out RM: one line each, named by both arms
+    logs = {"sft": [{"step": 1, "sft/loss": 2.0}, {"step": 2, "sft/loss": 1.5}],
+            "eval_reward": [{"step": 1, "rm/loss": 0.7}]}
+    runs = [RunRecord(tmp_path, arm, {"seed": 0, "artifacts": {"sft": "sft-aa", "eval_reward": "eval_reward-bb"}},
+                      {}, {}, train_logs=logs) for arm in ("a", "b")]
+    shared, _ = curve_panels(ReportData(tmp_path, runs, [Arm("AI labels", runs[:1]), Arm("human labels", runs[1:])],
+                                        ["tags.arm"]))
+    assert list(shared["SFT: loss  (sft/loss)"]) == ["AI labels + human labels"]
+    assert list(shared["Held-out RM (eval_reward): loss  (rm/loss)"]) == ["AI labels + human labels"]
+
+
+def test_a_single_point_series_is_drawn():
+    import io
+
+    import matplotlib.image
+
+    from cai.report.render import line_panels
+
+    png = line_panels({"DPO: loss": {"arm": [([1.0], [0.69])]}}, colours={"arm": "#d62728"})
+    pixels = matplotlib.image.imread(io.BytesIO(png))[..., :3]
+    red = np.abs(pixels - np.array([0xD6, 0x27, 0x28]) / 255).max(axis=2) < 0.08
+    assert red.sum() > 15, red.sum()  # its marker (and the legend's)
+
+
+def test_runs_from_before_per_policy_evaluation_are_read_as_their_policy(sweep, tmp_path):
+    """An older run has one `evaluate` artifact and eval/... metrics: they are eval/<eval.policy>/..."""
+    from cai.report.runs import headline_evaluation
+
+    run = tmp_path / "old"
+    shutil.copytree(sweep / "0", run)
+    info = json.loads((run / "run.json").read_text())
+    key = info["artifacts"].pop("evaluate_ppo")
+    del info["artifacts"]["evaluate_dpo"]
+    info["artifacts"]["evaluate"] = key
+    info["config"]["eval"]["policy"] = "ppo"
+    (run / "run.json").write_text(json.dumps(info))
+    metrics = json.loads((run / "metrics.json").read_text())
+    old = {k.replace("eval/ppo/", "eval/"): v for k, v in metrics.items() if not k.startswith("eval/dpo/")}
+    (run / "metrics.json").write_text(json.dumps(old))
+    record = collect(run).runs[0]
+    assert record.metrics["eval/ppo/vs_sft/win_rate"] == metrics["eval/ppo/vs_sft/win_rate"]
+    assert "eval/vs_sft/win_rate" not in record.metrics
+    assert headline_evaluation(info) == ("ppo", key)
+    md = write_report(run)[0].read_text()
+    assert "| — | RLAIF · PPO |" in md
+
+
+def test_a_warning_that_holds_in_every_arm_is_said_once(sweep):
+    from cai.report.headline import find_warnings
+
+    found = find_warnings(collect(sweep))
+    judge = [w for w in found if "judge_is_labeller" in w]
+    assert judge == [judge[0]] and "(all arms)" in judge[0]
+    slot = [w for w in found if "same_slot_rate" in w]  # only the arm trained on AI labels
+    assert len(slot) == 1 and "(arm reward.labels_from=ai)" in slot[0]
+    assert not any("PPO steps" in w for w in found)  # equal in both arms
+
+
 def test_html_is_self_contained(sweep):
     html = (sweep / "report.html").read_text()
     assert html.count('src="data:image/png;base64,') == 4
@@ -375,6 +443,36 @@ def test_first_screen_answers_and_warns_in_chromium(sweep, tmp_path):
     assert len(found["imgs"]) == 4
 
 
+@pytest.mark.slow  # two tiny `cai run`s: about 1-2 minutes on 2 cores
+def test_real_quickstart_and_two_arm_reports_open_with_the_answer(tmp_path, shared_data_dir):
+    """`cai run` (the quickstart) and `cai run data=hh_rlhf` (plus the human-label arm), tiny budgets:
+    each report.html shows the answer and the forest plot in the first screen, lists exactly the
+    warnings its metrics call for, draws the KL curve, and every image has content."""
+    from test_pipeline import TINY, cai
+
+    from cai.report.headline import find_warnings
+
+    speed = [*TINY, "critique.max_new_tokens=6", "ppo.steps=2", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4",
+             "ppo.max_new_tokens=6", "eval.max_new_tokens=6", "eval.max_prompts=6"]
+    hh = shared_data_dir / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
+    for name, extra in (("quickstart", []), ("two_arms", ["data=hh_rlhf", f"data.human.path={hh}",
+                                                          "data.human.limit=48"])):
+        res = cai("run", *extra, *speed, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path, store=tmp_path / "store")
+        assert res.returncode == 0, res.stderr[-3000:]
+        data = collect(tmp_path / name)
+        assert len(data.arms) == (2 if extra else 1)
+        found = first_screen(tmp_path / name / "report.html", tmp_path, tmp_path / f"{name}.png")
+        expected = find_warnings(data)
+        assert found["warnings"] == expected  # the box is the measured list, in order
+        needles = ["judge_is_labeller = 1"]  # the offline default judges with the labeller
+        used = {a.name: a.runs[0].metrics.get("rm/data/used") for a in data.arms}
+        if extra and len(set(used.values())) > 1:
+            needles.append("Unequal reward-model labels between matched arms (rm/data/used)")
+        check_first_screen(found, needles)
+        md = (tmp_path / name / "report.md").read_text()
+        assert "RLAIF · PPO" in md and "RLAIF · DPO" in md and ("RLHF · DPO" in md) == bool(extra)
+
+
 # ----------------------------------------------------------------------------- cli, errors, callback
 def test_main_writes_elsewhere_and_reports_user_errors(sweep, tmp_path, capsys):
     assert main([str(sweep), "-o", str(tmp_path / "out")]) == 0
@@ -458,7 +556,7 @@ def test_real_sweep_through_cai_run_gets_its_report(tmp_path):
     assert "2 of 3 stages are the same artifact in all 2 runs" in md
     runs = [json.loads((tmp_path / "sweep" / str(i) / "run.json").read_text())["artifacts"] for i in (0, 1)]
     assert runs[0]["policy_model"] in md and runs[0]["responses"] in md and runs[1]["responses"] in md
-    assert "No win rates yet" in md and "No training curves" in md
+    assert "No evaluation yet" in md and "No training curves" in md
     assert "sample/mean_new_tokens" in md
     assert main([str(tmp_path / "sweep" / "0")]) == 0  # `cai report RUN_DIR` on one real run
     assert "prompts-" in (tmp_path / "sweep" / "0" / "report.md").read_text()

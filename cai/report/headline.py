@@ -177,7 +177,7 @@ def _reward_vs_kl(data: ReportData) -> Figure | None:
             rows = [row for row in r.train_logs.get("ppo", [])
                     if isinstance(row.get(KL_X), (int, float)) and isinstance(row.get(SCORE_Y), (int, float))]
             if rows:
-                name = f"seed {r.seed}"
+                name = arm.name if len(arm.runs) == 1 else f"seed {r.seed}"
                 panels.setdefault(f"{arm.name}: {policy_name(r, 'ppo')}", {})[name] = (
                     [float(x[KL_X]) for x in rows], [float(x[SCORE_Y]) for x in rows])
                 seeds = [str(x.seed) for x in arm.runs]
@@ -213,57 +213,72 @@ def _fmt_list(values: list[float]) -> str:
     return fmt(values[0]) if len(set(values)) == 1 else "/".join(fmt(v) for v in values)
 
 
-def find_warnings(data: ReportData) -> list[str]:
-    """Every finding that limits the conclusion, one sentence each naming arm, metric and value."""
+def uses_ai_labels(arm: Arm) -> bool:
+    """Whether the arm trains on the AI labeller's output (reward model, DPO) or asks it online (d-RLAIF)."""
+    r = arm.runs[0]
+    return "ai" in (_cfg(r, "reward.labels_from"), _cfg(r, "dpo.labels_from")) or _cfg(r, "ppo.reward_from") == "judge"
+
+
+def _arm_warnings(data: ReportData, arm: Arm) -> list[str]:
+    """The warnings of one arm, each a sentence with ``{where}`` where the arms it holds for go."""
     out: list[str] = []
-    many = len(data.arms) > 1
-
-    def where(arm: Arm) -> str:
-        return f" (arm {arm.name})" if many else ""
-
-    for arm in data.arms:
-        # the held-out judge
-        labeller = [p for p in evaluated(arm) if 1.0 in _values(arm, f"eval/{p}/judge_is_labeller")]
-        if labeller:
-            out.append(f"The held-out judge is the labeller{where(arm)}: eval/{labeller[0]}/judge_is_labeller = 1, "
-                       "so the win rates are not an independent evaluation (set eval.judge to another model).")
-        # the labeller's position bias
+    labeller = [p for p in evaluated(arm) if 1.0 in _values(arm, f"eval/{p}/judge_is_labeller")]
+    if labeller:
+        out.append("The held-out judge is the labeller{where}: eval/<policy>/judge_is_labeller = 1, so the win "
+                   "rates are not an independent evaluation (set eval.judge to another model).")
+    if uses_ai_labels(arm):  # the labeller's position bias and failures matter where its labels are used
         same = _values(arm, "label/same_slot_rate")
         if same and max(same) > SAME_SLOT_MAX:
-            out.append(f"The AI labeller is slot-biased{where(arm)}: label/same_slot_rate = {_fmt_list(same)} "
+            out.append(f"The AI labeller is slot-biased{{where}}: label/same_slot_rate = {_fmt_list(same)} "
                        f"(share of pairs where the same slot wins in both orders; above {SAME_SLOT_MAX}).")
         cons = _values(arm, "label/position_consistency")
         if cons and min(cons) < POSITION_CONSISTENCY_MIN:
-            out.append(f"The AI labeller's position consistency is low{where(arm)}: label/position_consistency = "
+            out.append(f"The AI labeller's position consistency is low{{where}}: label/position_consistency = "
                        f"{_fmt_list(cons)} (below {POSITION_CONSISTENCY_MIN}).")
         first = _values(arm, "label/first_slot_rate")
         if first and any(not FIRST_SLOT_BAND[0] <= v <= FIRST_SLOT_BAND[1] for v in first):
-            out.append(f"The AI labeller prefers one slot{where(arm)}: label/first_slot_rate = {_fmt_list(first)} "
+            out.append(f"The AI labeller prefers one slot{{where}}: label/first_slot_rate = {_fmt_list(first)} "
                        f"(outside {FIRST_SLOT_BAND[0]}–{FIRST_SLOT_BAND[1]}).")
-        # failed labels and invalid judgements
         failed, pairs = _values(arm, "label/failed"), _values(arm, "label/pairs")
         if failed and pairs and max(failed) > FAILED_MAX:
             share = max(f / p for f, p in zip(failed, pairs) if p)
-            out.append(f"{share:.1%} of the AI labels failed{where(arm)} (label/failed = {_fmt_list(failed)} of "
+            out.append(f"{share:.1%} of the AI labels failed{{where}} (label/failed = {_fmt_list(failed)} of "
                        f"{_fmt_list(pairs)} pairs); failed labels are left out of training.")
-        for p in evaluated(arm):
-            inv, n = _values(arm, f"eval/{p}/vs_sft/invalid"), _values(arm, f"eval/{p}/vs_sft/n")
-            if inv and n and max(i / m for i, m in zip(inv, n) if m) > INVALID_MAX:
-                out.append(f"{policy_name(arm.runs[0], p)}{where(arm)}: {_fmt_list(inv)} of {_fmt_list(n)} held-out "
-                           f"judgements are invalid (eval/{p}/vs_sft/invalid); the win rate counts only the others.")
-        # PPO monitors
-        ppo_warn = _values(arm, "ppo/warnings")
-        if ppo_warn and max(ppo_warn) > 0:
-            out.append(f"PPO's monitors warned{where(arm)}: ppo/warnings = {_fmt_list(ppo_warn)} (negative KL, KL over "
-                       "budget, length drift, repetition or reward hacking; the run's cai.log says which).")
-        # intervals that include 0.5
-        for p in evaluated(arm):
-            wr = arm_cell(arm, f"eval/{p}/vs_sft/win_rate")
-            if wr and math.isfinite(wr.low) and math.isfinite(wr.high) and wr.low <= 0.5 <= wr.high:
-                out.append(f"{row_label(data, arm, p)}: win rate {wr.text()} includes 0.5: no detectable "
-                           "difference from the baseline at this sample size.")
+    for p in evaluated(arm):
+        inv, n = _values(arm, f"eval/{p}/vs_sft/invalid"), _values(arm, f"eval/{p}/vs_sft/n")
+        if inv and n and max(i / m for i, m in zip(inv, n) if m) > INVALID_MAX:
+            out.append(f"{row_label(data, arm, p)}: {_fmt_list(inv)} of {_fmt_list(n)} held-out judgements are "
+                       f"invalid (eval/{p}/vs_sft/invalid); the win rate counts only the others.")
+    ppo_warn = _values(arm, "ppo/warnings")
+    if ppo_warn and max(ppo_warn) > 0:
+        out.append(f"PPO's monitors warned{{where}}: ppo/warnings = {_fmt_list(ppo_warn)} (negative KL, KL over "
+                   "budget, length drift, repetition or reward hacking; the run's cai.log says which).")
+    for p in evaluated(arm):
+        wr = arm_cell(arm, f"eval/{p}/vs_sft/win_rate")
+        if wr and math.isfinite(wr.low) and math.isfinite(wr.high) and wr.low <= 0.5 <= wr.high:
+            out.append(f"{row_label(data, arm, p)}: win rate {_short(wr)} includes 0.5: no detectable "
+                       "difference from the baseline at this sample size.")
+    return out
+
+
+def find_warnings(data: ReportData) -> list[str]:
+    """Every finding that limits the conclusion, one sentence each naming the arms, metric and value;
+    a finding that holds in several arms is said once, naming them."""
+    found: dict[str, list[str]] = {}
+    for arm in data.arms:
+        for text in _arm_warnings(data, arm):
+            found.setdefault(text, []).append(arm.name)
+    out = []
+    for text, arms in found.items():
+        if len(data.arms) == 1:
+            where = ""
+        elif len(arms) == len(data.arms):
+            where = " (all arms)"
+        else:
+            where = f" (arm{'s' if len(arms) > 1 else ''} {', '.join(arms)})"
+        out.append(text.replace("{where}", where))
     # budgets and steps that differ between matched arms
-    if many:
+    if len(data.arms) > 1:
         for key, what in (("rm/data/used", "reward-model labels"), (REWARD_STEPS, "reward-model steps"),
                           ("dpo/data/used", "DPO labels"), ("dpo/steps", "DPO steps"), ("ppo/steps", "PPO steps")):
             per_arm = {a.name: c.value for a in data.arms if (c := arm_cell(a, key))}

@@ -110,6 +110,7 @@ figcaption{font-style:italic;font-size:.9rem;color:#444}
 code{font-size:.85rem}ul.summary{padding-left:1.2rem;margin:.3rem 0;font-size:.85rem;color:#444}
 h1{margin:.2rem 0 .3rem}#answer h2{margin-top:.8rem}
 #answer table{font-size:.82rem;margin:.3rem 0 .5rem}#answer th,#answer td{padding:.2rem .45rem}
+#answer td{white-space:nowrap}
 .lead{font-size:.82rem;color:#444;margin:.2rem 0}
 .figrow{display:flex;gap:1rem;align-items:flex-start}.figrow figure{flex:1;margin:.3rem 0}
 .figrow figure img{max-height:330px;width:auto;max-width:100%}
@@ -253,8 +254,7 @@ def line_panels(panels: Mapping[str, Mapping[str, Series]], *, xlabel: str = "st
         ax.set_xlabel(xlabel, fontsize=8)
         ax.tick_params(labelsize=7.5)
         ax.grid(alpha=0.3)
-        if len(lines) > 1 or len(panels) == 1:
-            ax.legend(fontsize=7, frameon=False)
+        ax.legend(fontsize=7, frameon=False)  # whose line it is, also when one artifact is shared by arms
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
