@@ -472,7 +472,7 @@ class ExperimentConfig(Schema):
     """overrides ("reward.labels_from=human", ...) of the human-label arm a run adds, in
     <run>/arms/human, when data.human.path is set; empty: no such arm"""
     objective: Optional[str] = None
-    """a metric of the run's metrics.json (e.g. eval/vs_sft/win_rate) that `cai run` returns to
+    """a metric of the run's metrics.json (e.g. eval/ppo/vs_sft/win_rate) that `cai run` returns to
     Hydra, so a sweeper such as Optuna can optimise it; None: the run returns nothing"""
 
 

@@ -127,7 +127,7 @@ def test_sft_arm_is_a_tie_with_itself(sft_run):
     assert metrics["eval/initial/harmless/positive"] + metrics["eval/initial/harmless/negative"] \
         + metrics["eval/initial/harmless/undecided"] + metrics["eval/initial/harmless/invalid"] == h
     assert "eval/initial/rm_score" not in metrics  # no human data configured: no held-out RM
-    rows = [json.loads(x) for x in (root / "store").glob("evaluate/evaluate-*/samples.jsonl").__next__()
+    rows = [json.loads(x) for x in (root / "store").glob("evaluate_initial/evaluate_initial-*/samples.jsonl").__next__()
             .read_text().splitlines()]
     assert len(rows) == n and all(r["arm_response"] == r["sft_response"] and r["outcome"] == "tie" for r in rows)
     # the arm's samples are the eval_baseline artifact's, reused: evaluate sampled nothing itself
@@ -361,7 +361,7 @@ def test_held_out_rm_only_with_human_data(shared_data_dir, tmp_path, monkeypatch
 
     path = shared_data_dir / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
     cfg = compose("experiment.stages=[evaluate]", f"data.human.path={path}", "data.prompts=builtin")
-    stage = _stage("evaluate", cfg)
+    stage = _stage("evaluate_ppo", cfg)
     # another held-out RM: another key
     assert stage.inputs["eval_reward"] == "eval_reward" and "eval.rm" in stage.config
     rm = _stage("eval_reward", cfg)

@@ -147,8 +147,8 @@ def answer_section(data: ReportData) -> Section:
         f"{judge_name(run)} (eval.judge) in both orders. Value [95% interval]: "
         + ("the bootstrap over prompts (one seed). " if per_arm == [1] else
            f"the mean over {'/'.join(map(str, per_arm))} seeds with a Student-t interval. ")
-        + "Labels used: the labelled pairs the policy's training read (the reward model's, for PPO) and its "
-        "optimizer steps; $: the arm's judge spend per run.")
+        + "Labels used: the labelled pairs the policy's training read (the reward model's, for PPO; SL-CAI: its "
+        "revised examples) and its optimizer steps; $: the arm's judge spend per run.")
     caption = (f"Win rate vs {baseline_name(run)} per arm and policy, 95% intervals; dashed line: parity (0.5). "
                f"Judge: {judge_name(run)}; n = {', '.join(map(str, n)) or '?'} prompts; "
                f"seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}.")
