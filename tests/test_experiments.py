@@ -139,7 +139,7 @@ def test_tiny_matched_sweep_shares_artifacts_and_reruns_for_free(tmp_path, share
     assert "| RLHF | RLHF · PPO |" in report and "eval/ppo/vs_sft/win_rate" in report
     key = runs[0]["artifacts"]["eval_baseline"].rsplit("-", 1)[1][:10]
     assert f"| eval_baseline | 3 | 1 | one artifact for all 3 runs ({key}…) | — |" in report
-    assert "| dpo | 1 | 1 | only dpo_ai uses it (" in report
+    assert "| dpo | 1 | 1 | only DPO AI uses it (" in report
     h2h = _check_head_to_head(tmp_path / "sweep", metrics, report)
     assert not any(r["reused"] for r in h2h)
 
