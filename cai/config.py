@@ -61,6 +61,7 @@ JUDGE_BACKENDS = ("openai", "anthropic", "hf")
 # which policy a stage starts from or an arm is evaluated on
 START_POLICIES = ("initial", "sft")
 EVALUATED_POLICIES = ("initial", "sft", "dpo", "ppo")
+EVAL_STAGE_PREFIX = "evaluate_"  # the stage evaluating policy p is evaluate_<p> (cai.pipeline.STAGES)
 
 
 # ============================================================================= the machinery
@@ -471,7 +472,7 @@ class ExperimentConfig(Schema):
     """overrides ("reward.labels_from=human", ...) of the human-label arm a run adds, in
     <run>/arms/human, when data.human.path is set; empty: no such arm"""
     objective: Optional[str] = None
-    """a metric of the run's metrics.json (e.g. eval/vs_sft/win_rate) that `cai run` returns to
+    """a metric of the run's metrics.json (e.g. eval/ppo/vs_sft/win_rate) that `cai run` returns to
     Hydra, so a sweeper such as Optuna can optimise it; None: the run returns nothing"""
 
 
@@ -1058,8 +1059,12 @@ class EvalConfig(Schema):
 
     GROUP: ClassVar[str] = "eval"
 
-    policy: str = setting("initial", choices=EVALUATED_POLICIES)
-    """the arm's evaluated policy: ppo | dpo | sft | initial (the stage it names is built)"""
+    policies: List[str] = setting(factory=lambda: ["trained"])
+    """the policies evaluated, each its own artifact (stage evaluate_<policy>): names from ppo | dpo |
+    sft | initial, or trained: every policy the run trains (sft, dpo, ppo) except the baseline"""
+    policy: Optional[str] = setting(None, choices=EVALUATED_POLICIES)
+    """the arm's headline policy (cai compare judges it head to head; always evaluated); None: the
+    last of ppo, dpo, sft, initial that is evaluated"""
     baseline: str = setting("initial", choices=START_POLICIES)
     """the baseline it is judged against: initial | sft (the run's SL-CAI policy)"""
     judge: JudgeConfig = setting(factory=_tiny_judge)
@@ -1104,6 +1109,9 @@ class EvalConfig(Schema):
     """judge requests per call and per journal write"""
 
     def check(self) -> None:
+        for name in self.policies:
+            if name != "trained" and name not in EVALUATED_POLICIES:
+                self.fail("policies", f"expected a list of trained, {', '.join(EVALUATED_POLICIES)}; got {name!r}")
         if self.rm.labels_from != "human":
             self.fail("rm.labels_from", f"the held-out reward model is trained on human labels; set it to "
                       f"'human', got {self.rm.labels_from!r}")

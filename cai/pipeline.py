@@ -12,7 +12,7 @@ Each row of :data:`STAGES` says, for one stage, everything the pipeline needs to
   sizes, checkpoint interval, loggers, concurrency, prices, budgets. This is the one place that
   decides what enters a key.
 - ``inputs``: input name -> upstream stage, a function of the config (explicit fields decide:
-  ``ppo.start_from``, ``eval.policy``, ``reward.labels_from``...).
+  ``ppo.start_from``, ``eval.policies``, ``reward.labels_from``...).
 - ``constitution``: whether the constitution's hash enters the key.
 Every local file or directory a stage's read fields name (fields marked ``local_path`` in
 :mod:`cai.config`: a prompts file, human data, a local policy, judge or reward backbone) enters its
@@ -40,7 +40,16 @@ from pathlib import Path
 from typing import Any
 
 from cai.artifacts import ArtifactStore, scrub_secrets
-from cai.config import Config, Restricted, StageConfig, field_keyed, key_fields, typed
+from cai.config import (
+    EVAL_STAGE_PREFIX,
+    EVALUATED_POLICIES,
+    Config,
+    Restricted,
+    StageConfig,
+    field_keyed,
+    key_fields,
+    typed,
+)
 from cai.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -207,22 +216,63 @@ def _uses_eval_rm(c: Config) -> bool:
 
 
 def _evaluate_reads(c: Config) -> list[str]:
-    reads = ["seed", "policy", "judge", "eval", "-eval.rm", "-eval.use_rm", "-eval.rm_seed_offset"]
+    # which policies are evaluated, and which one is the headline, is no business of one policy's
+    # evaluation: adding a policy to an arm builds that policy's artifact and reuses the others
+    reads = ["seed", "policy", "judge", "eval", "-eval.rm", "-eval.use_rm", "-eval.rm_seed_offset",
+             "-eval.policies", "-eval.policy"]
     if _uses_eval_rm(c):
         reads.append("eval.rm")
     return reads
 
 
-def _evaluate_inputs(c: Config) -> dict[str, str]:
+def _evaluate_inputs(c: Config, policy: str) -> dict[str, str]:
     inputs = {"prompts": "prompts", "eval_baseline": "eval_baseline", **_tiny_policy(c),
               **_tiny_judge(c.eval.judge, c)}
-    if c.eval.policy != "initial":
-        inputs["arm"] = c.eval.policy
+    if policy != "initial":
+        inputs["arm"] = policy
     if c.eval.baseline == "sft":
         inputs["baseline"] = "sft"
     if _uses_eval_rm(c):
         inputs["eval_reward"] = "eval_reward"
     return inputs
+
+
+TRAINED_POLICIES = ("sft", "dpo", "ppo")  # the stages that train a policy, in pipeline order
+
+
+def trained_policies(c: Config) -> list[str]:
+    """The policy stages (sft, dpo, ppo) this run builds: those ``experiment.stages`` names and the
+    ones they read from, not counting what an evaluation alone would pull in."""
+    seen: set[str] = set()
+    todo = [s for s in c.experiment.stages if s in STAGES and not _is_evaluation(s)]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo += [up for up in STAGES[name].inputs(c).values() if up in STAGES and not _is_evaluation(up)]
+    return [p for p in TRAINED_POLICIES if p in seen]
+
+
+def _is_evaluation(stage: str) -> bool:
+    return stage == "evaluate" or stage.startswith(EVAL_STAGE_PREFIX)
+
+
+def evaluated_policies(c: Config) -> list[str]:
+    """The policies stage ``evaluate`` evaluates, in the order initial, sft, dpo, ppo:
+    ``eval.policies`` (``trained``: :func:`trained_policies` except the baseline ``eval.baseline``)
+    plus the headline ``eval.policy``; the initial policy when that leaves none."""
+    wanted: set[str] = set()
+    for name in c.eval.policies:
+        wanted |= {p for p in trained_policies(c) if p != c.eval.baseline} if name == "trained" else {name}
+    if c.eval.policy is not None:
+        wanted.add(c.eval.policy)
+    return [p for p in EVALUATED_POLICIES if p in wanted] or ["initial"]
+
+
+def headline_policy(c: Config) -> str:
+    """The arm's headline policy: ``eval.policy``, else the last evaluated one (ppo, dpo, sft, initial)."""
+    return c.eval.policy or evaluated_policies(c)[-1]
 
 
 def _eval_reward_check(c: Config) -> list[str]:
@@ -305,8 +355,14 @@ STAGES: dict[str, StageSpec] = {
     "eval_baseline": StageSpec(
         "cai.evaluate.baseline:build_eval_baseline", reads=_eval_baseline_reads, inputs=_eval_baseline_inputs,
         version="2"),
+    # one artifact per evaluated policy (evaluate_ppo, evaluate_dpo, ...; metrics eval/<policy>/...),
+    # and `evaluate`, the stage experiment.stages names, which lists them (cheap, rebuilt when the list changes)
+    **{f"{EVAL_STAGE_PREFIX}{p}": StageSpec(
+        "cai.evaluate.stage:evaluate", reads=_evaluate_reads,
+        inputs=lambda c, p=p: _evaluate_inputs(c, p), version="4") for p in EVALUATED_POLICIES},
     "evaluate": StageSpec(
-        "cai.evaluate.stage:evaluate", reads=_evaluate_reads, inputs=_evaluate_inputs, version="3"),
+        "cai.evaluate.stage:list_evaluations", reads=lambda c: ["eval.baseline"],
+        inputs=lambda c: {p: f"{EVAL_STAGE_PREFIX}{p}" for p in evaluated_policies(c)}, version="4"),
 }
 
 
@@ -446,7 +502,7 @@ def _check_judges(cfg: Config, stages: Sequence[Stage]) -> None:
     if names & {"ai_labels", "judge_answers"} or ("revisions" in names and cfg.critique.generator == "judge") \
             or ("ppo" in names and _ppo_uses_judge(cfg)):
         ready(cfg.judge, "judge")
-    if "evaluate" in names or ("eval_baseline" in names and cfg.eval.harmless):
+    if any(_is_evaluation(n) for n in names) or ("eval_baseline" in names and cfg.eval.harmless):
         ready(cfg.eval.judge, "eval.judge")
     if "ai_labels" in names:
         from cai.feedback.label_methods import LABEL_METHODS

@@ -41,8 +41,9 @@ def test_api_judge_presets_run_the_pipeline_without_leaking_the_key(tmp_path):
 
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["label/api_calls"] > 0 and metrics["label/cost_usd"] > 0  # the preset's price table
-    assert metrics["eval/judge_is_labeller"] == 0  # another model: the evaluation is held out
-    assert 0.0 <= metrics["eval/vs_sft/win_rate"] <= 1.0
+    for policy in ("dpo", "ppo"):  # the quickstart's trained policies, each evaluated
+        assert metrics[f"eval/{policy}/judge_is_labeller"] == 0  # another model: the evaluation is held out
+        assert 0.0 <= metrics[f"eval/{policy}/vs_sft/win_rate"] <= 1.0
     assert (tmp_path / "run" / "report.md").is_file()
     second = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert all(v == 1 for k, v in second.items() if k.startswith("pipeline/") and k.endswith("/reused"))

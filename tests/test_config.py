@@ -106,9 +106,9 @@ def test_prices_stay_out_of_every_artifact_key(tmp_path):
     priced = {s.name: s for s in plan(_compose([f"store.root={tmp_path}",
                                                 "+judge.prices.gpt-4o={input_per_mtok:2.5,output_per_mtok:10}",
                                                 "eval.judge.prices={m: {input_per_mtok: 1, output_per_mtok: 2}}"]))}
-    assert {"ai_labels", "eval_baseline", "evaluate"} <= set(priced)
+    assert {"ai_labels", "eval_baseline", "evaluate_ppo", "evaluate_dpo"} <= set(priced)
     assert {n: s.config for n, s in priced.items()} == {n: s.config for n, s in plain.items()}
-    for name in ("eval_baseline", "evaluate"):  # the stage reads the prices from its typed config
+    for name in ("eval_baseline", "evaluate_ppo", "evaluate_dpo"):  # the stage reads the prices from its typed config
         assert priced[name].cfg.eval.judge.prices == {"m": PriceConfig(1.0, 2.0)}
 
 

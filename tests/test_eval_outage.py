@@ -43,17 +43,17 @@ def test_an_outage_publishes_nothing_and_the_rerun_asks_only_the_missing_request
     with FakeOpenAIServer() as ref_srv:  # the reference: no outage
         ref, ref_base = _evaluate(_cfg(ref_srv.base_url), info, arm, store=_copy_store(info, tmp_path / "ref"))
         n_requests = len({r.body_hash for r in ref_srv.records})
-    assert ref.stage_info["metrics"]["eval/vs_sft/invalid"] == 0
+    assert ref.stage_info["metrics"]["eval/ppo/vs_sft/invalid"] == 0
 
     store = _copy_store(info, tmp_path / "store")
-    before = {stage: set(store.list(stage)) for stage in ("eval_baseline", "evaluate")}
+    before = {stage: set(store.list(stage)) for stage in ("eval_baseline", "evaluate_ppo")}
     with FlakyServer(answers=k) as srv:
         with pytest.raises(JudgeUnavailable) as err:
             _evaluate(_cfg(srv.base_url), info, arm, store=store)
         msg = str(err.value)
         assert "failed transiently" in msg and "http_500 x" in msg and "nothing was published" in msg
         assert f"rerun the same command: the {k if k < 6 else k - 6} answered judge requests are kept" in msg
-        assert set(store.list("evaluate")) == before["evaluate"]  # nothing published
+        assert set(store.list("evaluate_ppo")) == before["evaluate_ppo"]  # nothing published
         if k < 6:  # eval_baseline (6 harmlessness requests) failed: not published either
             assert set(store.list("eval_baseline")) == before["eval_baseline"]
         first_ok = {r.body_hash for r in srv.records if r.outcome == "ok"}

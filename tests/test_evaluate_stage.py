@@ -1,4 +1,4 @@
-"""The ``evaluate`` stage on the tiny model: which policy it evaluates, what it measures, and how
+"""The ``evaluate_<policy>`` stages on the tiny model: which policy it evaluates, what it measures, and how
 it counts failed judgements (invalid, never losses)."""
 
 from __future__ import annotations
@@ -106,28 +106,28 @@ def _evaluate(cfg, info, arm_dir: Path, store=None):
     artifacts = dict(info["artifacts"])
     base = _build(store, _stage("eval_baseline", cfg), artifacts)
     artifacts["eval_baseline"] = base.key
-    stage = _stage("evaluate", cfg)
+    stage = _stage("evaluate_ppo", cfg)
     assert stage.inputs["arm"] == "ppo" and stage.inputs["eval_baseline"] == "eval_baseline"
     return _build(store, stage, artifacts, arm_dir), base
 
 
 def test_sft_arm_is_a_tie_with_itself(sft_run):
     cfg, root, metrics, _ = sft_run
-    n = metrics["eval/prompts"]
-    assert n == 6 and metrics["eval/vs_sft/n"] == n
+    n = metrics["eval/initial/prompts"]
+    assert n == 6 and metrics["eval/initial/vs_sft/n"] == n
     # the arm is the baseline: same samples, so every prompt is a tie by definition, KL is 0
-    assert metrics["eval/vs_sft/identical"] == n and metrics["eval/vs_sft/ties"] == n
-    assert metrics["eval/vs_sft/win_rate"] == 0.5 and metrics["eval/vs_sft/lc_win_rate"] == 0.5
-    assert metrics["eval/kl"] == 0.0
-    assert metrics["eval/length"] == metrics["eval/sft_length"]
-    assert metrics["eval/judge_is_labeller"] == 1  # the offline default judges with the labeller
+    assert metrics["eval/initial/vs_sft/identical"] == n and metrics["eval/initial/vs_sft/ties"] == n
+    assert metrics["eval/initial/vs_sft/win_rate"] == 0.5 and metrics["eval/initial/vs_sft/lc_win_rate"] == 0.5
+    assert metrics["eval/initial/kl"] == 0.0
+    assert metrics["eval/initial/length"] == metrics["eval/initial/sft_length"]
+    assert metrics["eval/initial/judge_is_labeller"] == 1  # the offline default judges with the labeller
     # builtin prompts tagged harmful are asked the harmlessness question, for arm and baseline
-    h = metrics["eval/harmless_prompts"]
-    assert h > 0 and metrics["eval/harmless/n"] == h == metrics["eval/harmless_sft/n"]
-    assert metrics["eval/harmless/positive"] + metrics["eval/harmless/negative"] \
-        + metrics["eval/harmless/undecided"] + metrics["eval/harmless/invalid"] == h
-    assert "eval/rm_score" not in metrics  # no human data configured: no held-out RM
-    rows = [json.loads(x) for x in (root / "store").glob("evaluate/evaluate-*/samples.jsonl").__next__()
+    h = metrics["eval/initial/harmless_prompts"]
+    assert h > 0 and metrics["eval/initial/harmless/n"] == h == metrics["eval/initial/harmless_sft/n"]
+    assert metrics["eval/initial/harmless/positive"] + metrics["eval/initial/harmless/negative"] \
+        + metrics["eval/initial/harmless/undecided"] + metrics["eval/initial/harmless/invalid"] == h
+    assert "eval/initial/rm_score" not in metrics  # no human data configured: no held-out RM
+    rows = [json.loads(x) for x in (root / "store").glob("evaluate_initial/evaluate_initial-*/samples.jsonl").__next__()
             .read_text().splitlines()]
     assert len(rows) == n and all(r["arm_response"] == r["sft_response"] and r["outcome"] == "tie" for r in rows)
     # the arm's samples are the eval_baseline artifact's, reused: evaluate sampled nothing itself
@@ -139,7 +139,7 @@ def test_sft_arm_is_a_tie_with_itself(sft_run):
     assert "generate" not in phases and "load_model" not in phases
     assert metrics["pipeline/eval_baseline/reused"] == 0
     for k in ("positive", "negative", "undecided", "invalid", "mean_p"):  # one set of verdicts, not two
-        assert _same(metrics[f"eval/harmless/{k}"], metrics[f"eval/harmless_sft/{k}"]), k
+        assert _same(metrics[f"eval/initial/harmless/{k}"], metrics[f"eval/initial/harmless_sft/{k}"]), k
 
 
 def test_second_run_reuses_and_reports_the_same(sft_run, tmp_path):
@@ -158,23 +158,24 @@ def test_trained_arm_is_judged_and_kl_measured(sft_run, tmp_path):
     result, base = _evaluate(cfg, info, arm)
     m, folder = result.stage_info["metrics"], result.path
     assert base.reused and base.key == info["artifacts"]["eval_baseline"]  # the SFT arm's: shared
-    n = m["eval/vs_sft/n"]
-    assert m["eval/vs_sft/identical"] < n
-    assert m["eval/vs_sft/wins"] + m["eval/vs_sft/ties"] + m["eval/vs_sft/losses"] + m["eval/vs_sft/invalid"] == n
-    assert 0.0 <= m["eval/vs_sft/win_rate_ci_low"] <= m["eval/vs_sft/win_rate"] \
-        <= m["eval/vs_sft/win_rate_ci_high"] <= 1
-    assert math.isfinite(m["eval/kl"]) and m["eval/kl"] != 0.0
+    n = m["eval/ppo/vs_sft/n"]
+    assert m["eval/ppo/vs_sft/identical"] < n
+    assert m["eval/ppo/vs_sft/wins"] + m["eval/ppo/vs_sft/ties"] + m["eval/ppo/vs_sft/losses"] \
+        + m["eval/ppo/vs_sft/invalid"] == n
+    assert 0.0 <= m["eval/ppo/vs_sft/win_rate_ci_low"] <= m["eval/ppo/vs_sft/win_rate"] \
+        <= m["eval/ppo/vs_sft/win_rate_ci_high"] <= 1
+    assert math.isfinite(m["eval/ppo/kl"]) and m["eval/ppo/kl"] != 0.0
     rows = [json.loads(x) for x in (folder / "samples.jsonl").read_text().splitlines()]
-    assert sum(r["kl"] for r in rows) / len(rows) == pytest.approx(m["eval/kl"])
+    assert sum(r["kl"] for r in rows) / len(rows) == pytest.approx(m["eval/ppo/kl"])
     # determinism: the same inputs in a fresh store give the same numbers
     shutil.rmtree(folder)
     again, _ = _evaluate(cfg, info, arm)
-    assert {k: v for k, v in again.stage_info["metrics"].items() if k.startswith("eval/")} == \
-        {k: v for k, v in m.items() if k.startswith("eval/")}
+    assert {k: v for k, v in again.stage_info["metrics"].items() if k.startswith("eval/ppo/")} == \
+        {k: v for k, v in m.items() if k.startswith("eval/ppo/")}
     # the baseline side comes from the shared artifact: the same numbers as the SFT arm's
     _, _, sft_metrics, _ = sft_run
-    for key in ("eval/sft_length", "eval/harmless_sft/rate", "eval/harmless_sft/mean_p"):
-        assert _same(m[key], sft_metrics[key]), key
+    for key in ("eval/ppo/sft_length", "eval/ppo/harmless_sft/rate", "eval/ppo/harmless_sft/mean_p"):
+        assert _same(m[key], sft_metrics[key.replace("eval/ppo/", "eval/initial/")]), key
 
 
 def test_failed_judgements_are_invalid_not_losses(sft_run, tmp_path):
@@ -191,44 +192,61 @@ def test_failed_judgements_are_invalid_not_losses(sft_run, tmp_path):
         cfg.eval.judge.max_retries = 0
         cfg.eval.judge.cache = False
         m = _evaluate(cfg, info, arm)[0].stage_info["metrics"]
-    assert m["eval/judge_is_labeller"] == 0
-    n = m["eval/vs_sft/n"] - m["eval/vs_sft/identical"]
-    assert n > 0 and m["eval/vs_sft/invalid"] > 0
-    assert m["eval/vs_sft/invalid_refusal"] == m["eval/vs_sft/invalid"]
-    decided = m["eval/vs_sft/wins"] + m["eval/vs_sft/ties"] + m["eval/vs_sft/losses"]
-    assert decided + m["eval/vs_sft/invalid"] == m["eval/vs_sft/n"]
+    assert m["eval/ppo/judge_is_labeller"] == 0
+    n = m["eval/ppo/vs_sft/n"] - m["eval/ppo/vs_sft/identical"]
+    assert n > 0 and m["eval/ppo/vs_sft/invalid"] > 0
+    assert m["eval/ppo/vs_sft/invalid_refusal"] == m["eval/ppo/vs_sft/invalid"]
+    decided = m["eval/ppo/vs_sft/wins"] + m["eval/ppo/vs_sft/ties"] + m["eval/ppo/vs_sft/losses"]
+    assert decided + m["eval/ppo/vs_sft/invalid"] == m["eval/ppo/vs_sft/n"]
     if decided:
-        expected = (m["eval/vs_sft/wins"] + m["eval/vs_sft/ties"] / 2) / decided
-        assert m["eval/vs_sft/win_rate"] == pytest.approx(expected)  # invalid is outside the denominator
+        expected = (m["eval/ppo/vs_sft/wins"] + m["eval/ppo/vs_sft/ties"] / 2) / decided
+        assert m["eval/ppo/vs_sft/win_rate"] == pytest.approx(expected)  # invalid is outside the denominator
 
 
 def test_evaluated_policy_and_baseline_are_explicit_and_runtime_stays_out_of_the_key():
+    from cai.pipeline import evaluated_policies, headline_policy, typed
+
     for policy in ("initial", "sft", "dpo", "ppo"):
-        stage = _stage("evaluate", compose("experiment.stages=[evaluate]", f"eval.policy={policy}",
-                                           "eval.baseline=initial"))
+        stage = _stage(f"evaluate_{policy}", compose("experiment.stages=[evaluate]", f"eval.policy={policy}",
+                                                    "eval.baseline=initial"))
         assert stage.inputs.get("arm") == (None if policy == "initial" else policy)
-        assert stage.config["eval"]["policy"] == policy
+        assert "policy" not in stage.config["eval"] and "policies" not in stage.config["eval"]
         assert "baseline" not in stage.inputs and stage.config["eval"]["baseline"] == "initial"
-    # the arms of the matched study say which policy they evaluate, against the initial policy
-    for arm, policy in (("sft", None), ("sl_cai", "sft"), ("dpo_ai", "dpo"), ("rlaif", "ppo")):
-        inputs = _stage("evaluate", compose("experiment=rlaif_vs_rlhf", f"arm={arm}")).inputs
-        assert inputs.get("arm") == policy and "baseline" not in inputs, arm
+    # the arms of the matched study evaluate the policy they train, against the initial policy
+    for arm, policy in (("sft", "initial"), ("sl_cai", "sft"), ("dpo_ai", "dpo"), ("rlaif", "ppo")):
+        cfg = compose("experiment=rlaif_vs_rlhf", f"arm={arm}")
+        assert evaluated_policies(typed(cfg)) == [policy], arm
+        inputs = _stage(f"evaluate_{policy}", cfg).inputs
+        assert inputs.get("arm", "initial") == policy and "baseline" not in inputs, arm
+        assert _stage("evaluate", cfg).inputs == {policy: f"evaluate_{policy}"}
+    # the quickstart trains sft, dpo and ppo and is judged against its sft: dpo and ppo are evaluated,
+    # each its own artifact; ppo is the headline (eval.policy)
+    quick = typed(compose())
+    assert evaluated_policies(quick) == ["dpo", "ppo"] and headline_policy(quick) == "ppo"
+    assert evaluated_policies(typed(compose("eval.policies=[sft,ppo]"))) == ["sft", "ppo"]
+    assert evaluated_policies(typed(compose("eval.policies=[trained]", "eval.policy=null"))) == ["dpo", "ppo"]
+    assert headline_policy(typed(compose("eval.policies=[sft,dpo]", "eval.policy=null"))) == "dpo"
+    # adding a policy to the list builds its evaluation and leaves the others' keys alone
+    one = {s.name: s.config for s in plan(compose("eval.policies=[ppo]"))}
+    two = {s.name: s.config for s in plan(compose("eval.policies=[ppo,dpo]"))}
+    assert "evaluate_dpo" not in one and one["evaluate_ppo"] == two["evaluate_ppo"]
     # eval.baseline=sft: PPO/DPO on top of the run's own SFT are compared with that SFT policy
-    on_sft = _stage("evaluate", compose("experiment.stages=[sft,ppo,evaluate]", "eval.policy=ppo",
-                                        "eval.baseline=sft"))
+    on_sft = _stage("evaluate_ppo", compose("experiment.stages=[sft,ppo,evaluate]", "eval.policy=ppo",
+                                            "eval.baseline=sft"))
     assert on_sft.inputs["baseline"] == "sft" and on_sft.inputs["arm"] == "ppo"
     assert on_sft.config["eval"]["baseline"] == "sft"
     # planning builds the stage the evaluated policy comes from, and the baseline's
     planned = [s.name for s in plan(compose("experiment.stages=[evaluate]", "eval.policy=sft",
                                             "eval.baseline=sft"))]
-    assert planned.index("sft") < planned.index("eval_baseline") < planned.index("evaluate")
-    a = _stage("evaluate", compose("experiment.stages=[evaluate]"))
+    assert planned.index("sft") < planned.index("eval_baseline") < planned.index("evaluate_sft") \
+        < planned.index("evaluate")
+    a = _stage("evaluate_ppo", compose("experiment.stages=[evaluate]"))
     assert (a.inputs["arm"], a.inputs["baseline"]) == ("ppo", "sft")  # the quickstart: its ppo against its sft
-    b = _stage("evaluate", compose("experiment.stages=[evaluate]", "eval.judge.max_concurrency=4",
-                                   "eval.hf_batch_size=2", "policy.device=cpu"))
+    b = _stage("evaluate_ppo", compose("experiment.stages=[evaluate]", "eval.judge.max_concurrency=4",
+                                       "eval.hf_batch_size=2", "policy.device=cpu"))
     assert a.config == b.config  # how fast / where: not what it computes
     assert (b.cfg.eval.hf_batch_size, b.cfg.policy.device) == (2, "cpu")  # ... but read at run time
-    c = _stage("evaluate", compose("experiment.stages=[evaluate]", "eval.max_new_tokens=7"))
+    c = _stage("evaluate_ppo", compose("experiment.stages=[evaluate]", "eval.max_new_tokens=7"))
     assert c.config != a.config
 
 
@@ -306,7 +324,7 @@ def test_eval_judge_is_keyed_and_run_like_the_labeller(tmp_path):
 
     def stages(*extra):  # (evaluate, eval_baseline)
         cfg = compose(f"store.root={tmp_path}", *extra)
-        return _stage("evaluate", cfg), _stage("eval_baseline", cfg)
+        return _stage("evaluate_ppo", cfg), _stage("eval_baseline", cfg)
 
     default, half = stages(), stages("eval.judge.dtype=bfloat16")
     local = stages("eval.judge.device=cpu", "eval.judge.batch_size=3")
@@ -333,9 +351,9 @@ def test_eval_judge_is_keyed_and_run_like_the_labeller(tmp_path):
             assert (backend.batch_size, backend.spec.device) == (batch, device)
 
 
-# the default config's (evaluate, eval_baseline) keys with placeholder upstream keys: a change is a
+# the default config's (evaluate_ppo, eval_baseline) keys with placeholder upstream keys: a change is a
 # change of every stored evaluation's key (bump the row's version on purpose, or fix the key)
-KEYS = ["evaluate-7d78a5739c79b6b39924", "eval_baseline-509f592fcac4d5d8dd21"]
+KEYS = ["evaluate_ppo-84a570d75e3588a40b2d", "eval_baseline-509f592fcac4d5d8dd21"]
 
 
 def test_held_out_rm_only_with_human_data(shared_data_dir, tmp_path, monkeypatch):
@@ -343,7 +361,7 @@ def test_held_out_rm_only_with_human_data(shared_data_dir, tmp_path, monkeypatch
 
     path = shared_data_dir / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
     cfg = compose("experiment.stages=[evaluate]", f"data.human.path={path}", "data.prompts=builtin")
-    stage = _stage("evaluate", cfg)
+    stage = _stage("evaluate_ppo", cfg)
     # another held-out RM: another key
     assert stage.inputs["eval_reward"] == "eval_reward" and "eval.rm" in stage.config
     rm = _stage("eval_reward", cfg)
@@ -364,7 +382,7 @@ def test_held_out_rm_only_with_human_data(shared_data_dir, tmp_path, monkeypatch
     rm.run({"human_pairs": tmp_path}, Ctx())
     assert seen["seed"] == cfg.seed + cfg.eval.rm_seed_offset and seen["rcfg"].labels_from == "human"
     assert seen["metrics"] == {"eval_rm/accuracy": 1.0}
-    without = _stage("evaluate",
+    without = _stage("evaluate_ppo",
                      compose("experiment.stages=[evaluate]", f"data.human.path={path}", "eval.use_rm=false"))
     assert "eval_reward" not in without.inputs and "eval.rm" not in without.config \
         and "rm" not in without.config["eval"]
@@ -376,6 +394,7 @@ def test_held_out_rm_only_with_human_data(shared_data_dir, tmp_path, monkeypatch
                                              ("eval.ties=never", "ties"), ("eval.tie_margin=0.7", "tie_margin"),
                                              ("eval.max_prompts=0", "max_prompts"),
                                              ("eval.baseline=best", "baseline"), ("eval.policy=rlhf", "policy"),
+                                             ("eval.policies=[ppo,rlhf]", "policies"),
                                              ("eval.judge_batch=0", "judge_batch")])
 def test_bad_eval_config_names_the_field(override, field):
     with pytest.raises(ConfigError, match=f"eval.{field}"):
@@ -392,20 +411,21 @@ def test_held_out_rm_scores_every_response(shared_data_dir, tmp_path):
                   "eval.rm.batch_size=8", "eval.rm.micro_batch_size=8", "eval.rm.bootstrap_resamples=50",
                   f"store.root={tmp_path / 'store'}", *TINY)
     m = run_experiment(cfg, tmp_path / "run")
-    assert m["eval/rm_score_ci_low"] <= m["eval/rm_score"] <= m["eval/rm_score_ci_high"]
-    assert m["eval/rm_score"] == pytest.approx(m["eval/sft_rm_score"])  # the SFT arm is its own baseline
-    assert m["eval/rm_score_vs_sft"] == 0.0
+    assert m["eval/initial/rm_score_ci_low"] <= m["eval/initial/rm_score"] <= m["eval/initial/rm_score_ci_high"]
+    # the SFT arm is its own baseline
+    assert m["eval/initial/rm_score"] == pytest.approx(m["eval/initial/sft_rm_score"])
+    assert m["eval/initial/rm_score_vs_sft"] == 0.0
     assert any(k.startswith("eval_rm/") for k in m) and not any(k.startswith("rm/") for k in m)
     # red-team prompts (tagged harmful) are all asked the harmlessness question
-    assert m["eval/harmless_prompts"] == m["eval/prompts"]
+    assert m["eval/initial/harmless_prompts"] == m["eval/initial/prompts"]
     # every prompt's scores are in samples.jsonl (the report's paired tests between arms read them)
     from cai.artifacts import ArtifactStore
     from cai.data import read_jsonl
 
-    key = json.loads((tmp_path / "run" / "run.json").read_text())["artifacts"]["evaluate"]
+    key = json.loads((tmp_path / "run" / "run.json").read_text())["artifacts"]["evaluate_initial"]
     rows = read_jsonl(ArtifactStore(tmp_path / "store").path(key) / "samples.jsonl")
-    assert len(rows) == m["eval/prompts"] and all(isinstance(r["rm_score"], float) for r in rows)
-    assert sum(r["rm_score"] for r in rows) / len(rows) == pytest.approx(m["eval/rm_score"])
+    assert len(rows) == m["eval/initial/prompts"] and all(isinstance(r["rm_score"], float) for r in rows)
+    assert sum(r["rm_score"] for r in rows) / len(rows) == pytest.approx(m["eval/initial/rm_score"])
 
 
 # ----------------------------------------------------------------------------- resuming a killed evaluation
@@ -471,7 +491,7 @@ def test_killed_evaluation_resumes_without_redoing_anything(sft_run, tmp_path, m
 
     _, root, _, info = sft_run
     arm = _perturbed_arm(info, tmp_path / "arm")
-    skip = shutil.ignore_patterns("evaluate", "eval_baseline", "judge_cache*", ".locks")
+    skip = shutil.ignore_patterns("evaluate_*", "eval_baseline", "judge_cache*", ".locks")
 
     def run(store_dir: Path):
         if not store_dir.exists():  # the upstream artifacts (prompts, tiny policy) of the SFT run
@@ -532,5 +552,6 @@ def test_judge_budget_stops_cleanly_and_a_rerun_asks_only_the_rest(sft_run, tmp_
         result, base = run(1000.0)  # the cap is run time only: the same artifacts resume
         assert paid.isdisjoint(r.body_hash for r in srv.records)
     m = result.stage_info["metrics"]
-    assert m["eval/vs_sft/invalid"] == 0 and m["eval/harmless/n"] == m["eval/harmless_sft/n"] == m["eval/prompts"]
+    assert m["eval/ppo/vs_sft/invalid"] == 0
+    assert m["eval/ppo/harmless/n"] == m["eval/ppo/harmless_sft/n"] == m["eval/ppo/prompts"]
     assert result.stage_info["cost"]["dollars"] + base.stage_info["cost"]["dollars"] > 0

@@ -86,13 +86,11 @@ def test_arms_are_matched(extra):
     # each arm evaluates its own final policy, with one evaluation config
     expected = {"sft": "initial", "sl_cai": "sft", "rlhf": "ppo", "rlaif": "ppo", "dpo_human": "dpo",
                 "dpo_ai": "dpo", "d_rlaif": "ppo", "distil_judge": "sft"}
-    def without_policy(config: dict) -> dict:
-        return {**config, "eval": {k: v for k, v in config["eval"].items() if k != "policy"}}
-
     for arm, p in plans.items():
-        assert p["evaluate"]["config"]["eval"]["policy"] == expected[arm]  # eval.policy, an explicit field
-        assert p["evaluate"]["inputs"].get("arm", "initial") == expected[arm]
-        assert without_policy(p["evaluate"]["config"]) == without_policy(plans["sft"]["evaluate"]["config"])
+        policy = expected[arm]  # the policy the arm trains (the initial one for the SFT-only arm)
+        assert p["evaluate"]["inputs"] == {policy: f"evaluate_{policy}"}, arm
+        assert p[f"evaluate_{policy}"]["inputs"].get("arm", "initial") == policy
+        assert p[f"evaluate_{policy}"]["config"] == plans["sft"]["evaluate_initial"]["config"]
 
 
 TINY = [
@@ -125,21 +123,23 @@ def test_tiny_matched_sweep_shares_artifacts_and_reruns_for_free(tmp_path, share
     for name in MATCHED:
         assert len({r["artifacts"][name] for r in runs}) == 1, name
     metrics = [json.loads((tmp_path / "sweep" / str(i) / "metrics.json").read_text()) for i in range(3)]
-    for m in metrics:
-        for key in ("eval/vs_sft/win_rate", "eval/vs_sft/win_rate_ci_low", "eval/vs_sft/win_rate_ci_high",
-                    "eval/vs_sft/lc_win_rate", "eval/harmless/rate", "eval/kl", "eval/length", "eval/rm_score"):
-            assert key in m, key
-    assert metrics[0]["eval/vs_sft/win_rate"] == 0.5 and metrics[0]["eval/kl"] == 0.0  # SFT vs itself
+    policies = ["initial", "ppo", "dpo"]  # what each arm trains (the SFT-only arm: nothing) is evaluated
+    for m, p in zip(metrics, policies):
+        for key in ("vs_sft/win_rate", "vs_sft/win_rate_ci_low", "vs_sft/win_rate_ci_high",
+                    "vs_sft/lc_win_rate", "harmless/rate", "kl", "length", "rm_score"):
+            assert f"eval/{p}/{key}" in m, (p, key)
+    assert metrics[0]["eval/initial/vs_sft/win_rate"] == 0.5 and metrics[0]["eval/initial/kl"] == 0.0  # SFT vs itself
     for m in metrics[1:]:  # built once, by the first arm
         assert m["pipeline/eval_reward/reused"] == 1 and m["pipeline/eval_baseline/reused"] == 1
-    stage = [json.loads((tmp_path / "sweep" / str(i) / "stages" / "evaluate.json").read_text()) for i in range(3)]
+    stage = [json.loads((tmp_path / "sweep" / str(i) / "stages" / f"evaluate_{p}.json").read_text())
+             for i, p in enumerate(policies)]
     assert "generate" not in stage[0]["phases_s"]  # the sft arm IS the baseline: its samples are reused
     assert all("generate" in st["phases_s"] for st in stage[1:])  # the others sample only their own policy
     report = (tmp_path / "sweep" / "report.md").read_text()
-    assert "tags.arm=rlhf" in report and "eval/vs_sft/win_rate" in report
+    assert "| RLHF | RLHF · PPO |" in report and "eval/ppo/vs_sft/win_rate" in report
     key = runs[0]["artifacts"]["eval_baseline"].rsplit("-", 1)[1][:10]
     assert f"| eval_baseline | 3 | 1 | one artifact for all 3 runs ({key}…) | — |" in report
-    assert "| dpo | 1 | 1 | only dpo_ai uses it (" in report
+    assert "| dpo | 1 | 1 | only DPO AI uses it (" in report
     h2h = _check_head_to_head(tmp_path / "sweep", metrics, report)
     assert not any(r["reused"] for r in h2h)
 
@@ -161,7 +161,7 @@ def _check_head_to_head(folder: Path, metrics: list[dict], report: str) -> list[
     from cai.report.h2h import h2h_matrices
 
     rows = json.loads((folder / "head_to_head.json").read_text())["rows"]
-    arms = ["tags.arm=sft", "tags.arm=rlhf", "tags.arm=dpo_ai"]
+    arms = ["SFT", "RLHF", "DPO AI"]  # the arms' tags in words
     assert [(r["arm_a"], r["arm_b"]) for r in rows] == [(arms[0], arms[1]), (arms[0], arms[2]), (arms[1], arms[2])]
     for r in rows:
         assert r["n"] == 8 and r["wins"] + r["ties"] + r["losses"] + r["invalid"] == 8
@@ -173,7 +173,7 @@ def _check_head_to_head(folder: Path, metrics: list[dict], report: str) -> list[
                 assert m[(a, b)][0] + m[(b, a)][0] == 1.0
     # the SFT arm's responses are the baseline's, so SFT over rlhf mirrors rlhf's own win rate vs SFT
     # (one prompt may flip at the tie boundary: the judge sees the two orders in other batches)
-    assert abs(m[(arms[0], arms[1])][0] - (1.0 - metrics[1]["eval/vs_sft/win_rate"])) <= 1 / 8
-    assert "## Head to head" in report and "| row beats column | tags.arm=sft |" in report
-    assert "## Paired tests between arms" in report and "| tags.arm=rlhf | tags.arm=dpo_ai | score vs SFT |" in report
+    assert abs(m[(arms[0], arms[1])][0] - (1.0 - metrics[1]["eval/ppo/vs_sft/win_rate"])) <= 1 / 8
+    assert "## Head to head" in report and "| row beats column | SFT |" in report
+    assert "## Paired tests between arms" in report and "| RLHF | DPO AI | score vs SFT |" in report
     return rows

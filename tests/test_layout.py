@@ -108,7 +108,7 @@ def test_what_a_stage_computes_does_enter_its_key():
     base = {s.name: s.config for s in plan(compose_config())}
     for override, stages in [("ppo.lr=0.5", {"ppo"}), ("sampling.batch_size=3", {"responses", "policy_pairs"}),
                              ("judge.max_tokens=7", {"ai_labels"}),
-                             ("eval.judge.dtype=float32", {"evaluate", "eval_baseline"})]:
+                             ("eval.judge.dtype=float32", {"evaluate_ppo", "evaluate_dpo", "eval_baseline"})]:
         moved = {s.name: s.config for s in plan(compose_config(override))}
         changed = {n for n in base if moved.get(n) != base[n]}
         assert stages <= changed, (override, changed)

@@ -120,12 +120,13 @@ def test_quickstart_with_human_data_adds_the_human_label_arm(tmp_path: Path, sha
     assert arm_info["config"]["reward"]["labels_from"] == "human"
     assert arm_info["config"]["tags"]["arm"] == "human_labels"
     m = json.loads((arm / "metrics.json").read_text())
-    differs = {"reward", "dpo", "ppo", "evaluate"}  # what the label source changes; the rest is reused
+    # what the label source changes (each trained policy's evaluation too); the rest is reused
+    differs = {"reward", "dpo", "ppo", "evaluate_dpo", "evaluate_ppo", "evaluate"}
     assert {s for s in info["artifacts"] if info["artifacts"][s] != arm_info["artifacts"][s]} == differs
     assert all(m[f"pipeline/{s}/reused"] == (s not in differs) for s in arm_info["artifacts"])
-    assert "eval/vs_sft/win_rate" in m and "rm/human/accuracy" in m
+    assert "eval/ppo/vs_sft/win_rate" in m and "eval/dpo/vs_sft/win_rate" in m and "rm/human/accuracy" in m
     report = (run / "report.md").read_text()  # written after the run, both arms side by side
-    assert "2 run(s) in 2 arm(s): tags.arm=ai_labels (1 run); tags.arm=human_labels (1 run)" in report
+    assert "2 run(s) in 2 arm(s): AI labels (1 run); human labels (1 run)" in report
     h2h = json.loads((run / "head_to_head.json").read_text())  # the two arms judged against each other
-    assert [(r["arm_a"], r["arm_b"]) for r in h2h["rows"]] == [("tags.arm=ai_labels", "tags.arm=human_labels")]
+    assert [(r["arm_a"], r["arm_b"]) for r in h2h["rows"]] == [("AI labels", "human labels")]
     assert "## Head to head" in report

@@ -42,8 +42,10 @@ def _log(ctx, rows):
 def _labels(cfg, inputs, ctx):
     ai = cfg.reward.labels_from == "ai"
     ctx.add_cost(tokens_in=5000 if ai else 0, tokens_out=400 if ai else 0, dollars=0.125 if ai else 0.0)
-    if ai:
-        m = {"quality/agreement": 0.71, "quality/agreement_ci_low": 0.62, "quality/agreement_ci_high": 0.79}
+    if ai:  # a slot-biased labeller that failed on 2 of 64 pairs
+        m = {"quality/agreement": 0.71, "quality/agreement_ci_low": 0.62, "quality/agreement_ci_high": 0.79,
+             "label/pairs": 64, "label/failed": 2, "label/same_slot_rate": 0.8, "label/position_consistency": 0.2,
+             "label/first_slot_rate": 0.9}
         for i, pid in enumerate(PRINCIPLES):
             m[f"quality/principle/{pid}/agreement"] = 0.6 + 0.1 * i
             m[f"quality/principle/{pid}/n"] = 20 + i
@@ -54,24 +56,43 @@ def _reward(cfg, inputs, ctx):
     rng = np.random.default_rng(cfg.seed)
     _log(ctx, [{"step": s, "rm/loss": 0.7 * 0.97**s + 0.01 * rng.random()} for s in range(30)])
     acc = 0.68 + 0.02 * cfg.seed + (0.03 if cfg.reward.labels_from == "human" else 0.0)
-    ctx.set_metrics({"rm/accuracy": acc, "rm/accuracy_ci_low": acc - 0.05, "rm/accuracy_ci_high": acc + 0.05})
+    human = cfg.reward.labels_from == "human"  # the human arm had 30x the labels: a budget the report names
+    ctx.set_metrics({"rm/accuracy": acc, "rm/accuracy_ci_low": acc - 0.05, "rm/accuracy_ci_high": acc + 0.05,
+                     "rm/data/used": 1920 if human else 62, "rm/steps": 30})
 
 
 def _ppo(cfg, inputs, ctx):
     rng = np.random.default_rng(10 + cfg.seed + (5 if cfg.reward.labels_from == "ai" else 0))
     kl = 0.02 if cfg.reward.labels_from == "ai" else 0.03
-    _log(ctx, [{"step": s, "ppo/objective/kl": kl * s, "ppo/objective/rlhf_reward": np.log1p(s) + rng.random(),
-                "ppo/val/mean_len": 40 + s * rng.random(), "ppo/policy/clipfrac_avg": 0.1} for s in range(0, 40, 2)])
+    _log(ctx, [{"step": s, "ppo/objective/kl": kl * s, "ppo/objective/scores": np.log1p(s) + rng.random(),
+                "ppo/response_length": 40 + s * rng.random(), "ppo/reward_failed": 0.0,
+                "ppo/time/score_s": 0.5, "ppo/policy/clipfrac_avg": 0.1} for s in range(0, 40, 2)])
     ctx.add_cost(tokens_in=100, tokens_out=900)
-    ctx.set_metrics({"ppo/objective/kl": 0.78})
+    warned = 3 if cfg.reward.labels_from == "ai" else 0
+    ctx.set_metrics({"ppo/objective/kl": 0.78, "ppo/steps": 20, "ppo/warnings": warned})
 
 
-def _evaluate(cfg, inputs, ctx):
-    rng = np.random.default_rng([cfg.seed, int(cfg.reward.labels_from == "ai")])
-    p = 0.7 if cfg.reward.labels_from == "ai" else 0.6
+def _dpo(cfg, inputs, ctx):  # one logged point: it must still show (markers)
+    _log(ctx, [{"step": 1, "dpo/loss": 0.69, "dpo/rewards/margins": 0.01 + 0.01 * cfg.seed}])
+    ctx.set_metrics({"dpo/steps": 1, "dpo/data/used": 62})
+
+
+def _eval_metrics(cfg, policy, p):
+    rng = np.random.default_rng([cfg.seed, int(cfg.reward.labels_from == "ai"), len(policy)])
     js = [Judgement(f"p{i}", float(w), float(w)) for i, w in enumerate(rng.random(60) < p)]
     js.append(Judgement("bad", None, 0.4, "refusal (arm shown first)"))
-    ctx.set_metrics(win_rate(js, n_boot=300, seed=cfg.seed).to_metrics("eval/vs_sft"))
+    m = win_rate(js, n_boot=300, seed=cfg.seed).to_metrics(f"eval/{policy}/vs_sft")
+    m.update({f"eval/{policy}/kl": 0.1 + 0.01 * cfg.seed, f"eval/{policy}/length": 31.0,
+              f"eval/{policy}/judge_is_labeller": 1, f"eval/{policy}/prompts": 61})
+    return m
+
+
+def _evaluate_ppo(cfg, inputs, ctx):
+    ctx.set_metrics(_eval_metrics(cfg, "ppo", 0.7 if cfg.reward.labels_from == "ai" else 0.6))
+
+
+def _evaluate_dpo(cfg, inputs, ctx):
+    ctx.set_metrics(_eval_metrics(cfg, "dpo", 0.5))
 
 
 def _baseline(cfg, inputs, ctx):
@@ -88,9 +109,12 @@ FAKE_STAGES = {
     "labels": _stage(_labels, {"prompts": "prompts"}, reads=["reward.labels_from"], constitution=True),
     "reward": _stage(_reward, {"labels": "labels"}),
     "ppo": _stage(_ppo, {"reward": "reward"}),
+    "dpo": _stage(_dpo, {"labels": "labels"}),
     "baseline": _stage(_baseline, {"prompts": "prompts"}, reads=["seed"]),
-    "evaluate": _stage(_evaluate, {"ppo": "ppo", "baseline": "baseline"}),
+    "evaluate_ppo": _stage(_evaluate_ppo, {"ppo": "ppo", "baseline": "baseline"}),
+    "evaluate_dpo": _stage(_evaluate_dpo, {"dpo": "dpo", "baseline": "baseline"}),
 }
+STAGE_NAMES = ["prompts", "labels", "reward", "ppo", "dpo", "baseline", "evaluate_ppo", "evaluate_dpo"]
 
 
 def make_sweep(root: Path, store: Path) -> Path:
@@ -106,7 +130,7 @@ def make_sweep(root: Path, store: Path) -> Path:
                 cfg.seed, cfg.store.root = seed, str(store)
                 cfg.data.max_prompts = 8
                 cfg.experiment.name = "rlaif_vs_rlhf"
-                cfg.experiment.stages = ["prompts", "labels", "reward", "ppo", "baseline", "evaluate"]
+                cfg.experiment.stages = list(STAGE_NAMES)
                 cfg.reward.labels_from = arm
                 run_dir = sweep / str(job)
                 pipeline.run_experiment(cfg, run_dir)
@@ -131,23 +155,30 @@ def test_runs_are_grouped_into_arms_over_seeds(sweep):
     assert data.varying == ["reward.labels_from", "seed"]
     assert [(a.name, len(a.runs)) for a in data.arms] == [("reward.labels_from=ai", 2), ("reward.labels_from=human", 2)]
     assert data.runs[0].overrides == ["reward.labels_from=ai", "seed=0"]
-    assert set(data.runs[0].train_logs) == {"reward", "ppo"}
+    assert set(data.runs[0].train_logs) == {"reward", "ppo", "dpo"}
 
 
 def test_markdown_has_every_section_with_real_numbers(sweep):
     md = (sweep / "report.md").read_text()
     runs = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in range(4)]
-    # the arm's win rate is the mean of its two seeds, with a t interval over seeds
-    mean_ai = np.mean([runs[i]["eval/vs_sft/win_rate"] for i in (0, 1)])
-    assert f"| eval/vs_sft/win_rate | {mean_ai:.4g} [" in md and "(2 seeds)" in md
-    # single-run values carry their stage's own interval (the per-run fold)
-    wr0 = runs[0]["eval/vs_sft/win_rate"]
-    assert f"{wr0:.4g} [{runs[0]['eval/vs_sft/win_rate_ci_low']:.4g}, " in md
-    for title in ("## Runs", "## Arms", "## Win rates", "## Training curves", "## Label agreement per principle",
-                  "## Cost", "## Constitution", "## Config differences", "## Artifacts"):
-        assert title in md
+    # the answer first: per arm and policy, in words, the mean win rate over seeds with a t interval
+    answer = md.split("## Answer", 1)[1].split("\n## ", 1)[0]
+    mean_ai = np.mean([runs[i]["eval/ppo/vs_sft/win_rate"] for i in (0, 1)])
+    assert f"| reward.labels_from=ai | RLAIF · PPO | {mean_ai:.3g} [" in answer
+    assert "| reward.labels_from=human | RLHF · PPO |" in answer and "| RLHF · DPO |" in answer
+    assert "| 1920 (20 steps) |" in answer and "| 62 (20 steps) |" in answer  # labels used, steps
+    assert "mean over 2 seeds with a Student-t interval" in answer
+    assert "Judge: the tiny local model; n = 61 prompts; seeds 0, 1." in answer  # the forest plot's caption
+    # single-run values carry their stage's own interval (the per-run fold, last)
+    wr0 = runs[0]["eval/ppo/vs_sft/win_rate"]
+    assert f"{wr0:.4g} [{runs[0]['eval/ppo/vs_sft/win_rate_ci_low']:.4g}, " in md.split("## All metrics")[1]
+    titles = ["## Answer", "## Warnings", "## Head to head", "## Paired tests between arms", "## Label quality",
+              "## Training curves", "## Cost", "## Constitution", "## Config differences", "## Artifacts", "## Runs",
+              "## All metrics"]
+    assert [md.index(t) for t in titles] == sorted(md.index(t) for t in titles)  # in this order
     for pid in PRINCIPLES:
         assert f"| {pid} |" in md
+    assert "| label/same_slot_rate | 0.8 (2 seeds) | — |" in md
     assert "| reward.labels_from | ai | ai | human | human |" in md
     # matching verified from run.json: prompts shared by all four runs, labels within an arm, the
     # baseline within a seed; where keys differ, the stage.json field that makes them differ
@@ -157,7 +188,7 @@ def test_markdown_has_every_section_with_real_numbers(sweep):
     short = {st: [k.rsplit("-", 1)[1][:10] + "…" for k in (r[st] for r in keys)] for st in keys[0]}
     artifacts = md.split("## Artifacts")[1]
     table, folded = artifacts.split("*Every artifact and the runs that use it*")
-    assert "1 of 6 stages are the same artifact in all 4 runs" in table
+    assert "1 of 8 stages are the same artifact in all 4 runs" in table
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
     assert f"| 4 | 1 | one artifact for all 4 runs ({short['prompts'][0]}) | — |" in rows["prompts"]
     assert f"| all arms: one per seed (0: {short['baseline'][0]}, 1: {short['baseline'][1]}) | config: seed |" \
@@ -167,8 +198,9 @@ def test_markdown_has_every_section_with_real_numbers(sweep):
             f"for all seeds ({short['labels'][2]}) | config: reward.labels_from |") in rows["labels"]
     assert ("| 4 | 4 | none: one per run (all arms; seeds 0, 1) | config: reward.labels_from, seed; inputs: labels |"
             in rows["reward"])
-    assert "inputs: baseline, ppo" in rows["evaluate"]
-    assert list(rows)[1:] == ["prompts", "baseline", "labels", "reward", "ppo", "evaluate"]  # upstream first
+    assert "inputs: baseline, ppo" in rows["evaluate_ppo"]
+    assert list(rows)[1:] == ["prompts", "baseline", "labels", "dpo", "reward", "evaluate_dpo", "ppo",
+                              "evaluate_ppo"]  # upstream first
     # the folded list has every full key and the runs that use it
     assert (f"| labels | {keys[0]['labels']} | 0 (reward.labels_from=ai, seed 0), 1 (reward.labels_from=ai, seed 1) |"
             in folded)
@@ -176,7 +208,7 @@ def test_markdown_has_every_section_with_real_numbers(sweep):
     assert "| reward.labels_from=ai | 2 |" in md and "$0.1250" in md
     const = json.loads((sweep / "0" / "run.json").read_text())["constitution_hash"]
     assert const[:16] in md and "file unchanged" in md
-    for name in ("win_rates", "curves_ppo", "curves_reward", "principle_agreement"):
+    for name in ("forest_win_rate", "reward_vs_kl", "training_curves", "principle_agreement"):
         png = sweep / "report_assets" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"report_assets/{name}.png" in md
 
@@ -214,6 +246,74 @@ def test_artifact_sharing_is_described_per_arm_and_seed(tmp_path):
     assert folded[("y", key("y", 7))] == "all 6 runs"
 
 
+def test_curves_are_picked_by_exact_name_and_a_shared_artifact_is_drawn_once(sweep, tmp_path):
+    from cai.report.runs import Arm, ReportData, RunRecord
+    from cai.report.sections import curve_panels
+
+    panels, _ = curve_panels(collect(sweep))
+    assert "PPO: KL to reference  (ppo/objective/kl)" in panels  # never crowded out by look-alike names
+    assert not any("reward_failed" in t or "time/" in t or "clipfrac" in t for t in panels)
+    kl = panels["PPO: KL to reference  (ppo/objective/kl)"]
+    assert set(kl) == {"reward.labels_from=ai", "reward.labels_from=human"} and all(len(v) == 2 for v in kl.values())
+    assert panels["DPO: loss  (dpo/loss)"]["reward.labels_from=ai"][0] == ([1.0], [0.69])  # one point: kept
+    # two arms reading one SFT artifact and one held-out RM: one line each, named by both arms
+    logs = {"sft": [{"step": 1, "sft/loss": 2.0}, {"step": 2, "sft/loss": 1.5}],
+            "eval_reward": [{"step": 1, "rm/loss": 0.7}]}
+    runs = [RunRecord(tmp_path, arm, {"seed": 0, "artifacts": {"sft": "sft-aa", "eval_reward": "eval_reward-bb"}},
+                      {}, {}, train_logs=logs) for arm in ("a", "b")]
+    shared, _ = curve_panels(ReportData(tmp_path, runs, [Arm("AI labels", runs[:1]), Arm("human labels", runs[1:])],
+                                        ["tags.arm"]))
+    assert list(shared["SFT: loss  (sft/loss)"]) == ["AI labels + human labels"]
+    assert list(shared["Held-out RM (eval_reward): loss  (rm/loss)"]) == ["AI labels + human labels"]
+
+
+def test_a_single_point_series_is_drawn():
+    import io
+
+    import matplotlib.image
+
+    from cai.report.render import line_panels
+
+    png = line_panels({"DPO: loss": {"arm": [([1.0], [0.69])]}}, colours={"arm": "#d62728"})
+    pixels = matplotlib.image.imread(io.BytesIO(png))[..., :3]
+    red = np.abs(pixels - np.array([0xD6, 0x27, 0x28]) / 255).max(axis=2) < 0.08
+    assert red.sum() > 15, red.sum()  # its marker (and the legend's)
+
+
+def test_runs_from_before_per_policy_evaluation_are_read_as_their_policy(sweep, tmp_path):
+    """An older run has one `evaluate` artifact and eval/... metrics: they are eval/<eval.policy>/..."""
+    from cai.report.runs import headline_evaluation
+
+    run = tmp_path / "old"
+    shutil.copytree(sweep / "0", run)
+    info = json.loads((run / "run.json").read_text())
+    key = info["artifacts"].pop("evaluate_ppo")
+    del info["artifacts"]["evaluate_dpo"]
+    info["artifacts"]["evaluate"] = key
+    info["config"]["eval"]["policy"] = "ppo"
+    (run / "run.json").write_text(json.dumps(info))
+    metrics = json.loads((run / "metrics.json").read_text())
+    old = {k.replace("eval/ppo/", "eval/"): v for k, v in metrics.items() if not k.startswith("eval/dpo/")}
+    (run / "metrics.json").write_text(json.dumps(old))
+    record = collect(run).runs[0]
+    assert record.metrics["eval/ppo/vs_sft/win_rate"] == metrics["eval/ppo/vs_sft/win_rate"]
+    assert "eval/vs_sft/win_rate" not in record.metrics
+    assert headline_evaluation(info) == ("ppo", key)
+    md = write_report(run)[0].read_text()
+    assert "| — | RLAIF · PPO |" in md
+
+
+def test_a_warning_that_holds_in_every_arm_is_said_once(sweep):
+    from cai.report.headline import find_warnings
+
+    found = find_warnings(collect(sweep))
+    judge = [w for w in found if "judge_is_labeller" in w]
+    assert judge == [judge[0]] and "(all arms)" in judge[0]
+    slot = [w for w in found if "same_slot_rate" in w]  # only the arm trained on AI labels
+    assert len(slot) == 1 and "(arm reward.labels_from=ai)" in slot[0]
+    assert not any("PPO steps" in w for w in found)  # equal in both arms
+
+
 def test_html_is_self_contained(sweep):
     html = (sweep / "report.html").read_text()
     assert html.count('src="data:image/png;base64,') == 4
@@ -232,7 +332,7 @@ def test_sections_without_data_say_so(tmp_path, sweep):
     md = md_path.read_text()
     assert "No per-principle agreement" in md and "Artifacts not found in the store" in md
     assert "No training curves" in md and "One run: there is no other run" in md
-    assert "eval/vs_sft/win_rate" in md  # what exists is still shown
+    assert "eval/ppo/vs_sft/win_rate" in md and "| RLHF · PPO |" in md  # what exists is still shown
 
 
 # ----------------------------------------------------------------------------- chromium
@@ -286,8 +386,91 @@ def test_html_renders_in_headless_chromium(sweep, tmp_path):
     rgb = (pixels * 255).astype(np.uint32)
     colours = len(np.unique(rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]))
     assert ink > 0.03 and colours > 50, (ink, colours)  # text, tables and plots, not a blank page
-    blue = np.abs(pixels - np.array([0x1F, 0x77, 0xB4]) / 255).max(axis=2) < 0.05  # the first arm's bars
-    assert blue.sum() > 2000, blue.sum()
+    blue = np.abs(pixels - np.array([0x1F, 0x77, 0xB4]) / 255).max(axis=2) < 0.05  # the first arm's colour
+    assert blue.sum() > 500, blue.sum()
+
+
+# what a reader sees in the first screen (1400x900): the answer and its forest plot; the rest
+FIRST_SCREEN = """<script>
+window.addEventListener('load', () => {
+  const box = el => { if (!el) return null; const r = el.getBoundingClientRect();
+    return {top: r.top, bottom: r.bottom, left: r.left, right: r.right, width: r.width, height: r.height}; };
+  const ink = img => {  // share of the image's pixels that are not near-white
+    const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight;
+    const g = c.getContext('2d'); g.drawImage(img, 0, 0);
+    const d = g.getImageData(0, 0, c.width, c.height).data; let n = 0;
+    for (let i = 0; i < d.length; i += 4) if (d[i] < 230 || d[i + 1] < 230 || d[i + 2] < 230) n++;
+    return c.width * c.height ? n / (c.width * c.height) : 0; };
+  const q = s => document.querySelector(s);
+  const out = {answer: box(q('#answer table')), forest: box(q('#fig-forest_win_rate img')),
+               reward_kl: box(q('#fig-reward_vs_kl img')),
+               warnings: [...document.querySelectorAll('.warnings li')].map(li => li.textContent),
+               curves: q('#fig-training_curves figcaption') ? q('#fig-training_curves figcaption').textContent : '',
+               imgs: [...document.querySelectorAll('img')].map(i => [i.closest('figure').id, i.naturalWidth, ink(i)])};
+  document.body.setAttribute('data-probe', JSON.stringify(out));
+});
+</script>"""
+
+
+def first_screen(html_file: Path, tmp: Path, shot: Path) -> dict:
+    """Render ``html_file`` in headless Chromium at 1400x900; what the probe measured, and a screenshot."""
+    probe = tmp / f"{html_file.parent.name}-probe.html"
+    probe.write_text(html_file.read_text().replace("</body>", FIRST_SCREEN + "</body>"))
+    dom = _run_chromium(_chromium(), tmp, "--window-size=1400,900", f"--screenshot={shot}", "--dump-dom",
+                        probe.as_uri())
+    assert dom.returncode == 0 and shot.is_file(), dom.stderr[-2000:]
+    import html as html_lib
+
+    return json.loads(html_lib.unescape(dom.stdout.split('data-probe="')[1].split('"')[0]))
+
+
+def check_first_screen(found: dict, warnings: list[str]) -> None:
+    for what in ("answer", "forest"):  # the headline block and the forest plot: whole, in the first screen
+        b = found[what]
+        assert b and b["height"] > 40 and 0 <= b["top"] and b["bottom"] <= 900 and b["right"] <= 1400, (what, b)
+    for needle in warnings:  # the warnings box lists what was measured
+        assert any(needle in w for w in found["warnings"]), (needle, found["warnings"])
+    assert "ppo/objective/kl" in found["curves"] and found["reward_kl"]  # the KL curve exists
+    assert found["imgs"] and all(w > 100 and ink > 0.01 for _, w, ink in found["imgs"]), found["imgs"]
+
+
+def test_first_screen_answers_and_warns_in_chromium(sweep, tmp_path):
+    found = first_screen(sweep / "report.html", tmp_path, tmp_path / "sweep.png")
+    check_first_screen(found, ["judge_is_labeller = 1", "label/same_slot_rate = 0.8", "label/position_consistency",
+                               "label/first_slot_rate = 0.9", "label/failed = 2 of 64", "ppo/warnings = 3",
+                               "(rm/data/used): reward.labels_from=ai 62, reward.labels_from=human 1920",
+                               "includes 0.5"])
+    assert len(found["imgs"]) == 4
+
+
+@pytest.mark.slow  # two tiny `cai run`s: about 1-2 minutes on 2 cores
+def test_real_quickstart_and_two_arm_reports_open_with_the_answer(tmp_path, shared_data_dir):
+    """`cai run` (the quickstart) and `cai run data=hh_rlhf` (plus the human-label arm), tiny budgets:
+    each report.html shows the answer and the forest plot in the first screen, lists exactly the
+    warnings its metrics call for, draws the KL curve, and every image has content."""
+    from test_pipeline import TINY, cai
+
+    from cai.report.headline import find_warnings
+
+    speed = [*TINY, "critique.max_new_tokens=6", "ppo.steps=2", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4",
+             "ppo.max_new_tokens=6", "eval.max_new_tokens=6", "eval.max_prompts=6"]
+    hh = shared_data_dir / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
+    for name, extra in (("quickstart", []), ("two_arms", ["data=hh_rlhf", f"data.human.path={hh}",
+                                                          "data.human.limit=48"])):
+        res = cai("run", *extra, *speed, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path, store=tmp_path / "store")
+        assert res.returncode == 0, res.stderr[-3000:]
+        data = collect(tmp_path / name)
+        assert len(data.arms) == (2 if extra else 1)
+        found = first_screen(tmp_path / name / "report.html", tmp_path, tmp_path / f"{name}.png")
+        expected = find_warnings(data)
+        assert found["warnings"] == expected  # the box is the measured list, in order
+        needles = ["judge_is_labeller = 1"]  # the offline default judges with the labeller
+        used = {a.name: a.runs[0].metrics.get("rm/data/used") for a in data.arms}
+        if extra and len(set(used.values())) > 1:
+            needles.append("Unequal reward-model labels between matched arms (rm/data/used)")
+        check_first_screen(found, needles)
+        md = (tmp_path / name / "report.md").read_text()
+        assert "RLAIF · PPO" in md and "RLAIF · DPO" in md and ("RLHF · DPO" in md) == bool(extra)
 
 
 # ----------------------------------------------------------------------------- cli, errors, callback
@@ -373,7 +556,7 @@ def test_real_sweep_through_cai_run_gets_its_report(tmp_path):
     assert "2 of 3 stages are the same artifact in all 2 runs" in md
     runs = [json.loads((tmp_path / "sweep" / str(i) / "run.json").read_text())["artifacts"] for i in (0, 1)]
     assert runs[0]["policy_model"] in md and runs[0]["responses"] in md and runs[1]["responses"] in md
-    assert "No win rates yet" in md and "No training curves" in md
+    assert "No evaluation yet" in md and "No training curves" in md
     assert "sample/mean_new_tokens" in md
     assert main([str(tmp_path / "sweep" / "0")]) == 0  # `cai report RUN_DIR` on one real run
     assert "prompts-" in (tmp_path / "sweep" / "0" / "report.md").read_text()

@@ -1,10 +1,11 @@
 """``cai compare PATH``: head-to-head win rates between the arms of a sweep, by the held-out judge.
 
-Each arm's ``evaluate`` stage compares the arm's policy with the SFT baseline only. This command
+Each arm's evaluation compares the arm's policies with the baseline only. This command
 compares the arms with each other: for a sweep folder (or any folder of runs, found and named as
 :mod:`cai.report.build` does), it groups the runs by seed and, for every pair of arms of one seed whose
 ``evaluate`` artifacts exist, asks the runs' held-out judge (``eval.judge``) which of the two
-arms' responses to each test prompt is better -- in both orders, exactly as the vs-SFT
+arms' headline policies' (``eval.policy``, else the last of ppo, dpo, sft evaluated) responses to each
+test prompt is better -- in both orders, exactly as the vs-SFT
 evaluation does (:mod:`cai.evaluate.requests`); identical responses are a tie without asking.
 Win rate of arm A over arm B: ties count half, invalid answers are counted apart and never as
 losses, with a 95% bootstrap interval over prompts (:func:`cai.evaluate.win_rate`). The reverse
@@ -54,6 +55,15 @@ class Side:
     def eval_cfg(self) -> dict[str, Any]:
         return dict((self.info.get("config") or {}).get("eval") or {})
 
+    def evaluation(self) -> str:
+        """The key of the arm's headline evaluation (``eval.policy``'s ``evaluate_<policy>`` artifact)."""
+        from cai.report.runs import headline_evaluation
+
+        found = headline_evaluation(self.info)
+        if found is None:
+            raise DataError(f"run {self.run}: run.json has no evaluate_<policy> artifact (field 'artifacts')")
+        return found[1]
+
     def artifact(self, stage: str) -> str:
         key = (self.info.get("artifacts") or {}).get(stage)
         if not key:
@@ -96,7 +106,7 @@ class CompareResult:
 
 # ----------------------------------------------------------------------------- inputs
 def _samples(store: Any, side: Side) -> list[dict]:
-    folder = store.path(side.artifact("evaluate"))
+    folder = store.path(side.evaluation())
     file = folder / "samples.jsonl"
     if not file.is_file():
         raise DataError(f"run {side.run}: its evaluate artifact has no {file} (moved or deleted from the "
@@ -212,7 +222,7 @@ def compare_pair(a: Side, b: Side) -> PairResult:
     if missing:
         raise DataError(f"run {a.run}: evaluate sample prompt {missing[0]!r} is not in the test split of its "
                         f"prompts artifact ({len(missing)} such prompt(s))")
-    key_inputs = {"a": a.artifact("evaluate"), "b": b.artifact("evaluate"), "prompts": a.artifact("prompts")}
+    key_inputs = {"a": a.evaluation(), "b": b.evaluation(), "prompts": a.artifact("prompts")}
     if "policy_model" in inputs:
         key_inputs["policy_model"] = a.artifact("policy_model")
     config = {**settings, "template_version": EVAL_TEMPLATE_VERSION, "seed": a.info.get("seed")}
@@ -232,14 +242,14 @@ def compare_pair(a: Side, b: Side) -> PairResult:
 def sides_by_seed(path: str | Path) -> tuple[dict[Any, list[Side]], list[str]]:
     """The runs under ``path`` with an ``evaluate`` artifact, grouped by seed (arm order kept),
     and the reasons others were left out."""
-    from cai.report.runs import collect
+    from cai.report.runs import collect, headline_evaluation
 
     data = collect(path)
     groups: dict[Any, list[Side]] = {}
     skipped: list[str] = []
     for arm in data.arms:
         for r in arm.runs:
-            if "evaluate" not in (r.info.get("artifacts") or {}):
+            if headline_evaluation(r.info) is None:
                 skipped.append(f"run {r.name} ({arm.name}): no evaluate artifact")
                 continue
             seed = r.seed

@@ -1,9 +1,13 @@
-"""The pipeline stage ``evaluate``: the arm's policy against the baseline policy.
+"""The pipeline stages ``evaluate_<policy>``: one of the arm's policies against the baseline policy.
 
-One run of a study is one **arm** (``conf/arm/*.yaml``); its evaluated policy is the one
-``eval.policy`` names: ``ppo``, ``dpo`` or ``sft`` (that stage's artifact, ``inputs["arm"]``), or
-``initial`` (the ``policy_model`` artifact for ``policy.name_or_path: tiny``, else the hub name
-or path). The **baseline** is ``eval.baseline``: ``initial`` (in the matched study the "SFT
+One run of a study is one **arm** (``conf/arm/*.yaml``); every policy it trains is evaluated, each
+in its own stage and artifact, ``evaluate_ppo``, ``evaluate_dpo``, ``evaluate_sft`` (that stage's
+artifact, ``inputs["arm"]``) or ``evaluate_initial`` (the ``policy_model`` artifact for
+``policy.name_or_path: tiny``, else the hub name or path): ``eval.policies`` (default
+``[trained]``) decides which, through :func:`cai.pipeline.evaluated_policies`. Their keys do not
+hold the list, so adding a policy builds its evaluation and reuses the others. Stage
+``evaluate`` (:func:`list_evaluations`), the one ``experiment.stages`` names, lists them. The
+**baseline** is ``eval.baseline``: ``initial`` (in the matched study the "SFT
 only" arm, the instruction-tuned policy every other arm starts from), or ``sft``: a run that
 trains PPO or DPO on top of its own ``sft`` (the CAI recipe of the quickstart) is compared with
 that SFT policy (``inputs["baseline"]``), which is also PPO's reference. On the TEST split of ``prompts`` (cut to
@@ -12,7 +16,7 @@ that SFT policy (``inputs["baseline"]``), which is also PPO's reference. On the 
 1. takes the baseline's samples (and its harmlessness verdicts) from stage ``eval_baseline``
    (:mod:`cai.evaluate.baseline`), built once per seed and shared by every arm, and samples one
    response per prompt from the arm with the same seeds; when the arm IS the baseline
-   (``eval.policy`` equals ``eval.baseline``: the SFT arm) its samples are the baseline's, so
+   (the policy is ``eval.baseline``: the SFT arm) its samples are the baseline's, so
    its win rate is exactly 0.5 and its KL 0 by construction;
 2. asks the held-out judge (``eval.judge``, a :class:`JudgeConfig` distinct from the labeller's
    ``judge``) to compare them in both orders (:mod:`cai.evaluate.requests`): win rate with
@@ -28,17 +32,20 @@ that SFT policy (``inputs["baseline"]``), which is also PPO's reference. On the 
    held-out reward model trained on human labels (stage ``eval_reward``: its own seed offset
    and split salt, shared by every arm of a sweep), with the paired difference to the baseline.
 
-Metrics: ``eval/vs_sft/{win_rate,lc_win_rate,...}`` (+ ``_ci_low``/``_ci_high``, counts),
-``eval/harmless/...``, ``eval/harmless_sft/...``, ``eval/kl``, ``eval/length``,
-``eval/sft_length``, ``eval/rm_score``, ``eval/rm_score_vs_sft``; ``eval/judge_is_labeller`` is
+Metrics, namespaced by the policy (``<p>``: ppo, dpo, sft, initial):
+``eval/<p>/vs_sft/{win_rate,lc_win_rate,...}`` (+ ``_ci_low``/``_ci_high``, counts),
+``eval/<p>/harmless/...``, ``eval/<p>/harmless_sft/...``, ``eval/<p>/kl``, ``eval/<p>/length``,
+``eval/<p>/sft_length``, ``eval/<p>/rm_score``, ``eval/<p>/rm_score_vs_sft``; ``eval/<p>/judge_is_labeller`` is
 1 when the held-out judge's answer-changing fields (:func:`~cai.judges.config.judge_key`) equal
 the labeller's (``judge``; the tiny offline default), so a report can say the evaluation is not
-held out; ``eval/baseline_is_sft_artifact`` is 1 under ``eval.baseline: sft``. ``samples.jsonl``
-keeps every prompt's two responses, log-probs and judgements (``arm``: ``eval.policy``).
+held out; ``eval/<p>/baseline_is_sft_artifact`` is 1 under ``eval.baseline: sft``. ``samples.jsonl``
+keeps every prompt's two responses, log-probs and judgements (``arm``: the policy). A run written
+before policies had their own stages has one ``evaluate`` artifact and ``eval/...`` metrics;
+:mod:`cai.report.runs` reads them as ``eval/<eval.policy>/...``.
 
 What it reads (its row in :data:`cai.pipeline.STAGES`): ``seed``, ``policy`` (sampling and
 scoring on ``policy.device``), ``judge`` (only to say whether it is ``eval.judge``) and ``eval``
-(the held-out RM's settings are ``eval_reward``'s); ``eval.hf_batch_size`` and
+but ``eval.policies`` and ``eval.policy`` (the held-out RM's settings are ``eval_reward``'s); ``eval.hf_batch_size`` and
 ``eval.judge_batch`` are run-time fields, never keyed.
 
 Resumable: the arm's samples are journaled per batch and the judge's answers per request batch
@@ -57,9 +64,9 @@ from typing import Any
 
 import numpy as np
 
-from cai.config import EvalConfig, ModelConfig, StageConfig
+from cai.config import EVAL_STAGE_PREFIX, EVALUATED_POLICIES, EvalConfig, ModelConfig, StageConfig
 from cai.data import write_jsonl
-from cai.errors import DataError
+from cai.errors import ConfigError, DataError
 from cai.evaluate.baseline import (
     JudgeSession,
     eval_prompts,
@@ -222,7 +229,7 @@ def _sample_metrics(cfg: StageConfig, prompts, n_test: int, arm_rows, base_rows,
 
 
 def evaluate(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
-    """Stage ``evaluate`` (see the module docstring): the policy ``eval.policy`` (``inputs["arm"]``
+    """Stage ``evaluate_<policy>`` (see the module docstring): that policy (``inputs["arm"]``
     unless initial) against the baseline ``eval.baseline`` (``inputs["baseline"]`` when sft),
     whose samples are ``inputs["eval_baseline"]``'s; the held-out RM ``inputs["eval_reward"]``
     when the pipeline made it an input."""
@@ -231,13 +238,15 @@ def evaluate(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
     from cai.judges.config import stage_judge
 
     ecfg, seed, device = cfg.eval, int(cfg.seed), cfg.policy.device
+    policy = evaluated_policy(cfg.stage)
+    ctx = _RenamedMetrics(ctx, "eval/", f"eval/{policy}/")
     with ctx.phase("load_data"):
         prompts, n_test = eval_prompts(inputs["prompts"], ecfg.max_prompts)
         base_rows = read_baseline(inputs["eval_baseline"], prompts)
     base = Policy(ecfg.baseline, baseline_location(cfg, inputs))
-    arm_location = policy_artifact(inputs, "arm", ecfg.policy, "eval.policy")
-    arm = Policy(ecfg.policy, arm_location if arm_location is not None else policy_location(cfg.policy, inputs))
-    arm_is_base = ecfg.policy == ecfg.baseline
+    arm_location = policy_artifact(inputs, "arm", policy, "eval.policies")
+    arm = Policy(policy, arm_location if arm_location is not None else policy_location(cfg.policy, inputs))
+    arm_is_base = policy == ecfg.baseline
     if arm_is_base:  # the arm IS the baseline: the same samples, so KL 0 and every prompt a tie
         arm_rows, kl = base_rows, [0.0] * len(prompts)
     else:
@@ -279,6 +288,27 @@ def evaluate(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
     log.info("evaluate: the %s policy vs the baseline (%s) policy: win rate %.3f [%.3f, %.3f] on %d prompts",
              arm.name, base.name, metrics["eval/vs_sft/win_rate"], metrics["eval/vs_sft/win_rate_ci_low"],
              metrics["eval/vs_sft/win_rate_ci_high"], len(prompts))
+
+
+def evaluated_policy(stage: str) -> str:
+    """The policy stage ``evaluate_<policy>`` evaluates (its row in :data:`cai.pipeline.STAGES`)."""
+    policy = stage.removeprefix(EVAL_STAGE_PREFIX)
+    if not stage.startswith(EVAL_STAGE_PREFIX) or policy not in EVALUATED_POLICIES:
+        raise ConfigError(f"stage {stage!r}: an evaluation stage is named {EVAL_STAGE_PREFIX}<policy>, policy one of "
+                          f"{', '.join(EVALUATED_POLICIES)}")
+    return policy
+
+
+def list_evaluations(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
+    """Stage ``evaluate``: the evaluations of this arm (``inputs``: policy -> its ``evaluate_<policy>``
+    artifact), listed in ``evaluations.json`` with the baseline; each one is its own artifact, so
+    this stage is all that is rebuilt when the list of policies changes."""
+    import json
+
+    listing = {"baseline": cfg.eval.baseline,
+               "policies": [{"policy": p, "artifact": Path(folder).name} for p, folder in inputs.items()]}
+    (ctx.dir / "evaluations.json").write_text(json.dumps(listing, indent=2, sort_keys=True) + "\n")
+    ctx.set_metrics({"eval/policies_evaluated": len(inputs)})
 
 
 # ----------------------------------------------------------------------------- held-out reward model

@@ -158,8 +158,10 @@ def paired_rows(arms: Mapping[str, Mapping[str, Mapping[str, float]]], *, n_boot
 def _run_samples(run: RunRecord) -> list[dict[str, Any]] | None:
     from cai.artifacts import ArtifactStore
     from cai.data import read_jsonl
+    from cai.report.runs import headline_evaluation
 
-    key, root = (run.info.get("artifacts") or {}).get("evaluate"), run.info.get("store")
+    found, root = headline_evaluation(run.info), run.info.get("store")
+    key = found[1] if found else None
     if not key or not root:
         return None
     try:

@@ -160,13 +160,55 @@ def load_run(run_dir: Path, root: Path) -> RunRecord:
         raise DataError(f"{run_dir / RUN_FILE}: expected a JSON object as written by cai run")
     metrics_file = run_dir / "metrics.json"
     raw = _read_json(metrics_file) if metrics_file.is_file() else {}
-    metrics = {k: v for k, v in ((k, as_number(v)) for k, v in raw.items()) if v is not None}
+    metrics = legacy_eval_metrics(info, {k: v for k, v in ((k, as_number(v)) for k, v in raw.items())
+                                         if v is not None})
     stages = {}
     for f in sorted((run_dir / "stages").glob("*.json")):
         stages[f.stem] = _read_json(f)
     logs, unreadable = _read_train_logs(info)
     name = run_dir.name if run_dir == root else run_dir.relative_to(root).as_posix()
     return RunRecord(run_dir, name, info, metrics, stages, _read_overrides(run_dir), logs, unreadable)
+
+
+# --------------------------------------------------------------------------- evaluations
+EVAL_ORDER = ("initial", "sft", "dpo", "ppo")  # cai.config.EVALUATED_POLICIES
+EVAL_PREFIX = "evaluate_"  # cai.config.EVAL_STAGE_PREFIX: stage evaluate_<policy>, metrics eval/<policy>/...
+
+
+def evaluations(info: dict[str, Any]) -> dict[str, str]:
+    """Policy -> the key of its ``evaluate_<policy>`` artifact in a run.json, in the order initial,
+    sft, dpo, ppo. A run written before policies had their own evaluation has one ``evaluate``
+    artifact, of the policy ``eval.policy`` named."""
+    artifacts = info.get("artifacts") or {}
+    found = {p: str(artifacts[EVAL_PREFIX + p]) for p in EVAL_ORDER if artifacts.get(EVAL_PREFIX + p)}
+    if not found and artifacts.get("evaluate"):
+        policy = ((info.get("config") or {}).get("eval") or {}).get("policy") or "initial"
+        found[str(policy)] = str(artifacts["evaluate"])
+    return found
+
+
+def headline_evaluation(info: dict[str, Any]) -> tuple[str, str] | None:
+    """``(policy, artifact key)`` of the run's headline policy (``eval.policy``, else the last one
+    evaluated: ppo, dpo, sft, initial), or None when nothing was evaluated."""
+    found = evaluations(info)
+    if not found:
+        return None
+    wanted = ((info.get("config") or {}).get("eval") or {}).get("policy")
+    policy = wanted if wanted in found else list(found)[-1]
+    return policy, found[policy]
+
+
+def legacy_eval_metrics(info: dict[str, Any], metrics: dict[str, float]) -> dict[str, float]:
+    """A run written before policies had their own evaluation names its metrics ``eval/...``:
+    read them as ``eval/<eval.policy>/...`` so old and new runs show side by side."""
+    artifacts = info.get("artifacts") or {}
+    if artifacts.get("evaluate") and not any(k.startswith(EVAL_PREFIX) for k in artifacts):
+        policy = next(iter(evaluations(info)))
+        own = ("vs_sft/", "harmless", "kl", "length", "sft_length", "rm_score", "sft_rm_score", "prompts",
+               "judge_is_labeller", "judge_cost_usd", "empty_responses", "baseline_is_sft_artifact")
+        return {(f"eval/{policy}/{k[5:]}" if k.startswith("eval/") and k[5:].startswith(own) else k): v
+                for k, v in metrics.items()}
+    return metrics
 
 
 # --------------------------------------------------------------------------- arms
@@ -215,16 +257,24 @@ def group_arms(runs: list[RunRecord], varying: list[str]) -> list[Arm]:
 
 
 ARM_TAG = "tags.arm"
+_WORDS = {"ai": "AI", "rlaif": "RLAIF", "rlhf": "RLHF", "sft": "SFT", "dpo": "DPO", "ppo": "PPO", "cai": "CAI",
+          "sl": "SL", "d": "d"}
+
+
+def tag_words(tag: str) -> str:
+    """An arm tag in words for legends and tables: ``ai_labels`` -> ``AI labels``, ``sl_cai`` -> ``SL CAI``."""
+    words = [w for w in re.split(r"[_\s]+", tag) if w]
+    return " ".join(_WORDS.get(w.lower(), w) for w in words) or tag
 
 
 def _tagged_name(runs: list[RunRecord], groups: dict[str, list[RunRecord]], arm_keys: list[str]) -> str:
-    """``tags.arm=<tag>``, plus the keys that tell apart groups sharing that tag."""
+    """The arm's tag in words (:func:`tag_words`), plus the keys that tell apart groups sharing that tag."""
     flat = flatten(runs[0].config)
     tag = flat.get(ARM_TAG, _MISSING)
     siblings = [flatten(g[0].config) for g in groups.values() if flatten(g[0].config).get(ARM_TAG, _MISSING) == tag]
     extra = [k for k in arm_keys if k != ARM_TAG
              and len({format_value(f.get(k, _MISSING)) for f in siblings}) > 1]
-    name = f"{ARM_TAG}={format_value(tag)}"
+    name = tag_words(format_value(tag))
     return name + (" (" + ", ".join(f"{k}={format_value(flat.get(k, _MISSING))}" for k in extra) + ")" if extra else "")
 
 

@@ -20,65 +20,35 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from cai.report.artifacts import artifacts_section
+from cai.report.cells import CI_SUFFIXES, Cell, arm_cell, fmt, stage_cost
 from cai.report.h2h import head_to_head_section, paired_tests_section
-from cai.report.render import Bar, Figure, Section, Table, bar_chart, line_panels
-from cai.stats import seed_summary
+from cai.report.headline import answer_section, warnings_section
+from cai.report.render import Figure, Section, Table, bar_chart, line_panels
 
 if TYPE_CHECKING:
     from cai.report.runs import Arm, ReportData, RunRecord
 
-HIDDEN_PREFIXES = ("pipeline/", "time/")
-HEADLINE_PREFIXES = ("eval/", "rm/", "reward/", "dpo/", "ppo/", "sft/", "quality/", "label/")
-CI_SUFFIXES = ("_ci_low", "_ci_high")
 COUNT_NAMES = ("n", "wins", "ties", "losses", "invalid")  # shown in their own tables, not as headlines
-WIN_RATE = re.compile(r"(^|/)(lc_)?win_rate$")
 PRINCIPLE = re.compile(r"^quality/principle/(.+)/agreement$")
-CURVE_GROUPS = (("reward", ("reward", "score")), ("KL", ("kl",)), ("length", ("len",)), ("loss", ("loss",)))
-MAX_PANELS = 6
-
-
-# --------------------------------------------------------------------------- cells
-def fmt(v: float | None) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "—"
-    if float(v).is_integer() and abs(v) < 1e12:
-        return str(int(v))
-    return f"{v:.4g}"
-
-
-@dataclass(frozen=True)
-class Cell:
-    """An arm's value of one metric: a run's value with its stage's interval, or a seed mean."""
-
-    value: float
-    low: float = math.nan
-    high: float = math.nan
-    seeds: int = 1
-
-    def text(self) -> str:
-        s = fmt(self.value)
-        if math.isfinite(self.low) and math.isfinite(self.high) and self.low != self.high:
-            s += f" [{fmt(self.low)}, {fmt(self.high)}]"
-        return s + (f" ({self.seeds} seeds)" if self.seeds > 1 else "")
-
-    def bar(self) -> Bar:
-        return Bar(self.value, self.low, self.high)
-
-
-def arm_cell(arm: Arm, key: str) -> Cell | None:
-    values = [r.metrics[key] for r in arm.runs if key in r.metrics and math.isfinite(r.metrics[key])]
-    if not values:
-        return None
-    if len(values) == 1:
-        run = next(r for r in arm.runs if key in r.metrics and math.isfinite(r.metrics[key]))
-        low, high = (run.metrics.get(key + s, math.nan) for s in CI_SUFFIXES)
-        return Cell(values[0], low, high)
-    s = seed_summary(values)
-    return Cell(s.mean, s.ci_low, s.ci_high, s.n)
+# training curves by exact metric name: (panel title, stage whose train_log.jsonl has it, metric)
+CURVES = (
+    ("PPO: KL to reference", "ppo", "ppo/objective/kl"),
+    ("PPO: reward-model score", "ppo", "ppo/objective/scores"),
+    ("PPO: response length (tokens)", "ppo", "ppo/response_length"),
+    ("Reward model: loss", "reward", "rm/loss"),
+    ("Reward model: accuracy", "reward", "rm/accuracy"),
+    ("DPO: loss", "dpo", "dpo/loss"),
+    ("DPO: reward margin", "dpo", "dpo/rewards/margins"),
+    ("DPO: reward accuracy", "dpo", "dpo/rewards/accuracies"),
+    ("SFT: loss", "sft", "sft/loss"),
+    ("Held-out RM (eval_reward): loss", "eval_reward", "rm/loss"),
+)
+# the label-quality table, by exact name (the labeller's position metrics and agreement with humans)
+LABEL_QUALITY = ("label/pairs", "label/failed", "label/position_consistency", "label/same_slot_rate",
+                 "label/first_slot_rate", "label/mean_p_a", "quality/agreement", "quality/ece")
 
 
 def _run_cell(run: RunRecord, key: str) -> str:
@@ -124,20 +94,13 @@ def runs_section(data: ReportData) -> Section:
     return Section("Runs", tables=[table])
 
 
-def arms_section(data: ReportData) -> Section:
+def all_metrics_section(data: ReportData) -> Section:
     keys = metric_keys(data)
-    headline = [k for k in keys if k.startswith(HEADLINE_PREFIXES) and "/principle/" not in k
-                and k.rsplit("/", 1)[-1].split("_")[0] not in COUNT_NAMES]
-    cols = ["metric"] + [a.name for a in data.arms]
-    s = Section("Arms", paragraphs=[
-        "Value [95% interval]. One run: the interval its stage computed (bootstrap over prompts or "
-        "pairs). Several seeds: the mean over seeds with a Student-t interval (with 2 seeds its factor "
-        "is 12.7, so such intervals are wide and may leave the metric's range: run more seeds)."])
-    if headline:
-        s.tables.append(Table(cols, [[k] + [_cell_text(a, k) for a in data.arms] for k in headline]))
-    else:
-        s.notes.append("No evaluation, reward-model, training or label metrics in these runs yet "
-                       "(only data/sampling stages ran); every metric is listed below.")
+    s = Section("All metrics", paragraphs=[
+        "Every metric of every run, as metrics.json has it (value [its stage's 95% interval]), folded."])
+    if not keys:
+        s.notes.append("No metrics: no metrics.json in these runs.")
+        return s
     runs = [r for a in data.arms for r in a.runs]
     s.details.append(Table(["metric"] + [run_label(data, r) for r in runs],
                            [[k] + [_run_cell(r, k) for r in runs] for k in keys],
@@ -145,67 +108,82 @@ def arms_section(data: ReportData) -> Section:
     return s
 
 
-def win_rates_section(data: ReportData) -> Section:
-    keys = [k for k in metric_keys(data) if WIN_RATE.search(k)]
-    s = Section("Win rates")
-    if not keys:
-        s.notes.append("No win rates yet: no metric ending in 'win_rate' in these runs (the evaluation "
-                       "stage writes them).")
-        return s
-    series = {a.name: [c.bar() if (c := arm_cell(a, k)) else None for k in keys] for a in data.arms}
-    png = bar_chart(keys, series, ylabel="win rate", reference=0.5, ylim=(0.0, 1.0))
-    s.figures.append(Figure("win_rates", png, "Win rates with 95% intervals; dashed line: parity (0.5)"))
-    rows = []
-    for k in keys:
-        prefix = k.rsplit("/", 1)[0] if "/" in k else ""
-        counts = ("wins", "ties", "losses", "invalid")
-        for a in data.arms:
-            got = [arm_cell(a, f"{prefix}/{c}") for c in counts]
-            rows.append([k, a.name, _cell_text(a, k)] + [fmt(g.value) if g else "—" for g in got])
-    s.tables.append(Table(["metric", "arm", "win rate [95% CI]", "wins", "ties", "losses", "invalid"], rows))
-    return s
+Panels = dict[str, dict[str, list[tuple[list[float], list[float]]]]]
 
 
-def _curve_columns(rows: list[dict[str, Any]]) -> list[str]:
-    numeric = {k for row in rows for k, v in row.items()
-               if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-    picked: list[str] = []
-    for _, words in CURVE_GROUPS:
-        picked += sorted(k for k in numeric if k not in picked and any(w in k.lower() for w in words))
-    return picked[:MAX_PANELS]
+def curve_panels(data: ReportData) -> tuple[Panels, dict[str, str]]:
+    """Panel title -> series name -> one ``(steps, values)`` per seed, for each quantity of
+    :data:`CURVES` some run logged; and each series' colour (its arm's). An artifact shared by
+    several arms (the SFT policy, the held-out RM) is one series named after all of them."""
+    from cai.report.headline import arm_colours
+
+    colour_of = arm_colours(data)
+    panels: Panels = {}
+    colours: dict[str, str] = {}
+    for title, stage, metric in CURVES:
+        drawn: dict[str, str] = {}  # artifact key -> its series
+        series: dict[str, list[tuple[list[float], list[float]]]] = {}
+        for arm in data.arms:
+            for r in arm.runs:
+                key = str((r.info.get("artifacts") or {}).get(stage))
+                log_rows = r.train_logs.get(stage, [])
+                pts = [(float(row.get("step", i)), float(row[metric])) for i, row in enumerate(log_rows)
+                       if isinstance(row.get(metric), (int, float)) and not isinstance(row.get(metric), bool)]
+                if not pts:
+                    continue
+                if key in drawn:  # the same artifact: name this arm too, never a second line
+                    old = drawn[key]
+                    if arm.name not in old.split(" + "):
+                        new = f"{old} + {arm.name}"
+                        series[new] = series.pop(old)
+                        colours[new] = colours.get(old, colour_of[arm.name])
+                        drawn = {k: (new if v == old else v) for k, v in drawn.items()}
+                    continue
+                name = arm.name
+                drawn[key] = name
+                series.setdefault(name, []).append(([p[0] for p in pts], [p[1] for p in pts]))
+                colours.setdefault(name, colour_of[arm.name])
+        if series:
+            panels[f"{title}  ({metric})"] = series
+    return panels, colours
 
 
 def curves_section(data: ReportData) -> Section:
+    """One panel per quantity of :data:`CURVES`; arms overlaid; an arm's seeds as a band; an artifact
+    shared by several arms drawn once (:func:`curve_panels`)."""
     s = Section("Training curves")
-    stages = sorted({st for r in data.runs for st in r.train_logs})
-    for st in stages:
-        runs = [r for r in data.runs if st in r.train_logs]
-        columns = _curve_columns([row for r in runs for row in r.train_logs[st]])
-        if not columns:
-            s.notes.append(f"Stage {st}: its train log has no reward, KL, length or loss column.")
-            continue
-        panels: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
-        for col in columns:
-            for r in runs:
-                pts = [(float(row.get("step", i)), float(row[col])) for i, row in enumerate(r.train_logs[st])
-                       if isinstance(row.get(col), (int, float)) and not isinstance(row.get(col), bool)]
-                if pts:
-                    panels.setdefault(col, {})[run_label(data, r)] = ([p[0] for p in pts], [p[1] for p in pts])
-        s.figures.append(Figure(f"curves_{re.sub(r'[^A-Za-z0-9_]+', '_', st)}", line_panels(panels),
-                                f"Stage {st}: {', '.join(columns)} over training steps"))
+    panels, colours = curve_panels(data)
+    if panels:
+        names = ", ".join(dict.fromkeys(m for _, _, m in CURVES if any(k.endswith(f"({m})") for k in panels)))
+        s.figures.append(Figure("training_curves", line_panels(panels, colours=colours),
+                                f"Training curves by step: {names}. Arms overlaid; several seeds: their mean with "
+                                "the band from lowest to highest; one artifact shared by arms is drawn once."))
+        missing = [f"{m} ({st})" for _, st, m in CURVES
+                   if any(st in r.train_logs for r in data.runs) and not any(k.endswith(f"({m})") for k in panels)]
+        if missing:
+            s.notes.append(f"Not in the train logs, so not drawn: {', '.join(missing)}.")
     unreadable = sorted({f"{r.name} ({', '.join(r.unreadable_logs)})" for r in data.runs if r.unreadable_logs})
     if unreadable:
         s.notes.append("Artifacts not found in the store (moved or deleted), so their train logs are not "
                        f"shown: {'; '.join(unreadable)}.")
-    if not stages:
-        s.notes.append("No training curves: no artifact of these runs has a train_log.jsonl (training "
-                       "stages write one).")
+    if not panels:
+        s.notes.append("No training curves: no artifact of these runs has a train_log.jsonl with "
+                       f"{', '.join(dict.fromkeys(m for _, _, m in CURVES))} (training stages write one).")
     return s
 
 
-def principles_section(data: ReportData) -> Section:
+def label_quality_section(data: ReportData) -> Section:
     found = sorted({m.group(1) for k in metric_keys(data) if (m := PRINCIPLE.match(k))})
-    s = Section("Label agreement per principle")
+    s = Section("Label quality")
+    keys = [k for k in LABEL_QUALITY if any(k in r.metrics for r in data.runs)]
+    if keys:
+        s.tables.append(Table(["metric"] + [a.name for a in data.arms],
+                              [[k] + [_cell_text(a, k) for a in data.arms] for k in keys],
+                              caption="The AI labeller: pairs, failures, position metrics (position_consistency: "
+                                      "the same response wins in both orders; same_slot_rate: the same slot does), "
+                                      "agreement with human labels where measured"))
+    else:
+        s.notes.append("No AI labels in these runs (no label/* metric).")
     if not found:
         s.notes.append("No per-principle agreement: no 'quality/principle/<id>/agreement' metric "
                        "(the label_quality stage writes it).")
@@ -229,12 +207,6 @@ def principles_section(data: ReportData) -> Section:
     return s
 
 
-def _cost(stage: dict[str, Any]) -> tuple[float, float, float, float]:
-    c = stage.get("cost") or {}
-    vals = [c.get("tokens_in", 0), c.get("tokens_out", 0), c.get("dollars", 0.0), stage.get("wall_time_s", 0.0)]
-    return tuple(float(v) if isinstance(v, (int, float)) else 0.0 for v in vals)  # type: ignore[return-value]
-
-
 def cost_section(data: ReportData) -> Section:
     s = Section("Cost", paragraphs=[
         "Tokens and dollars of model calls, from each stage's stage.json. 'Used' counts every "
@@ -244,15 +216,15 @@ def cost_section(data: ReportData) -> Section:
         return s
     rows, detail = [], []
     for arm in data.arms:
-        used = [sum(_cost(st)[2] for st in r.stages.values()) for r in arm.runs]
-        paid = [_cost(st) for r in arm.runs for st in r.stages.values() if not st.get("reused")]
-        tokens = [sum(_cost(st)[i] for r in arm.runs for st in r.stages.values()) for i in (0, 1)]
+        used = [sum(stage_cost(st)[2] for st in r.stages.values()) for r in arm.runs]
+        paid = [stage_cost(st) for r in arm.runs for st in r.stages.values() if not st.get("reused")]
+        tokens = [sum(stage_cost(st)[i] for r in arm.runs for st in r.stages.values()) for i in (0, 1)]
         rows.append([arm.name, str(len(arm.runs)), fmt(tokens[0]), fmt(tokens[1]),
                      f"${sum(used) / len(used):.4f}", f"${sum(p[2] for p in paid):.4f}",
                      f"{sum(p[3] for p in paid):.1f}"])
         for r in arm.runs:
             for name, st in r.stages.items():
-                ti, to, dollars, wall = _cost(st)
+                ti, to, dollars, wall = stage_cost(st)
                 detail.append([r.name, name, "reused" if st.get("reused") else "built", fmt(ti), fmt(to),
                                f"${dollars:.4f}", f"{wall:.2f}"])
     s.tables.append(Table(["arm", "runs", "tokens in", "tokens out", "$ used per run", "$ paid",
@@ -315,6 +287,7 @@ def config_section(data: ReportData) -> Section:
 
 
 SECTION_BUILDERS: tuple[Callable[[ReportData], Section], ...] = (
-    runs_section, arms_section, win_rates_section, head_to_head_section, paired_tests_section, curves_section,
-    principles_section, cost_section, constitution_section, config_section, artifacts_section,
+    answer_section, warnings_section, head_to_head_section, paired_tests_section, label_quality_section,
+    curves_section, cost_section, constitution_section, config_section, artifacts_section, runs_section,
+    all_metrics_section,
 )
