@@ -58,7 +58,11 @@ def _reward(cfg, inputs, ctx):
     acc = 0.68 + 0.02 * cfg.seed + (0.03 if cfg.reward.labels_from == "human" else 0.0)
     human = cfg.reward.labels_from == "human"  # the human arm had 30x the labels: a budget the report names
     ctx.set_metrics({"rm/accuracy": acc, "rm/accuracy_ci_low": acc - 0.05, "rm/accuracy_ci_high": acc + 0.05,
-                     "rm/data/used": 1920 if human else 62, "rm/steps": 30})
+                     "rm/data/used": 1920 if human else 62, "rm/steps": 30,
+                     # reward.eval_sets: one scored pair file (cai.report.reward_eval's metric names)
+                     "rm/sets/extra_pairs/pairs": 40, "rm/sets/extra_pairs/accuracy": 0.625 + 0.025 * cfg.seed,
+                     "rm/sets/extra_pairs/accuracy_ci_low": 0.47, "rm/sets/extra_pairs/accuracy_ci_high": 0.76,
+                     "rm/sets/extra_pairs/ece": 0.08, "rm/sets/extra_pairs/length_corr": -0.1})
 
 
 def _ppo(cfg, inputs, ctx):
@@ -173,9 +177,11 @@ def test_markdown_has_every_section_with_real_numbers(sweep):
     wr0 = runs[0]["eval/ppo/vs_sft/win_rate"]
     assert f"{wr0:.4g} [{runs[0]['eval/ppo/vs_sft/win_rate_ci_low']:.4g}, " in md.split("## All metrics")[1]
     titles = ["## Answer", "## Warnings", "## Head to head", "## Paired tests between arms", "## Label quality",
-              "## Training curves", "## Cost", "## Constitution", "## Config differences", "## Artifacts", "## Runs",
+              "## Reward models on pair files", "## Training curves", "## Cost", "## Constitution", "## Config differences", "## Artifacts", "## Runs",
               "## All metrics"]
     assert [md.index(t) for t in titles] == sorted(md.index(t) for t in titles)  # in this order
+    sets = md.split("## Reward models on pair files", 1)[1].split("\n## ", 1)[0]
+    assert "| extra_pairs | reward model | 40 | 0.650 | [0.470, 0.760] | 0.080 |" in sets  # seed 1's row
     for pid in PRINCIPLES:
         assert f"| {pid} |" in md
     assert "| label/same_slot_rate | 0.8 (2 seeds) | — |" in md

@@ -117,6 +117,13 @@ CAPTION = ("Reward models on human-labelled pair files: accuracy = share of pair
            "higher-scored response is the longer one (compare with how often humans chose the longer).")
 
 
+def reward_set_cells(metrics: Mapping[str, Any]) -> list[list[str]]:
+    """The table cells (set, model in words, then the numbers of :data:`HEADER`) of every scored set in
+    one run's flat ``metrics``."""
+    return [[row["set"], MODEL_NAMES.get(row["model"], row["model"]), *_cells(row)]
+            for row in reward_eval_rows(metrics)]
+
+
 def reward_eval_section(metrics: Mapping[str, Any], fmt: str = "md", title: str = "Reward models on pair files"
                         ) -> str:
     """The RewardBench-style table of every ``<model>/sets/<set>/...`` metric, as Markdown
@@ -132,9 +139,7 @@ def reward_eval_section(metrics: Mapping[str, Any], fmt: str = "md", title: str 
     header = (("arm",) if by_arm else ()) + HEADER
     table: list[list[str]] = []
     for arm, arm_metrics in arms.items():
-        for row in reward_eval_rows(arm_metrics):
-            model = MODEL_NAMES.get(row["model"], row["model"])
-            table.append(([arm] if by_arm else []) + [row["set"], model, *_cells(row)])
+        table += [([arm] if by_arm else []) + cells for cells in reward_set_cells(arm_metrics)]
     if not table:
         return ""
     if fmt == "md":

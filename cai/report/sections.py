@@ -27,6 +27,9 @@ from cai.report.cells import CI_SUFFIXES, Cell, arm_cell, fmt, stage_cost
 from cai.report.h2h import head_to_head_section, paired_tests_section
 from cai.report.headline import answer_section, warnings_section
 from cai.report.render import Figure, Section, Table, bar_chart, line_panels
+from cai.report.reward_eval import CAPTION as REWARD_SETS_CAPTION
+from cai.report.reward_eval import HEADER as REWARD_SETS_HEADER
+from cai.report.reward_eval import reward_set_cells
 
 if TYPE_CHECKING:
     from cai.report.runs import Arm, ReportData, RunRecord
@@ -207,6 +210,19 @@ def label_quality_section(data: ReportData) -> Section:
     return s
 
 
+def reward_sets_section(data: ReportData) -> Section:
+    """Reward models (and DPO's implicit reward) on the pair files of ``reward.eval_sets``: one
+    RewardBench-style row per run, set and model."""
+    s = Section("Reward models on pair files")
+    rows = [[run_label(data, run), *cells] for run in data.runs for cells in reward_set_cells(run.metrics)]
+    if rows:
+        s.tables.append(Table(["run", *REWARD_SETS_HEADER], rows, caption=REWARD_SETS_CAPTION))
+    else:
+        s.notes.append("No reward model scored on pair files (set reward.eval_sets, or run "
+                       "`cai score RUN --pairs FILE`).")
+    return s
+
+
 def cost_section(data: ReportData) -> Section:
     s = Section("Cost", paragraphs=[
         "Tokens and dollars of model calls, from each stage's stage.json. 'Used' counts every "
@@ -288,6 +304,6 @@ def config_section(data: ReportData) -> Section:
 
 SECTION_BUILDERS: tuple[Callable[[ReportData], Section], ...] = (
     answer_section, warnings_section, head_to_head_section, paired_tests_section, label_quality_section,
-    curves_section, cost_section, constitution_section, config_section, artifacts_section, runs_section,
-    all_metrics_section,
+    reward_sets_section, curves_section, cost_section, constitution_section, config_section, artifacts_section,
+    runs_section, all_metrics_section,
 )
