@@ -455,6 +455,6 @@ class SamplingEngine:
 
 
 def _progress_bar(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
+    from cai import progress
 
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="prompt")
+    return progress.bar(total=total, enabled=enabled, desc=desc, unit="prompt")

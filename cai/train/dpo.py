@@ -260,7 +260,7 @@ def train_dpo(
     state = load_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler)
     resumed_from = state.step if state else None
     state = state or TrainState()
-    logger = MetricsLogger(state_dir / "train_log.jsonl", resume_step=resumed_from,
+    logger = MetricsLogger(state_dir / "train_log.jsonl", resume_step=resumed_from, name="dpo", total_steps=total,
                            enabled=accelerator.is_main_process)
     ref = refs["train"]
     meter, step, last = Throughput(), state.step, {}
@@ -285,6 +285,7 @@ def train_dpo(
         lr = scheduler.get_last_lr()[0]
         grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
         step += 1
+        logger.advance()
         meter.update(sum(train[i].n_tokens for i in rows) * world if weight else 0, len(sb.indices))
         if step % cfg.log_every == 0 or step == total:
             last = _means(reduce_sums(accelerator, dict(sums)), "dpo")
