@@ -585,7 +585,7 @@ def _telemetry(cfg: Config, run_dir: Path, resolved: Any):
                                    tensorboard_dir=run_dir / "tensorboard" if lc.tensorboard else None,
                                    wandb=tracker)
     try:
-        with progress.activate(telemetry):
+        with progress.activate(telemetry), progress.log_above_bars():
             yield telemetry
     finally:
         if tracker is not None:

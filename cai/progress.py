@@ -111,6 +111,46 @@ def bar(iterable: Iterable[Any] | None = None, *, total: int | None = None, desc
                 disable=bar_disabled(enabled), dynamic_ncols=True, **kwargs)
 
 
+class _AboveBars(logging.StreamHandler):
+    """A console handler that prints through ``tqdm.write``: a log line goes above the live bars
+    instead of cutting one in half."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging's own convention: report, never raise
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def log_above_bars() -> Iterator[None]:
+    """While the block runs, the root logger's console handlers (stdout/stderr) print above the
+    bars; level, formatter and filters are kept. Nothing changes when bars are off."""
+    root = logging.getLogger()
+    if active().progress == "off":
+        yield
+        return
+    original = list(root.handlers)
+    swapped = []
+    for h in original:
+        if type(h) is logging.StreamHandler and getattr(h, "stream", None) in (sys.stdout, sys.stderr):
+            new = _AboveBars(h.stream)
+            new.setLevel(h.level)
+            new.setFormatter(h.formatter)
+            for f in h.filters:
+                new.addFilter(f)
+            swapped.append(new)
+        else:
+            swapped.append(h)
+    root.handlers = swapped
+    try:
+        yield
+    finally:
+        root.handlers = original
+
+
 class Cadence:
     """When a loop prints its metrics line: the first and the last time it is asked, and otherwise
     once ``every_s`` seconds have passed since the previous line (0: every time)."""

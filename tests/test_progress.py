@@ -260,3 +260,31 @@ def test_a_logger_that_cannot_write_fails_before_any_stage_is_built(tmp_path, mo
     with pytest.raises(ConfigError, match=r"^log\.wandb_project='p': wandb is not installed"):
         run_experiment(compose_config(*base, "log.wandb_project=p"), tmp_path / "run")
     assert not (store / "sft").exists()
+
+
+def test_console_lines_go_above_live_bars_and_the_handlers_come_back(capsys):
+    import sys
+
+    root = logging.getLogger()
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.INFO)
+    console.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+    root.addHandler(console)
+    level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        with progress.activate(Telemetry(progress="on")), progress.log_above_bars():
+            assert console not in root.handlers
+            with progress.bar(total=3, desc="sample", unit="prompt") as b:
+                b.update(1)
+                logging.getLogger("cai.x").info("a line while a bar runs")
+                b.update(2)
+        assert console in root.handlers
+        with progress.activate(Telemetry(progress="off")), progress.log_above_bars():
+            assert console in root.handlers  # no bars, nothing to go around
+    finally:
+        root.removeHandler(console)
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    # the bar is wiped, the line printed whole, the bar drawn again below it
+    assert re.search(r"\r +\r\[cai\.x\] a line while a bar runs\n\rsample: ", err), err

@@ -195,8 +195,9 @@ def sample_journaled(
     with ctx.phase("load_model"):
         engine, spec = load_engine(policy, location, device, bs)
     n_tokens = 0
-    with ctx.phase("generate"), progress.bar(total=sum(len(jobs[s : s + bs]) for s in todo), desc="sample",
-                                              unit="prompt") as bar:
+    stage = progress.active().stage
+    with ctx.phase("generate"), progress.bar(total=sum(len(jobs[s : s + bs]) for s in todo),
+                                              desc=f"{stage}: sample" if stage else "sample", unit="prompt") as bar:
         t0 = time.perf_counter()
         for start in todo:
             batch = jobs[start : start + bs]
