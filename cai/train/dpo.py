@@ -143,8 +143,11 @@ def sequence_logps(model, batch: Mapping[str, torch.Tensor], device, keep_logits
 
 @torch.no_grad()
 def pair_logps(model, pairs: Sequence[EncodedPair], pad_id: int, batch_size: int, accelerator=None,
-               ) -> torch.Tensor:
-    """``[N, 4]``: log-prob of a, of b, and the response token counts of a and b, per pair."""
+               desc: str | None = None) -> torch.Tensor:
+    """``[N, 4]``: log-prob of a, of b, and the response token counts of a and b, per pair
+    (``desc``: show a progress bar of this process's share under that name)."""
+    from cai import progress
+
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     keep, extra = keeps_logits(model), no_cache_kwargs(model)
     was_training = model.training
@@ -153,12 +156,15 @@ def pair_logps(model, pairs: Sequence[EncodedPair], pad_id: int, batch_size: int
     def compute(idx: list[int]) -> torch.Tensor:
         out = torch.empty((len(idx), 4))
         order = sorted(range(len(idx)), key=lambda j: pairs[idx[j]].n_tokens)
+        bar = progress.bar(total=len(order), desc=desc or "", unit="pair", enabled=desc is not None)
         for s in range(0, len(order), batch_size):
             chunk = order[s:s + batch_size]
             lp, n = sequence_logps(model, collate_pairs([pairs[idx[j]] for j in chunk], pad_id), device, keep,
                                    extra=extra)
             k = len(chunk)
             out[chunk] = torch.stack([lp[:k], lp[k:], n[:k].float(), n[k:].float()], 1).float().cpu()
+            bar.update(k)
+        bar.close()
         return out
 
     result = sharded_map(accelerator, len(pairs), compute)
@@ -212,7 +218,8 @@ def reference_logps(model, sets: Mapping[str, Sequence[EncodedPair]], pad_id: in
         if all(name in saved and len(saved[name]) == len(pairs) for name, pairs in sets.items()):
             return saved
         raise DataError(f"{path} does not match the pairs of this run; delete {state_dir} to start over")
-    out = {name: pair_logps(model, pairs, pad_id, cfg.eval_batch_size, accelerator) for name, pairs in sets.items()}
+    out = {name: pair_logps(model, pairs, pad_id, cfg.eval_batch_size, accelerator, desc=f"dpo reference {name}")
+           for name, pairs in sets.items()}
     if accelerator.is_main_process:
         tmp = path.with_name(path.name + ".tmp")
         torch.save(out, tmp)
