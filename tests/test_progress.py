@@ -176,7 +176,6 @@ TINY = ["data.max_prompts=6", "sampling.max_new_tokens=6", "sampling.batch_size=
         "eval.max_new_tokens=6"]
 
 
-@pytest.mark.slow
 @pytest.mark.filterwarnings(r"error::FutureWarning:cai(\..*)?")
 @pytest.mark.filterwarnings(r"error::DeprecationWarning:cai(\..*)?")
 def test_tensorboard_files_for_every_loop_under_the_run_and_no_key_moves(tmp_path):
@@ -202,7 +201,6 @@ def test_tensorboard_files_for_every_loop_under_the_run_and_no_key_moves(tmp_pat
     assert not (tmp_path / "run2" / "tensorboard").exists()  # a reused stage trains nothing, logs nothing
 
 
-@pytest.mark.slow
 def test_one_wandb_run_per_cai_run_offline(tmp_path, monkeypatch):
     """With wandb installed (an optional extra), offline: one W&B run per cai run in the run folder,
     grouped by experiment/arm and seed, with the resolved config and the run's metrics as summary."""
