@@ -286,3 +286,23 @@ def test_console_lines_go_above_live_bars_and_the_handlers_come_back(capsys):
     err = capsys.readouterr().err
     # the bar is wiped, the line printed whole, the bar drawn again below it
     assert re.search(r"\r +\r\[cai\.x\] a line while a bar runs\n\rsample: ", err), err
+
+
+def test_the_training_command_lines_take_the_log_settings_as_flags(tmp_path, capsys):
+    from cai.train.common import command_line
+
+    seen = {}
+
+    def main(argv):
+        t = progress.active()
+        seen.update(argv=list(argv), progress=t.progress, every=t.console_every_s, tb=t.tensorboard_dir)
+        return 0
+
+    argv = ["--policy", "P", "--progress", "on", "lr=1e-4", "--console-every-s", "5", "--prompts", "x"]
+    assert command_line(main, argv) == 0
+    assert seen == {"argv": ["--policy", "P", "lr=1e-4", "--prompts", "x"], "progress": "on", "every": 5.0,
+                    "tb": None}
+    assert progress.active().progress == "auto"  # only for the command's duration
+    with pytest.raises(SystemExit):
+        command_line(main, ["--console-every-s", "-1"])
+    assert "expected >= 0" in capsys.readouterr().err
