@@ -475,6 +475,9 @@ class ExperimentConfig(Schema):
     Hydra, so a sweeper such as Optuna can optimise it; None: the run returns nothing"""
 
 
+PROGRESS_MODES = ("auto", "on", "off")
+
+
 @dataclass
 class LogConfig(Schema):
     """What a run shows while it runs and where its training curves go; every field is run-time
@@ -482,7 +485,7 @@ class LogConfig(Schema):
 
     GROUP: ClassVar[str] = "log"
 
-    progress: str = setting("auto", choices=("auto", "on", "off"), runtime=True)
+    progress: str = setting("auto", choices=PROGRESS_MODES, runtime=True)
     """tqdm bars on stderr with rate and ETA: auto (when stderr is a terminal), on, off"""
     console_every_s: float = setting(30.0, ge=0.0, runtime=True)
     """a training loop prints its metrics line at its first and last logged step and at most this

@@ -32,9 +32,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from cai.config import PROGRESS_MODES
 
-PROGRESS_MODES = ("auto", "on", "off")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
