@@ -476,6 +476,29 @@ class ExperimentConfig(Schema):
     Hydra, so a sweeper such as Optuna can optimise it; None: the run returns nothing"""
 
 
+PROGRESS_MODES = ("auto", "on", "off")
+
+
+@dataclass
+class LogConfig(Schema):
+    """What a run shows while it runs and where its training curves go; every field is run-time
+    (never in an artifact key). A stage reused from the store trains nothing and logs nothing."""
+
+    GROUP: ClassVar[str] = "log"
+
+    progress: str = setting("auto", choices=PROGRESS_MODES, runtime=True)
+    """tqdm bars on stderr with rate and ETA: auto (when stderr is a terminal), on, off"""
+    console_every_s: float = setting(30.0, ge=0.0, runtime=True)
+    """a training loop prints its metrics line at its first and last logged step and at most this
+    often in between (seconds; 0: every logged step); train_log.jsonl keeps every logged step"""
+    tensorboard: bool = setting(False, runtime=True)
+    """write every training loop's metrics as TensorBoard event files under <run>/tensorboard/<stage>
+    (needs `pip install cai[tensorboard]`)"""
+    wandb_project: Optional[str] = setting(None, runtime=True)
+    """log to this Weights & Biases project: one W&B run per cai run, grouped by arm, with the resolved
+    config and the run's metrics as summary (needs `wandb`; WANDB_MODE=offline works); None: off"""
+
+
 @dataclass
 class PriceConfig(Schema):
     """Dollar prices of one model, per million tokens."""
@@ -772,10 +795,6 @@ class SFTConfig(Schema):
     """optimizer steps between checkpoints (the run resumes from the last one); 0: never"""
     log_every: int = setting(1, ge=1, runtime=True)
     """optimizer steps between rows of train_log.jsonl"""
-    tensorboard: bool = setting(False, runtime=True)
-    """also write TensorBoard event files (needs `tensorboard`)"""
-    wandb_project: Optional[str] = setting(None, runtime=True)
-    """also log to this Weights & Biases project (needs `wandb` and a login); None: off"""
     seed_offset: int = 1
     """the SFT seed is the experiment seed plus this"""
     answers: JudgeAnswersConfig = setting(factory=JudgeAnswersConfig)
@@ -1028,7 +1047,7 @@ class PPOConfig(Schema):
     disable_dropout: bool = True
     """turn the policy's dropout off"""
     log_every: int = setting(1, ge=1, runtime=True)
-    """PPO steps between console lines"""
+    """PPO steps between rows of train_log.jsonl (the report's curves) and tracker points"""
     checkpoint_every: int = setting(10, ge=0, runtime=True)
     """PPO steps between checkpoints; 0: never"""
     heldout_judge_every: int = setting(0, ge=0)
@@ -1140,6 +1159,8 @@ class Config(Schema):
     dpo: DPOConfig = setting(factory=DPOConfig)
     ppo: PPOConfig = setting(factory=PPOConfig)
     eval: EvalConfig = setting(factory=EvalConfig)
+    log: LogConfig = setting(factory=LogConfig, runtime=True)
+    """bars, console cadence, TensorBoard and W&B (run-time: never in a key)"""
     tags: Dict[str, Any] = setting(factory=dict, runtime=True)
     """free-form notes (the arm's name in the report); never hashed into artifact keys"""
 

@@ -28,6 +28,7 @@ file with its ``run``, and a header-only ``conf/<group>/default.yaml``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib
@@ -574,32 +575,12 @@ def run_experiment(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
     constitution = next((_constitution_hash(s.cfg.constitution_file) for s in stages if s.uses_constitution), None)
     (run_dir / "stages").mkdir(parents=True, exist_ok=True)  # everything checked: the run starts
     log.info("experiment %s: %d stages, store %s", cfg.experiment.name, len(stages), store.root)
+    with _telemetry(cfg, run_dir, resolved) as telemetry:
+        metrics, keys = _build_stages(cfg, stages, store, constitution, run_dir)
+        if telemetry.wandb is not None:
+            from cai.train.log import wandb_summary
 
-    keys: dict[str, str] = {}
-    metrics: dict[str, Any] = {}
-    for stage in stages:
-        inputs = {name: keys[upstream] for name, upstream in stage.inputs.items()}
-        key = store.key(
-            stage.name, stage.config, inputs,
-            constitution=constitution if stage.uses_constitution else None, version=stage.version,
-        )
-        paths = {name: store.path(k) for name, k in inputs.items()}
-        t0 = time.perf_counter()
-        result = store.build(key, lambda ctx, s=stage, p=paths: s.run(p, ctx), meta={"seed": int(cfg.seed)})
-        elapsed = time.perf_counter() - t0
-        keys[stage.name] = key
-        info = dict(result.stage_info)
-        info["reused"] = result.reused
-        (run_dir / "stages" / f"{stage.name}.json").write_text(json.dumps(info, indent=2, sort_keys=True))
-        stage_metrics = info.get("metrics", {})
-        clash = sorted(set(stage_metrics) & set(metrics))
-        if clash:  # a stage-naming bug: one key would silently overwrite another
-            raise RuntimeError(f"stage {stage.name!r} reports metrics another stage already reported: {clash}")
-        metrics.update(stage_metrics)
-        metrics[f"pipeline/{stage.name}/reused"] = int(result.reused)
-        metrics[f"time/{stage.name}_s"] = round(elapsed, 3)
-        log.info("%-14s %s  %s (%.1fs)", stage.name, "reused" if result.reused else "built ", key, elapsed)
-
+            wandb_summary(telemetry.wandb, metrics)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     dirs = {name: str(store.path(key)) for name, key in keys.items()}
     link_artifacts(run_dir, dirs)
@@ -641,6 +622,71 @@ def link_artifacts(run_dir: Path, dirs: dict[str, str]) -> None:
             link.symlink_to(target, target_is_directory=True)
     except OSError as e:
         log.warning("could not link the artifacts under %s (%s); run.json's artifact_dirs lists them", folder, e)
+
+
+def _build_stages(cfg: Config, stages: Sequence[Stage], store: ArtifactStore, constitution: str | None,
+                  run_dir: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Ask the store for each planned stage in order (building what is missing); write each
+    stage's ``stages/<stage>.json``; return the run's metrics and the stages' keys."""
+    from cai import progress
+
+    keys: dict[str, str] = {}
+    metrics: dict[str, Any] = {}
+    for stage in stages:
+        inputs = {name: keys[upstream] for name, upstream in stage.inputs.items()}
+        key = store.key(
+            stage.name, stage.config, inputs,
+            constitution=constitution if stage.uses_constitution else None, version=stage.version,
+        )
+        paths = {name: store.path(k) for name, k in inputs.items()}
+        t0 = time.perf_counter()
+        with progress.stage(stage.name):
+            result = store.build(key, lambda ctx, s=stage, p=paths: s.run(p, ctx), meta={"seed": int(cfg.seed)})
+        elapsed = time.perf_counter() - t0
+        keys[stage.name] = key
+        info = dict(result.stage_info)
+        info["reused"] = result.reused
+        (run_dir / "stages" / f"{stage.name}.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+        stage_metrics = info.get("metrics", {})
+        clash = sorted(set(stage_metrics) & set(metrics))
+        if clash:  # a stage-naming bug: one key would silently overwrite another
+            raise RuntimeError(f"stage {stage.name!r} reports metrics another stage already reported: {clash}")
+        metrics.update(stage_metrics)
+        metrics[f"pipeline/{stage.name}/reused"] = int(result.reused)
+        metrics[f"time/{stage.name}_s"] = round(elapsed, 3)
+        log.info("%-14s %s  %s (%.1fs)", stage.name, "reused" if result.reused else "built ", key, elapsed)
+    return metrics, keys
+
+
+@contextlib.contextmanager
+def _telemetry(cfg: Config, run_dir: Path, resolved: Any):
+    """The run's :class:`cai.progress.Telemetry` from ``cfg.log`` (run-time: bars, console cadence,
+    TensorBoard under ``run_dir/tensorboard``, one W&B run named after the run folder, grouped
+    by arm, with the resolved config), current while the stages build."""
+    from cai import progress
+
+    lc = cfg.log
+    tracker = None
+    if lc.tensorboard:
+        from cai.train.log import check_tensorboard
+
+        check_tensorboard()
+    if lc.wandb_project:
+        from cai.train.log import open_wandb
+
+        arm = str(cfg.tags.get("arm") or "default")
+        tracker = open_wandb(lc.wandb_project, name=f"{run_dir.name}-{arm}" if arm != "default" else run_dir.name,
+                             group=f"{cfg.experiment.name}/{arm}", job_type=f"seed{int(cfg.seed)}",
+                             config=resolved, log_dir=run_dir)
+    telemetry = progress.Telemetry(progress=lc.progress, console_every_s=lc.console_every_s,
+                                   tensorboard_dir=run_dir / "tensorboard" if lc.tensorboard else None,
+                                   wandb=tracker)
+    try:
+        with progress.activate(telemetry), progress.log_above_bars():
+            yield telemetry
+    finally:
+        if tracker is not None:
+            tracker.finish()
 
 
 HUMAN_ARM_DIR = Path("arms") / "human"

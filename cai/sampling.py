@@ -400,12 +400,14 @@ class SamplingEngine:
 
     # ------------------------------------------------------------------ scoring
 
-    def score(self, prompts: list[str], completions, temperature: float = 1.0) -> list[list[float]]:
+    def score(self, prompts: list[str], completions, temperature: float = 1.0,
+              progress: bool = False) -> list[list[float]]:
         """Per-token log-probs of given continuations (strings or token-id lists).
 
         ``log_softmax(logits / temperature)`` at each continuation token, one batched no-grad
         forward per chunk (left-padded). String continuations are tokenized on their own
         (no special tokens) and appended to the prompt's tokens, as generation does.
+        ``progress``: show a bar (when ``log.progress`` allows).
         """
         if len(prompts) != len(completions):
             raise DataError(f"score: {len(prompts)} prompts but {len(completions)} completions")
@@ -414,7 +416,7 @@ class SamplingEngine:
         seqs = [p + c for p, c in zip(ids, cont)]
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         results: list[list[float]] = [[] for _ in seqs]
-        with _eval_mode(self.model), torch.inference_mode():
+        with _eval_mode(self.model), torch.inference_mode(), _progress_bar(len(seqs), progress, "score") as bar:
             for start in range(0, len(order), self.batch_size):
                 chunk = [i for i in order[start:start + self.batch_size] if cont[i]]
                 if chunk:
@@ -422,6 +424,7 @@ class SamplingEngine:
                     scored = self._score_batch([seqs[i] for i in chunk], lengths, temperature)
                     for i, row in zip(chunk, scored):
                         results[i] = row
+                bar.update(len(order[start:start + self.batch_size]))
         return results
 
     def _encode_continuations(self, completions) -> list[list[int]]:
@@ -455,6 +458,6 @@ class SamplingEngine:
 
 
 def _progress_bar(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
+    from cai import progress
 
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="prompt")
+    return progress.bar(total=total, enabled=enabled, desc=desc, unit="prompt")

@@ -84,7 +84,8 @@ def test_every_stage_row_names_a_function_that_exists():
 
 
 RUNTIME_OVERRIDES = [
-    "policy.device=cpu", "sft.checkpoint_every=3", "sft.log_every=2", "sft.tensorboard=true",
+    "policy.device=cpu", "sft.checkpoint_every=3", "sft.log_every=2", "log.tensorboard=true",
+    "log.wandb_project=somewhere", "log.progress=on", "log.console_every_s=0",
     "sft.micro_batch_size=2", "reward.micro_batch_size=4", "reward.eval_batch_size=3", "reward.log_every=1",
     "reward.checkpoint_every=7", "reward.device=cpu", "dpo.micro_batch_size=2", "dpo.eval_batch_size=4",
     "dpo.log_every=3", "dpo.checkpoint_every=5", "dpo.device=cpu", "ppo.micro_batch_size=2", "ppo.log_every=4",

@@ -177,8 +177,8 @@ def test_markdown_has_every_section_with_real_numbers(sweep):
     wr0 = runs[0]["eval/ppo/vs_sft/win_rate"]
     assert f"{wr0:.4g} [{runs[0]['eval/ppo/vs_sft/win_rate_ci_low']:.4g}, " in md.split("## All metrics")[1]
     titles = ["## Answer", "## Warnings", "## Head to head", "## Paired tests between arms", "## Label quality",
-              "## Reward models on pair files", "## Training curves", "## Cost", "## Constitution", "## Config differences", "## Artifacts", "## Runs",
-              "## All metrics"]
+              "## Reward models on pair files", "## Training curves", "## Cost", "## Constitution",
+              "## Config differences", "## Artifacts", "## Runs", "## All metrics"]
     assert [md.index(t) for t in titles] == sorted(md.index(t) for t in titles)  # in this order
     sets = md.split("## Reward models on pair files", 1)[1].split("\n## ", 1)[0]
     assert "| extra_pairs | reward model | 40 | 0.650 | [0.470, 0.760] | 0.080 |" in sets  # seed 1's row

@@ -272,30 +272,38 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
 
 def test_metrics_logger_fresh_and_resumed(tmp_path):
     path = tmp_path / "train_log.jsonl"
-    logger = MetricsLogger(path, console_every=0)
+    logger = MetricsLogger(path, console=False)
     for step in range(1, 6):
         logger.log(step, {"sft/loss": torch.tensor(1.0 / step), "sft/lr": np.float64(0.1)})
     logger.close()
     with open(path, "a") as f:
         f.write('{"step": 6, "sft/lo')  # a row cut by a kill
-    resumed = MetricsLogger(path, resume_step=3, console_every=0)
+    resumed = MetricsLogger(path, resume_step=3, console=False)
     resumed.log(4, {"sft/loss": 0.0})
     resumed.close()
     rows = read_train_log(path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[1]["sft/loss"] == pytest.approx(0.5) and rows[3]["sft/loss"] == 0.0
     assert isinstance(rows[0]["sft/lr"], float)
-    MetricsLogger(path, console_every=0).close()  # a fresh run starts an empty log
+    MetricsLogger(path, console=False).close()  # a fresh run starts an empty log
     assert path.read_text() == ""
 
 
-def test_metrics_logger_without_tensorboard_keeps_going(tmp_path, caplog):
-    logger = MetricsLogger(tmp_path / "log.jsonl", console_every=1, tensorboard_dir=tmp_path / "tb")
-    with caplog.at_level("INFO", logger="cai.train.log"):
+def test_metrics_logger_without_tensorboard_keeps_going(tmp_path, caplog, monkeypatch):
+    import accelerate.utils
+
+    from cai import progress
+
+    monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False)
+    with progress.activate(progress.Telemetry(tensorboard_dir=tmp_path / "tb")), \
+            caplog.at_level("INFO", logger="cai.train.log"):
+        logger = MetricsLogger(tmp_path / "log.jsonl", name="sft")
         logger.log(1, {"sft/loss": 2.5})
-    logger.close()
+        logger.close()
+    assert "tensorboard is not installed" in caplog.text and "cai[tensorboard]" in caplog.text
     assert "sft/loss=2.5" in caplog.text
     assert read_train_log(tmp_path / "log.jsonl") == [{"step": 1, "sft/loss": 2.5}]
+    assert not (tmp_path / "tb").exists()
 
 
 def test_throughput_counts_tokens_and_samples():

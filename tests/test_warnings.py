@@ -159,3 +159,26 @@ def test_sampling_rollout_scoring_and_judge_raise_no_deprecation(tiny_model_dir,
     assert all(g.ok for g in gen)
 
     assert not [m for m in deprecation_log if "deprecat" in m.lower()], deprecation_log
+
+
+@pytest.mark.slow
+def test_the_quickstart_raises_no_deprecation_from_cai(tmp_path, deprecation_log):
+    """The whole quickstart (tiny sizes): no FutureWarning or DeprecationWarning raised in a cai
+    module, and no deprecation that transformers logs once instead of warning."""
+    from pathlib import Path
+
+    from cai.config import compose_config
+    from cai.pipeline import run_experiment
+
+    tiny = ["data.max_prompts=6", "sampling.max_new_tokens=6", "sampling.batch_size=4", "policy.tiny.n_layer=1",
+            "policy.tiny.n_embd=32", "policy.tiny.n_head=2", "policy.tiny.vocab_size=512",
+            f"store.root={tmp_path / 'store'}"]
+    cai_dir = str(Path(__file__).resolve().parents[1] / "cai")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        metrics = run_experiment(compose_config(*tiny), tmp_path / "run")
+    assert "eval/vs_sft/win_rate" in metrics  # every stage ran, evaluation included
+    ours = [f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in seen
+            if issubclass(w.category, (FutureWarning, DeprecationWarning)) and w.filename.startswith(cai_dir)]
+    assert not ours, ours
+    assert not [m for m in deprecation_log if "deprecat" in m.lower()], deprecation_log

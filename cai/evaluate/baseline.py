@@ -175,27 +175,32 @@ class JudgeSession:
         only those requests again. After :data:`~cai.judges.outage.DOWN_AFTER_BATCHES` batches
         in a row without an answer the judge is taken to be down: the rest is not asked and the
         error is raised at once."""
+        from cai import progress
         from cai.judges import ChoiceResult
         from cai.judges.outage import DOWN_AFTER_BATCHES
 
         fresh = self._fresh
-        for start in range(0, len(asks), self._batch):
-            todo = [(rid, req) for rid, req in asks[start : start + self._batch] if rid not in self._journal]
-            todo = list({rid: (rid, req) for rid, req in todo if rid not in fresh}.values())
-            if not todo:
-                continue
-            self._asked.update(rid for rid, _ in todo)
-            answered, failed = self._ask_and_journal(todo)
-            fresh.update(failed)
-            self._idle = self._idle + 1 if failed and not answered else 0
-            if self._idle >= DOWN_AFTER_BATCHES:
-                rest = {rid for rid, _ in asks[start + self._batch :] if rid not in self._journal and rid not in fresh}
-                self.outage.not_asked += len(rest)
-                self._asked.update(rest)
-                if rest:
-                    log.warning("%s: %d judge batches in a row without an answer; the judge looks down: %d "
-                                "requests not asked", self._stage, self._idle, len(rest))
-                raise self.unavailable()
+        with progress.bar(total=len(asks), desc=f"{self._stage} judge", unit="req") as bar:
+            for start in range(0, len(asks), self._batch):
+                todo = [(rid, req) for rid, req in asks[start : start + self._batch] if rid not in self._journal]
+                todo = list({rid: (rid, req) for rid, req in todo if rid not in fresh}.values())
+                if not todo:
+                    bar.update(len(asks[start : start + self._batch]))
+                    continue
+                self._asked.update(rid for rid, _ in todo)
+                answered, failed = self._ask_and_journal(todo)
+                fresh.update(failed)
+                bar.update(len(asks[start : start + self._batch]))
+                self._idle = self._idle + 1 if failed and not answered else 0
+                if self._idle >= DOWN_AFTER_BATCHES:
+                    rest = {rid for rid, _ in asks[start + self._batch :]
+                            if rid not in self._journal and rid not in fresh}
+                    self.outage.not_asked += len(rest)
+                    self._asked.update(rest)
+                    if rest:
+                        log.warning("%s: %d judge batches in a row without an answer; the judge looks down: %d "
+                                    "requests not asked", self._stage, self._idle, len(rest))
+                    raise self.unavailable()
         done = self._journal.done()
         results = [ChoiceResult(**done[rid]) if rid in done else fresh[rid] for rid, _ in asks]
         self.used.update((rid, res) for (rid, _), res in zip(asks, results) if rid in done)

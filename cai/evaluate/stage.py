@@ -93,7 +93,7 @@ def _seq_logprobs(engine: Any, policy: ModelConfig, location: str, device: str, 
 
     if engine is None:
         engine, _ = load_engine(policy, location, device, batch_size)
-    return [float(sum(lp)) for lp in engine.score(texts, token_ids)]
+    return [float(sum(lp)) for lp in engine.score(texts, token_ids, progress=True)]
 
 
 def _sample_arm(ctx: Any, cfg: StageConfig, prompts: list, arm: Policy, base: Policy) -> tuple[list[dict], list[float]]:

@@ -200,8 +200,7 @@ def _generate_all(gen: Generator, items: list[Item], todo: list[tuple[int, int]]
     network: :func:`~cai.judges.types.is_transient`) is not journaled, and its prompt's later
     rounds wait for a rerun; after :data:`~cai.judges.outage.DOWN_AFTER_BATCHES` block-rounds in
     a row without a finished record the rest is not asked."""
-    from tqdm.auto import tqdm
-
+    from cai import progress
     from cai.judges.outage import DOWN_AFTER_BATCHES, Outage
     from cai.judges.types import is_transient
 
@@ -209,7 +208,7 @@ def _generate_all(gen: Generator, items: list[Item], todo: list[tuple[int, int]]
     outage = Outage()
     idle = 0
     examples = constitution.few_shot.critique_revision
-    bar = tqdm(todo, desc="critique/revise", unit="block")
+    bar = progress.bar(todo, desc="critique/revise", unit="block")
     for n, (rnd, start) in enumerate(bar):
         block = [it for it in items[start : start + c.batch_size] if round_id(it.prompt_id, rnd) not in journal
                  and (rnd == 1 or round_id(it.prompt_id, rnd - 1) in journal)]  # else: an earlier round failed

@@ -33,6 +33,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from cai import progress
 from cai.config import JudgeAnswersConfig, JudgeConfig, StageConfig
 from cai.data import Prompt, read_jsonl, write_jsonl
 from cai.judges.config import stage_judge
@@ -168,6 +169,7 @@ def _answer_all(answerer: Any, prompts: list[Prompt], todo: list[int], bs: int, 
     from cai.judges.types import is_transient
 
     outage, idle = Outage(), 0
+    bar = progress.bar(total=sum(len(prompts[s:s + bs]) for s in todo), desc="judge_answers", unit="prompt")
     for n, start in enumerate(todo):
         chunk = prompts[start:start + bs]
         if isinstance(answerer, _ApiAnswerer):
@@ -177,6 +179,7 @@ def _answer_all(answerer: Any, prompts: list[Prompt], todo: list[int], bs: int, 
         failed = [r for r in rows if r["status"] != "ok" and is_transient(r.get("failure_reason"))]
         keep = [(r["prompt_id"], r) for r in rows if not any(r is f for f in failed)]
         journal.append_many(keep)
+        bar.update(len(chunk))
         outage.add(str(r["failure_reason"]) for r in failed)
         idle = idle + 1 if failed and not keep else 0
         if idle >= DOWN_AFTER_BATCHES:
@@ -185,6 +188,7 @@ def _answer_all(answerer: Any, prompts: list[Prompt], todo: list[int], bs: int, 
                 log.warning("judge_answers: %d chunks in a row without an answer; the judge looks down: %d prompts "
                             "not asked", idle, outage.not_asked)
             break
+    bar.close()
     return outage
 
 

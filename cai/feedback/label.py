@@ -50,8 +50,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
+from cai import progress
 from cai.artifacts import scrub_secrets
 from cai.config import LabelConfig, StageConfig
 from cai.constitution import Constitution, PreferencePrinciple, load_constitution
@@ -227,7 +226,7 @@ def _judge_all(labeller: Labeller, todo: list[Pair], journal: Any, batch_pairs: 
     after :data:`DOWN_AFTER_BATCHES` batches in a row with no finished pair the rest is not asked."""
     outage = Outage()
     idle = 0
-    with tqdm(total=len(todo), desc=STAGE, unit="pair") as bar:
+    with progress.bar(total=len(todo), desc=STAGE, unit="pair") as bar:
         for start in range(0, len(todo), batch_pairs):
             plans = [labeller.plan(p) for p in todo[start : start + batch_pairs]]
             stopped = run_sync(labeller.judge_batch(plans))

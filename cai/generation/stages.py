@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cai import progress
 from cai.data import (
     Pair,
     Prompt,
@@ -194,7 +195,9 @@ def sample_journaled(
     with ctx.phase("load_model"):
         engine, spec = load_engine(policy, location, device, bs)
     n_tokens = 0
-    with ctx.phase("generate"):
+    stage = progress.active().stage
+    with ctx.phase("generate"), progress.bar(total=sum(len(jobs[s : s + bs]) for s in todo),
+                                              desc=f"{stage}: sample" if stage else "sample", unit="prompt") as bar:
         t0 = time.perf_counter()
         for start in todo:
             batch = jobs[start : start + bs]
@@ -217,6 +220,7 @@ def sample_journaled(
                 records.append((rid, rec))
             journal.append_many(records)
             n_tokens += sum(len(c.token_ids) for c in outs)
+            bar.update(len(batch))
         gen_s = time.perf_counter() - t0
     return JournaledSampling(engine, todo, n_tokens, gen_s)
 

@@ -297,13 +297,38 @@ def batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
 def command_line(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run the ``main`` of a ``python -m cai.train.*`` command line and return its exit status: a
     user mistake (a :class:`~cai.errors.CaiError`: a bad ``key=value`` override, a missing file)
-    is one ``error: ...`` line on stderr and status 2, never a traceback."""
-    import sys
+    is one ``error: ...`` line on stderr and status 2, never a traceback.
 
+    Every such command line also takes the run-time ``log`` settings of ``cai run`` as flags:
+    ``--progress auto|on|off``, ``--console-every-s S`` and ``--tensorboard DIR`` (event files
+    in ``DIR/<loop>``)."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    from cai import progress
     from cai.errors import CaiError
 
+    def seconds(text: str) -> float:
+        value = float(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"expected >= 0, got {text}")
+        return value
+
+    flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    flags.add_argument("--progress", choices=progress.PROGRESS_MODES, default="auto")
+    flags.add_argument("--console-every-s", type=seconds, default=30.0)
+    flags.add_argument("--tensorboard", default=None)
+    known, rest = flags.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    telemetry = progress.Telemetry(progress=known.progress, console_every_s=known.console_every_s,
+                                   tensorboard_dir=Path(known.tensorboard) if known.tensorboard else None)
     try:
-        return main(argv)
+        if known.tensorboard:
+            from cai.train.log import check_tensorboard
+
+            check_tensorboard()
+        with progress.activate(telemetry), progress.log_above_bars():
+            return main(rest)
     except CaiError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

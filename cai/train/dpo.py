@@ -144,8 +144,11 @@ def sequence_logps(model, batch: Mapping[str, torch.Tensor], device, keep_logits
 
 @torch.no_grad()
 def pair_logps(model, pairs: Sequence[EncodedPair], pad_id: int, batch_size: int, accelerator=None,
-               ) -> torch.Tensor:
-    """``[N, 4]``: log-prob of a, of b, and the response token counts of a and b, per pair."""
+               desc: str | None = None) -> torch.Tensor:
+    """``[N, 4]``: log-prob of a, of b, and the response token counts of a and b, per pair
+    (``desc``: show a progress bar of this process's share under that name)."""
+    from cai import progress
+
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     keep, extra = keeps_logits(model), no_cache_kwargs(model)
     was_training = model.training
@@ -154,12 +157,15 @@ def pair_logps(model, pairs: Sequence[EncodedPair], pad_id: int, batch_size: int
     def compute(idx: list[int]) -> torch.Tensor:
         out = torch.empty((len(idx), 4))
         order = sorted(range(len(idx)), key=lambda j: pairs[idx[j]].n_tokens)
+        bar = progress.bar(total=len(order), desc=desc or "", unit="pair", enabled=desc is not None)
         for s in range(0, len(order), batch_size):
             chunk = order[s:s + batch_size]
             lp, n = sequence_logps(model, collate_pairs([pairs[idx[j]] for j in chunk], pad_id), device, keep,
                                    extra=extra)
             k = len(chunk)
             out[chunk] = torch.stack([lp[:k], lp[k:], n[:k].float(), n[k:].float()], 1).float().cpu()
+            bar.update(k)
+        bar.close()
         return out
 
     result = sharded_map(accelerator, len(pairs), compute)
@@ -213,7 +219,8 @@ def reference_logps(model, sets: Mapping[str, Sequence[EncodedPair]], pad_id: in
         if all(name in saved and len(saved[name]) == len(pairs) for name, pairs in sets.items()):
             return saved
         raise DataError(f"{path} does not match the pairs of this run; delete {state_dir} to start over")
-    out = {name: pair_logps(model, pairs, pad_id, cfg.eval_batch_size, accelerator) for name, pairs in sets.items()}
+    out = {name: pair_logps(model, pairs, pad_id, cfg.eval_batch_size, accelerator, desc=f"dpo reference {name}")
+           for name, pairs in sets.items()}
     if accelerator.is_main_process:
         tmp = path.with_name(path.name + ".tmp")
         torch.save(out, tmp)
@@ -261,7 +268,7 @@ def train_dpo(
     state = load_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler)
     resumed_from = state.step if state else None
     state = state or TrainState()
-    logger = MetricsLogger(state_dir / "train_log.jsonl", resume_step=resumed_from,
+    logger = MetricsLogger(state_dir / "train_log.jsonl", resume_step=resumed_from, name="dpo", total_steps=total,
                            enabled=accelerator.is_main_process)
     ref = refs["train"]
     meter, step, last = Throughput(), state.step, {}
@@ -286,6 +293,7 @@ def train_dpo(
         lr = scheduler.get_last_lr()[0]
         grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
         step += 1
+        logger.advance()
         meter.update(sum(train[i].n_tokens for i in rows) * world if weight else 0, len(sb.indices))
         if step % cfg.log_every == 0 or step == total:
             last = _means(reduce_sums(accelerator, dict(sums)), "dpo")

@@ -180,7 +180,7 @@ def train_ppo(policy, tokenizer, conversations: Sequence[list[dict]], reward_fn:
         kl_ctl.load_state_dict(state.extra["kl_controller"])
         monitors.load_state_dict(state.extra["monitors"])
         log.info("ppo: resumed from step %d (%s)", state.step, ckpt_dir)
-    logger = MetricsLogger(state_dir / "train_log.jsonl", resume_step=resumed, console_every=cfg.log_every,
+    logger = MetricsLogger(state_dir / "train_log.jsonl", resume_step=resumed, name="ppo", total_steps=cfg.steps,
                            console_keys=CONSOLE_KEYS, enabled=main)
     unwrapped: PolicyAndValue = accelerator.unwrap_model(container)
     engine = SamplingEngine(unwrapped.policy, tokenizer, batch_size=cfg.sample_batch_size,
@@ -222,7 +222,9 @@ def train_ppo(policy, tokenizer, conversations: Sequence[list[dict]], reward_fn:
             log.warning("ppo step %d [%s]: %s", w.step, w.kind, w.message)
         warnings += step_warnings
         metrics["ppo/warnings"] = len(step_warnings)
-        logger.log(step, metrics)
+        logger.advance()
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            logger.log(step, metrics)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
             save_checkpoint(ckpt_dir, accelerator, container, optimizer, scheduler, step, epoch, pos,
                             extra={"kl_controller": kl_ctl.state_dict(), "monitors": monitors.state_dict()})

@@ -201,8 +201,9 @@ def train_reward_model(
     state = load_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler)
     resumed_from = state.step if state else None
     state = state or TrainState()
-    logger = MetricsLogger(state_dir / "train_log.jsonl", resume_step=resumed_from,
-                           enabled=accelerator.is_main_process)
+    member = state_dir.name if state_dir.name.startswith("member_") and state_dir.name != "member_0" else None
+    logger = MetricsLogger(state_dir / "train_log.jsonl", resume_step=resumed_from, name="rm", total_steps=total,
+                           part=member, enabled=accelerator.is_main_process)
     pad_id, device = tokenizer.pad_token_id, accelerator.device
     meter, step, last = Throughput(), state.step, {}
     model.train()
@@ -227,6 +228,7 @@ def train_reward_model(
         lr = scheduler.get_last_lr()[0]
         grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
         step += 1
+        logger.advance()
         n_tokens = sum(train[i].n_tokens for i in rows) if weight else 0
         meter.update(n_tokens * world, len(sb.indices))
         if step % cfg.log_every == 0 or step == total:

@@ -40,7 +40,7 @@ import logging
 import shutil
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -216,10 +216,8 @@ def train_sft(
     state = load_checkpoint(state_dir / "checkpoint", accelerator, model, optimizer, scheduler)
     resumed_from = state.step if state else None
     state = state or TrainState()
-    logger = MetricsLogger(state_dir / "train_log.jsonl", resume_step=resumed_from,
-                           enabled=accelerator.is_main_process,
-                           tensorboard_dir=state_dir / "tensorboard" if cfg.tensorboard else None,
-                           wandb_project=cfg.wandb_project, run_name=state_dir.parent.name, config=asdict(cfg))
+    logger = MetricsLogger(state_dir / "train_log.jsonl", resume_step=resumed_from, name="sft",
+                           total_steps=total_steps, enabled=accelerator.is_main_process)
     keep_logits = _keeps_logits(accelerator.unwrap_model(model))
     meter, step = Throughput(), state.step
     tokens_seen = int(state.extra.get("tokens_seen", 0))
@@ -233,6 +231,7 @@ def train_sft(
         lr = scheduler.get_last_lr()[0]
         grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
         step += 1
+        logger.advance()
         n_tokens = sum(len(rows[i].input_ids) for i in sb.indices)
         tokens_seen += n_tokens
         meter.update(n_tokens, len(sb.indices))
@@ -305,8 +304,6 @@ def run(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
     with ctx.phase("save"):
         save_sft_model(result.model, tok, ctx.dir / "model")
         shutil.copyfile(ctx.state_dir / "train_log.jsonl", ctx.dir / "train_log.jsonl")
-        if (ctx.state_dir / "tensorboard").is_dir():
-            shutil.copytree(ctx.state_dir / "tensorboard", ctx.dir / "tensorboard")
     log_rows = read_train_log(ctx.dir / "train_log.jsonl")
     if log_rows:
         metrics["sft/first_loss"] = log_rows[0]["sft/loss"]
