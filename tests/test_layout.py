@@ -38,8 +38,10 @@ def test_cai_run_help_imports_no_torch():
 
 
 def test_top_level_of_the_package_is_small():
+    # 14 after the re-housing; + export.py (`cai export`/`cai score`) and progress.py (bars, console
+    # cadence, trackers), each one cohesive module that no flow folder owns. A 17th belongs in a folder.
     modules = [p for p in (REPO / "cai").glob("*.py")]
-    assert len(modules) <= 15, sorted(p.name for p in modules)
+    assert len(modules) <= 16, sorted(p.name for p in modules)
 
 
 def _schemas() -> list[type]:
