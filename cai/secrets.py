@@ -237,18 +237,26 @@ def scrub_secrets(obj: Any, *, env: bool = True, names: bool = True) -> Any:
     return walk(obj)
 
 
+def _redact_record(record: logging.LogRecord) -> bool:
+    """Apply :func:`redact_text` to ``record``'s message in place; False when the message cannot be
+    formatted (a bad format string is logging's to report, untouched)."""
+    try:
+        message = record.getMessage()
+    except Exception:  # noqa: BLE001
+        return False
+    clean = redact_text(message)
+    if clean != message:
+        record.msg, record.args = clean, None
+    return True
+
+
 class SecretFilter(logging.Filter):
     """A handler filter that passes every record with :func:`redact_text` applied to its message
     (and to a formatted traceback)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a bad format string is logging's to report
+        if not _redact_record(record):
             return True
-        clean = redact_text(message)
-        if clean != message:
-            record.msg, record.args = clean, None
         if record.exc_info and not record.exc_text:
             record.exc_text = redact_text(logging.Formatter().formatException(record.exc_info))
         elif record.exc_text:
@@ -278,13 +286,7 @@ def install_record_redaction() -> None:
 
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = previous(*args, **kwargs)
-        try:
-            message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a bad format string is logging's to report
-            return record
-        clean = redact_text(message)
-        if clean != message:
-            record.msg, record.args = clean, None
+        _redact_record(record)
         return record
 
     logging.setLogRecordFactory(factory)
