@@ -57,7 +57,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 CHAT_FORMATS = ("auto", "template", "hh")
-JUDGE_BACKENDS = ("openai", "anthropic", "hf")
+JUDGE_BACKENDS = ("openai", "anthropic", "hf", "python")
 # which policy a stage starts from or an arm is evaluated on
 START_POLICIES = ("initial", "sft")
 EVALUATED_POLICIES = ("initial", "sft", "dpo", "ppo")
@@ -340,6 +340,13 @@ class TinyConfig(Schema):
     """residual, embedding and attention dropout (0 keeps tiny training runs stable)"""
     seed: int = 0
     """seeds the weight initialisation (the tokenizer's training is deterministic)"""
+    pretrain: str = setting("none", choices=("none", "courtesy"), keyed_unless_default=True)
+    """none: random weights | courtesy: first trained to answer the prompts in the synthetic
+    courteous-vs-rude task's style, half the replies each way (cai.testing.preference_task)"""
+    pretrain_steps: int = setting(200, ge=1, keyed_unless_default=True)
+    """optimizer steps of that pretraining (batches of 16 prompt-reply examples)"""
+    pretrain_lr: float = setting(3.0e-3, gt=0.0, keyed_unless_default=True)
+    """AdamW learning rate of that pretraining (constant)"""
 
     def check(self) -> None:
         if self.n_embd % self.n_head:
@@ -499,9 +506,11 @@ class JudgeConfig(Schema):
     GROUP: ClassVar[str] = "judge"
 
     backend: str = setting("openai", choices=JUDGE_BACKENDS)
-    """openai (any OpenAI-compatible base_url: vLLM, llama.cpp, Ollama) | anthropic | hf (local)"""
+    """openai (any OpenAI-compatible base_url: vLLM, llama.cpp, Ollama) | anthropic | hf (local) |
+    python (a scripted judge: a Python callable answers, see cai.judges.python_judge)"""
     model: str = setting("", local_path=True)
-    """model name as the API knows it (hf: hub name or local path; tiny: the tiny policy)"""
+    """model name as the API knows it (hf: hub name or local path; tiny: the tiny policy; python:
+    'module:function', e.g. cai.testing.preference_judges:judge, keyed with its module's source hash)"""
     base_url: Optional[str] = None
     """None: the provider's public endpoint"""
     api_key_env: Optional[str] = setting("auto", runtime=True)

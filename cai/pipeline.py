@@ -16,7 +16,8 @@ Each row of :data:`STAGES` says, for one stage, everything the pipeline needs to
 - ``constitution``: whether the constitution's hash enters the key.
 Every local file or directory a stage's read fields name (fields marked ``local_path`` in
 :mod:`cai.config`: a prompts file, human data, a local policy, judge or reward backbone) enters its
-key by *contents* (SHA-256, cached by size and mtime), so a file edited in place is a new key.
+key by *contents* (SHA-256, cached by size and mtime), so a file edited in place is a new key; a
+scripted judge (``backend: python``) enters it by the source of the module defining its callable.
 
 ``plan(cfg)`` turns the composed config into the ordered stages (upstream first, each once);
 ``run_experiment(cfg, run_dir)`` asks the store for each, building only what is missing, and
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.artifacts import ArtifactStore
-from cai.config import Config, Restricted, StageConfig, field_keyed, key_fields, typed
+from cai.config import Config, JudgeConfig, Restricted, StageConfig, field_keyed, key_fields, typed
 from cai.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -383,11 +384,17 @@ def _local_target(value: str) -> str | None:
 
 
 def _local_contents(cfg: Config, reads: Sequence[str], fingerprints: Any) -> dict[str, str]:
-    """``{field path: contents hash}`` of every local file or directory the read fields name."""
+    """``{field path: contents hash}`` of every local file or directory the read fields name, and of
+    the source of every scripted (``backend: python``) judge they hold."""
     out: dict[str, str] = {}
 
     def visit(obj: Any, path: str) -> None:
         if not dataclasses.is_dataclass(obj):
+            return
+        if isinstance(obj, JudgeConfig) and obj.backend == "python":  # a scripted judge: its rule's source
+            from cai.judges.python_judge import source_digest
+
+            out[f"{path}.model"] = source_digest(obj.model, f"{path}.model")
             return
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
@@ -419,7 +426,11 @@ def _check_judges(cfg: Config, stages: Sequence[Stage]) -> None:
 
     def ready(judge: Any, where: str) -> None:
         judge = ready_judge(judge, where)
-        if judge.backend != "hf":  # names the variable, never its value
+        if judge.backend == "python":  # the callable imports and is callable
+            from cai.judges.python_judge import load_callable
+
+            load_callable(judge.model, f"{where}.model")
+        elif judge.backend != "hf":  # names the variable, never its value
             resolve_api_key(judge, f"{where}.api_key_env")
 
     names = {s.name for s in stages}
