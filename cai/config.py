@@ -343,7 +343,7 @@ class TinyConfig(Schema):
     pretrain: str = setting("none", choices=("none", "courtesy"), keyed_unless_default=True)
     """none: random weights | courtesy: first trained to answer the prompts in the synthetic
     courteous-vs-rude task's style, half the replies each way (cai.testing.preference_task)"""
-    pretrain_steps: int = setting(200, ge=1, keyed_unless_default=True)
+    pretrain_steps: int = setting(300, ge=1, keyed_unless_default=True)
     """optimizer steps of that pretraining (batches of 16 prompt-reply examples)"""
     pretrain_lr: float = setting(3.0e-3, gt=0.0, keyed_unless_default=True)
     """AdamW learning rate of that pretraining (constant)"""
