@@ -229,7 +229,7 @@ def pretrain_tiny_causal_lm(
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
     model.eval()
     model.save_pretrained(path)
     return {"first_loss": losses[0], "last_loss": losses[-1]}
