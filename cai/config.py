@@ -594,7 +594,7 @@ class JudgeConfig(Schema):
         """What a stage that asks this judge needs beyond valid fields (checked when the run is planned)."""
         if not self.model.strip():
             raise FieldError(where, "model", f"must name the judge model, got {self.model!r}")
-        if self.max_dollars is not None and self.backend != "hf" and self.model not in self.prices:
+        if self.max_dollars is not None and self.backend not in ("hf", "python") and self.model not in self.prices:
             raise FieldError(where, "max_dollars", f"is set but 'prices' has no entry for model {self.model!r}; "
                              "add prices: {<model>: {input_per_mtok: ..., output_per_mtok: ...}}")
 

@@ -64,6 +64,7 @@ def test_bad_callables_fail_naming_the_field(tmp_path):
         plan(compose_config("judge.model=cai.testing.preference_judges:nope", f"store.root={tmp_path}"))
     with pytest.raises(ConfigError, match=r"^eval\.judge\.model: cannot import"):
         plan(compose_config("eval.judge.model=no_such_module_xyz:f", f"store.root={tmp_path}"))
+    plan(compose_config("judge.max_dollars=1", f"store.root={tmp_path}"))  # free: no price needed
 
 
 def test_choices_generations_and_cache(rule_judge):
