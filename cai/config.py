@@ -635,6 +635,10 @@ class LabelConfig(Schema):
     measure_agreement: bool = True
     """when the judge labels the human-labelled pairs (source: human_pairs), also build stage
     label_quality: the AI labels' agreement with the human labels, calibration, position bias"""
+    truth: Optional[str] = setting(None, keyed_unless_default=True)
+    """a known rule to measure the labels against (a synthetic task's ground truth): 'module:function'
+    grading (question, reply) -> number; ai_labels then reports label/truth_agreement, the share of
+    decided labels whose winner it grades higher (e.g. cai.testing.preference_task:task_grade)"""
     cot_max_tokens: int = setting(256, ge=1)
     """longest chain-of-thought reasoning, tokens"""
     cot_temperature: Optional[float] = setting(None, ge=0.0)

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.artifacts import ArtifactStore
-from cai.config import Config, JudgeConfig, Restricted, StageConfig, field_keyed, key_fields, typed
+from cai.config import Config, JudgeConfig, LabelConfig, Restricted, StageConfig, field_keyed, key_fields, typed
 from cai.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -396,6 +396,10 @@ def _local_contents(cfg: Config, reads: Sequence[str], fingerprints: Any) -> dic
 
             out[f"{path}.model"] = source_digest(obj.model, f"{path}.model")
             return
+        if isinstance(obj, LabelConfig) and obj.truth:  # the known rule the labels are measured against
+            from cai.judges.python_judge import source_digest
+
+            out[f"{path}.truth"] = source_digest(obj.truth, f"{path}.truth")
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
             if f.metadata.get("local_path") and isinstance(value, str):

@@ -65,6 +65,31 @@ def test_bad_callables_fail_naming_the_field(tmp_path):
     with pytest.raises(ConfigError, match=r"^eval\.judge\.model: cannot import"):
         plan(compose_config("eval.judge.model=no_such_module_xyz:f", f"store.root={tmp_path}"))
     plan(compose_config("judge.max_dollars=1", f"store.root={tmp_path}"))  # free: no price needed
+    with pytest.raises(ConfigError, match=r"^labels\.truth: module 'cai.testing.preference_task' has no attribute"):
+        plan(compose_config("labels.truth=cai.testing.preference_task:nope", f"store.root={tmp_path}"))
+
+
+def test_truth_agreement_counts_decided_labels_against_the_rule(tmp_path):
+    from cai.data import Label
+    from cai.feedback.label import truth_agreement
+
+    name = _rule_module(tmp_path, """
+        from cai.testing.preference_task import courtesy
+        def grade(question, reply):
+            return courtesy(reply)
+    """, "rules_truth")
+    rows = synthetic_pairs(8, seed=1)
+    pairs = [p for p, _ in rows]
+    labels = [lb for _, lb in rows]  # the ground truth itself: full agreement
+    assert truth_agreement(f"{name}:grade", pairs, labels) == \
+        {"label/truth_agreement": 1.0, "label/truth_n": 8, "label/truth_ties": 0}
+    labels[0] = Label(pairs[0].id, 1.0 - labels[0].p_a, "flipped")
+    labels[1] = Label(pairs[1].id, 0.5, "tie")  # undecided: not counted
+    labels[2] = Label(pairs[2].id, None, "failed", status="failed", failure_reason="refusal")
+    got = truth_agreement(f"{name}:grade", pairs, labels)
+    assert got == {"label/truth_agreement": 5 / 6, "label/truth_n": 6, "label/truth_ties": 0}
+    # the quickstart's ground truth grades these replies (another grammar) as broken: all ties
+    assert truth_agreement("cai.testing.preference_task:task_grade", pairs, labels)["label/truth_ties"] == 6
 
 
 def test_choices_generations_and_cache(rule_judge):

@@ -72,6 +72,7 @@ def test_quickstart_learns(tmp_path: Path):
     assert all(md[f"pipeline/{s}/reused"] for s in ("policy_model", "sft", "ai_labels", "reward", "dpo", "ppo"))
     agreement, decided = label_agreement(ppo, store)
     assert decided >= 100 and agreement >= 0.95  # the labeller's marker count vs the ground truth
+    assert (m["label/truth_agreement"], m["label/truth_n"]) == (agreement, decided)  # labels.truth reports it
     assert m["rm/eval/accuracy"] >= 0.8 and m["rm/eval/accuracy_ci_low"] > 0.5  # held-out pairs
     for run in (m, md):
         assert run["eval/vs_sft/n"] >= 80
