@@ -57,7 +57,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 CHAT_FORMATS = ("auto", "template", "hh")
-JUDGE_BACKENDS = ("openai", "anthropic", "hf")
+JUDGE_BACKENDS = ("openai", "anthropic", "hf", "python")
 # which policy a stage starts from or an arm is evaluated on
 START_POLICIES = ("initial", "sft")
 EVALUATED_POLICIES = ("initial", "sft", "dpo", "ppo")
@@ -341,6 +341,13 @@ class TinyConfig(Schema):
     """residual, embedding and attention dropout (0 keeps tiny training runs stable)"""
     seed: int = 0
     """seeds the weight initialisation (the tokenizer's training is deterministic)"""
+    pretrain: str = setting("none", choices=("none", "courtesy"), keyed_unless_default=True)
+    """none: random weights | courtesy: first trained to answer the prompts in the synthetic
+    courteous-vs-rude task's style, half the replies each way (cai.testing.preference_task)"""
+    pretrain_steps: int = setting(300, ge=1, keyed_unless_default=True)
+    """optimizer steps of that pretraining (batches of 16 prompt-reply examples)"""
+    pretrain_lr: float = setting(3.0e-3, gt=0.0, keyed_unless_default=True)
+    """AdamW learning rate of that pretraining (constant)"""
 
     def check(self) -> None:
         if self.n_embd % self.n_head:
@@ -523,9 +530,11 @@ class JudgeConfig(Schema):
     GROUP: ClassVar[str] = "judge"
 
     backend: str = setting("openai", choices=JUDGE_BACKENDS)
-    """openai (any OpenAI-compatible base_url: vLLM, llama.cpp, Ollama) | anthropic | hf (local)"""
+    """openai (any OpenAI-compatible base_url: vLLM, llama.cpp, Ollama) | anthropic | hf (local) |
+    python (a scripted judge: a Python callable answers, see cai.judges.python_judge)"""
     model: str = setting("", local_path=True)
-    """model name as the API knows it (hf: hub name or local path; tiny: the tiny policy)"""
+    """model name as the API knows it (hf: hub name or local path; tiny: the tiny policy; python:
+    'module:function', e.g. cai.testing.preference_judges:judge, keyed with its module's source hash)"""
     base_url: Optional[str] = None
     """None: the provider's public endpoint"""
     api_key_env: Optional[str] = setting("auto", runtime=True)
@@ -610,7 +619,7 @@ class JudgeConfig(Schema):
         """What a stage that asks this judge needs beyond valid fields (checked when the run is planned)."""
         if not self.model.strip():
             raise FieldError(where, "model", f"must name the judge model, got {self.model!r}")
-        if self.max_dollars is not None and self.backend != "hf" and self.model not in self.prices:
+        if self.max_dollars is not None and self.backend not in ("hf", "python") and self.model not in self.prices:
             raise FieldError(where, "max_dollars", f"is set but 'prices' has no entry for model {self.model!r}; "
                              "add prices: {<model>: {input_per_mtok: ..., output_per_mtok: ...}}")
 
@@ -651,6 +660,10 @@ class LabelConfig(Schema):
     measure_agreement: bool = True
     """when the judge labels the human-labelled pairs (source: human_pairs), also build stage
     label_quality: the AI labels' agreement with the human labels, calibration, position bias"""
+    truth: Optional[str] = setting(None, keyed_unless_default=True)
+    """a known rule to measure the labels against (a synthetic task's ground truth): 'module:function'
+    grading (question, reply) -> number; ai_labels then reports label/truth_agreement, the share of
+    decided labels whose winner it grades higher (e.g. cai.testing.preference_task:task_grade)"""
     cot_max_tokens: int = setting(256, ge=1)
     """longest chain-of-thought reasoning, tokens"""
     cot_temperature: Optional[float] = setting(None, ge=0.0)

@@ -16,7 +16,8 @@ Each row of :data:`STAGES` says, for one stage, everything the pipeline needs to
 - ``constitution``: whether the constitution's hash enters the key.
 Every local file or directory a stage's read fields name (fields marked ``local_path`` in
 :mod:`cai.config`: a prompts file, human data, a local policy, judge or reward backbone) enters its
-key by *contents* (SHA-256, cached by size and mtime), so a file edited in place is a new key.
+key by *contents* (SHA-256, cached by size and mtime), so a file edited in place is a new key; a
+scripted judge (``backend: python``) enters it by the source of the module defining its callable.
 
 ``plan(cfg)`` turns the composed config into the ordered stages (upstream first, each once);
 ``run_experiment(cfg, run_dir)`` asks the store for each, building only what is missing, and
@@ -45,6 +46,8 @@ from cai.config import (
     EVAL_STAGE_PREFIX,
     EVALUATED_POLICIES,
     Config,
+    JudgeConfig,
+    LabelConfig,
     Restricted,
     StageConfig,
     field_keyed,
@@ -454,7 +457,8 @@ def _local_target(value: str) -> str | None:
 
 
 def _local_contents(cfg: Config, reads: Sequence[str], fingerprints: Any) -> dict[str, str]:
-    """``{field path: contents hash}`` of every local file or directory the read fields name."""
+    """``{field path: contents hash}`` of every local file or directory the read fields name, and of
+    the source of every scripted (``backend: python``) judge they hold."""
     out: dict[str, str] = {}
 
     def add(value: Any, path: str) -> None:
@@ -470,6 +474,15 @@ def _local_contents(cfg: Config, reads: Sequence[str], fingerprints: Any) -> dic
     def visit(obj: Any, path: str) -> None:
         if not dataclasses.is_dataclass(obj):
             return
+        if isinstance(obj, JudgeConfig) and obj.backend == "python":  # a scripted judge: its rule's source
+            from cai.judges.python_judge import source_digest
+
+            out[f"{path}.model"] = source_digest(obj.model, f"{path}.model")
+            return
+        if isinstance(obj, LabelConfig) and obj.truth:  # the known rule the labels are measured against
+            from cai.judges.python_judge import source_digest
+
+            out[f"{path}.truth"] = source_digest(obj.truth, f"{path}.truth")
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
             if f.metadata.get("local_path"):
@@ -496,7 +509,11 @@ def _check_judges(cfg: Config, stages: Sequence[Stage]) -> None:
 
     def ready(judge: Any, where: str) -> None:
         judge = ready_judge(judge, where)
-        if judge.backend != "hf":  # names the variable, never its value
+        if judge.backend == "python":  # the callable imports and is callable
+            from cai.judges.python_judge import load_callable
+
+            load_callable(judge.model, f"{where}.model")
+        elif judge.backend != "hf":  # names the variable, never its value
             resolve_api_key(judge, f"{where}.api_key_env")
 
     names = {s.name for s in stages}

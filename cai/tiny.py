@@ -11,6 +11,8 @@ exercised by the tests.
 The same seed and corpus give byte-identical tokenizer and weight files. The weights are
 random: the model's text is gibberish, but its shapes, padding, caching and log-probabilities
 behave like any other causal LM's, which is what the sampling, training and scoring code needs.
+:func:`pretrain_tiny_causal_lm` then optionally teaches it a task (the offline quickstart's
+courteous-vs-rude replies), deterministically, so that feedback has something to move.
 """
 
 from __future__ import annotations
@@ -171,3 +173,63 @@ def build_tiny_sequence_classifier(
     from transformers import GPT2ForSequenceClassification
 
     return _build(GPT2ForSequenceClassification, out_dir, corpus, cfg, num_labels=1)
+
+
+def pretrain_tiny_causal_lm(
+    model_dir: str | Path, examples: list[tuple[str, str]], steps: int, lr: float,
+    batch_size: int = 16, seed: int = 0,
+) -> dict[str, float]:
+    """Train the tiny model saved in ``model_dir`` on ``examples`` and save it back in place.
+
+    Each example is ``(prompt_text, full_text)``, ``full_text`` starting with ``prompt_text``
+    (:func:`cai.models.format_example` makes them); the loss is the next-token loss on the
+    response and the end-of-text token after it only, as generation sees it (the prompt encoded
+    alone, BOS included). AdamW at a constant ``lr``, ``steps`` batches drawn by a seeded shuffle
+    of the examples, one epoch after another; deterministic on CPU. Returns the first and last
+    steps' mean loss.
+    """
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    if not examples:
+        raise ConfigError("tiny pretraining: no examples")
+    path = Path(model_dir)
+    tok = AutoTokenizer.from_pretrained(path)
+    rows = []
+    for prompt, full in examples:
+        if not full.startswith(prompt):
+            raise ValueError("pretrain_tiny_causal_lm: full_text must start with prompt_text")
+        bos = tok.bos_token
+        p_ids = tok(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
+        r_ids = tok(full[len(prompt):], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append((list(p_ids), list(r_ids)))
+    rng = random.Random(seed)
+    order: list[int] = []
+    losses: list[float] = []
+    with seeded(seed):
+        model = GPT2LMHeadModel.from_pretrained(path)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        for _ in range(steps):
+            batch = []
+            for _ in range(min(batch_size, len(rows))):
+                if not order:
+                    order = list(range(len(rows)))
+                    rng.shuffle(order)
+                batch.append(rows[order.pop()])
+            width = max(len(p) + len(r) for p, r in batch)
+            ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            labels = torch.full_like(ids, -100)
+            for i, (p, r) in enumerate(batch):
+                n = len(p) + len(r)
+                ids[i, :n] = torch.tensor(p + r)
+                mask[i, :n] = 1
+                labels[i, len(p):n] = torch.tensor(r)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    model.eval()
+    model.save_pretrained(path)
+    return {"first_loss": losses[0], "last_loss": losses[-1]}

@@ -41,8 +41,9 @@ def test_group_option_composes_and_validates(group: str, option: str, monkeypatc
 def test_default_is_offline_quickstart():
     cfg = _compose([])
     assert cfg.experiment.name == "quickstart"
-    assert cfg.policy.name_or_path == "tiny"
-    assert cfg.data.prompts == "builtin"
+    assert cfg.policy.name_or_path == "tiny" and cfg.policy.tiny.pretrain == "courtesy"
+    assert cfg.data.prompts == "builtin:courtesy"  # the synthetic task with a known rule
+    assert cfg.judge.backend == cfg.eval.judge.backend == "python"
     assert cfg.data.human.path is None
 
 
@@ -102,8 +103,8 @@ def test_prices_stay_out_of_every_artifact_key(tmp_path):
     from cai.config import PriceConfig
     from cai.pipeline import plan
 
-    plain = {s.name: s for s in plan(_compose([f"store.root={tmp_path}"]))}
-    priced = {s.name: s for s in plan(_compose([f"store.root={tmp_path}",
+    plain = {s.name: s for s in plan(_compose([f"store.root={tmp_path}", "eval.harmless=true"]))}
+    priced = {s.name: s for s in plan(_compose([f"store.root={tmp_path}", "eval.harmless=true",
                                                 "+judge.prices.gpt-4o={input_per_mtok:2.5,output_per_mtok:10}",
                                                 "eval.judge.prices={m: {input_per_mtok: 1, output_per_mtok: 2}}"]))}
     assert {"ai_labels", "eval_baseline", "evaluate_ppo", "evaluate_dpo"} <= set(priced)

@@ -32,7 +32,16 @@ TINY = [
 ]
 
 
-compose = compose_config  # the config `cai run <overrides>` would run
+# The quickstart as it was before it became the synthetic task with scripted judges: the project's
+# own prompts (harmful ones are asked the harmlessness question) and the tiny model as local judge.
+OFFLINE_HF = ["data=builtin", "constitution=harmless", "policy=tiny", "judge=tiny_hf", "eval=default",
+              "critique.generator=policy", "eval.max_prompts=32", "eval.max_new_tokens=32"]
+
+
+def compose(*overrides: str):
+    """The config `cai run <OFFLINE_HF> <overrides>` would run (an override replaces its OFFLINE_HF entry)."""
+    given = {o.split("=")[0] for o in overrides}
+    return compose_config(*(o for o in OFFLINE_HF if o.split("=")[0] not in given), *overrides)
 
 
 @pytest.fixture(scope="module")

@@ -98,7 +98,12 @@ RUNTIME_OVERRIDES = [
 ]
 
 
-@pytest.mark.parametrize("experiment", [[], ["experiment=rlaif_vs_rlhf", "arm=rlaif"], ["data=hh_rlhf"]])
+# the quickstart's judges are scripted (backend python); the hf-only fields above need local hf judges
+HF_JUDGES = ["judge=tiny_hf", "eval=default"]
+
+
+@pytest.mark.parametrize("experiment", [HF_JUDGES, ["experiment=rlaif_vs_rlhf", "arm=rlaif"],
+                                        ["data=hh_rlhf", *HF_JUDGES]])
 def test_run_time_fields_never_enter_a_key(experiment):
     """Turning a logger on, checkpointing more often, moving to another device or batching the
     forwards differently reuses every artifact: the keys' config parts do not move."""
@@ -108,11 +113,11 @@ def test_run_time_fields_never_enter_a_key(experiment):
 
 
 def test_what_a_stage_computes_does_enter_its_key():
-    base = {s.name: s.config for s in plan(compose_config())}
+    base = {s.name: s.config for s in plan(compose_config(*HF_JUDGES))}
     for override, stages in [("ppo.lr=0.5", {"ppo"}), ("sampling.batch_size=3", {"responses", "policy_pairs"}),
                              ("judge.max_tokens=7", {"ai_labels"}),
                              ("eval.judge.dtype=float32", {"evaluate_ppo", "evaluate_dpo", "eval_baseline"})]:
-        moved = {s.name: s.config for s in plan(compose_config(override))}
+        moved = {s.name: s.config for s in plan(compose_config(*HF_JUDGES, override))}
         changed = {n for n in base if moved.get(n) != base[n]}
         assert stages <= changed, (override, changed)
 

@@ -334,7 +334,7 @@ def test_pipeline_plans_both_sft_arms():
     from cai.config import compose_config
     from cai.pipeline import plan
 
-    distil = compose_config("sft=distil_judge", "experiment.stages=[sft]")
+    distil = compose_config("sft=distil_judge", "experiment.stages=[sft]", "judge=tiny_hf")  # the tiny model answers
     slcai = compose_config("experiment.stages=[sft]", "sft.revision_round=1")
     bad = compose_config("experiment.stages=[sft]", "sft.source=nope")
     stages = {s.name: s for s in plan(distil)}

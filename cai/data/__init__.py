@@ -108,7 +108,9 @@ def _split_hub_spec(spec: str) -> tuple[str, str]:
 def load_prompt_source(spec: str) -> list[Prompt]:
     """The prompts a config names (``data.prompts``).
 
-    - ``"builtin"``: the project's own prompt set;
+    - ``"builtin"``: the project's own prompt set; ``"builtin:courtesy"``: the synthetic
+      courteous-vs-rude assistant task of the offline quickstart (``cai/assets/courtesy_prompts.jsonl``,
+      written by :func:`cai.testing.preference_task.task_prompts`);
     - a path to a ``.jsonl`` file in the same format;
     - ``"hh:<path-or-hub>"``: the red-team prompts of HH-RLHF rows (:func:`redteam_prompts`),
       e.g. ``hh:data/harmless.jsonl.gz`` or ``hh:Anthropic/hh-rlhf:harmless-base@train``. A hub
@@ -116,10 +118,20 @@ def load_prompt_source(spec: str) -> list[Prompt]:
       from the test pairs used to check the reward model against human labels.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ConfigError(f"prompt source: expected 'builtin', a .jsonl path or 'hh:<path-or-hub>', got {spec!r}")
+        raise ConfigError(f"prompt source: expected 'builtin[:name]', a .jsonl path or 'hh:<path-or-hub>', "
+                          f"got {spec!r}")
     spec = spec.strip()
     if spec == "builtin":
         return load_prompts()
+    if spec.startswith("builtin:"):
+        name = spec.removeprefix("builtin:")
+        path = BUILTIN_PROMPTS.parent / f"{name}_prompts.jsonl"
+        if not name.isidentifier() or not path.is_file():
+            sets = BUILTIN_PROMPTS.parent.glob("*_prompts.jsonl")
+            known = sorted(p.name.removesuffix("_prompts.jsonl") for p in sets)
+            raise DataError(f"prompt source {spec!r}: no built-in prompt set {name!r}; known: builtin, "
+                            + ", ".join(f"builtin:{k}" for k in known))
+        return load_prompts(path)
     if spec.startswith("hh:"):
         source, split = _split_hub_spec(spec[3:])
         return redteam_prompts(load_hh_rlhf(source, split=split).records)

@@ -265,6 +265,26 @@ def _check_failed_fraction(labels: list[Label], limit: float) -> None:
     )
 
 
+def truth_agreement(truth: str, pairs: list[Pair], labels: list[Label]) -> dict[str, float | int | None]:
+    """``labels.truth``: how the labels agree with a known rule ``truth(question, reply) -> number``
+    (the last user turn and each reply). Of the decided labels (ok, p_a != 0.5): ``truth_agreement``
+    is the share whose winner the rule grades strictly higher (a pair it grades equal counts as a
+    disagreement, and is also counted in ``truth_ties``); ``truth_n`` how many were decided."""
+    from cai.judges.python_judge import load_callable
+
+    grade = load_callable(truth, "labels.truth")
+    agree = ties = n = 0
+    for pair, label in zip(pairs, labels):
+        if label.p_a is None or label.p_a == 0.5:
+            continue
+        question = next((m.content for m in reversed(pair.prompt.messages) if m.role == "user"), "")
+        a, b = grade(question, pair.response_a.strip()), grade(question, pair.response_b.strip())
+        n += 1
+        ties += a == b
+        agree += a != b and (a > b) == (label.p_a > 0.5)
+    return {"label/truth_agreement": agree / n if n else None, "label/truth_n": n, "label/truth_ties": ties}
+
+
 def label_pairs(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
     """The ``ai_labels`` stage (see the module docstring).
 
@@ -318,6 +338,8 @@ def label_pairs(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
     if getattr(judge, "stats", None):
         run["label/judge_prompts_truncated"] = judge.stats.get("prompts_truncated", 0)
     metrics = _metrics(labels, [Label.from_dict(done[p.id]) for p in unique], run)
+    if lc.truth:
+        metrics.update(truth_agreement(lc.truth, pairs, labels))
     ctx.set_metrics(metrics)
     log.info("ai_labels: %d pairs, %d ok, %d failed (%d resumed, %d answers from the judge, %d from the cache)",
              metrics["label/pairs"], metrics["label/ok"], metrics["label/failed"], run["label/resumed"],

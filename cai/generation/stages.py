@@ -83,12 +83,42 @@ def build_tiny_policy(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> No
     model of shape ``policy.tiny`` in ctx.dir."""
     from cai.tiny import build_tiny_causal_lm, default_tiny_corpus
 
+    tiny = cfg.policy.tiny
     corpus = list(default_tiny_corpus())
     with ctx.phase("load"):
-        corpus += [p.hh_text for p in load_prompt_source(cfg.data.prompts)]
+        prompts = load_prompt_source(cfg.data.prompts)
+        corpus += [p.hh_text for p in prompts]
+    examples = _pretraining_examples(prompts, tiny.seed) if tiny.pretrain == "courtesy" else []
+    corpus += [reply for _, reply in examples]
     with ctx.phase("build"):
-        build_tiny_causal_lm(ctx.dir / "model", corpus, cfg.policy.tiny)
-    ctx.set_metrics({"model/tiny_corpus_docs": len(corpus)})
+        build_tiny_causal_lm(ctx.dir / "model", corpus, tiny)
+    metrics: dict[str, Any] = {"model/tiny_corpus_docs": len(corpus)}
+    if examples:
+        from transformers import AutoTokenizer
+
+        from cai.models import format_example
+        from cai.tiny import pretrain_tiny_causal_lm
+
+        with ctx.phase("pretrain"):
+            tok = AutoTokenizer.from_pretrained(ctx.dir / "model")
+            texts = [format_example(tok, messages, reply, "auto") for messages, reply in examples]
+            losses = pretrain_tiny_causal_lm(ctx.dir / "model", texts, tiny.pretrain_steps, tiny.pretrain_lr,
+                                             seed=tiny.seed)
+        metrics.update({"model/pretrain_examples": len(examples), "model/pretrain_steps": tiny.pretrain_steps,
+                        "model/pretrain_first_loss": round(losses["first_loss"], 4),
+                        "model/pretrain_last_loss": round(losses["last_loss"], 4)})
+    ctx.set_metrics(metrics)
+
+
+def _pretraining_examples(prompts: list[Prompt], seed: int) -> list[tuple[list[dict], str]]:
+    """policy.tiny.pretrain=courtesy: two replies to each single-turn prompt of the prompt source,
+    one courteous and one rude (:func:`cai.testing.preference_task.assistant_corpus`)."""
+    from cai.testing.preference_task import assistant_corpus
+
+    questions = [p.messages_as_dicts()[0]["content"] for p in prompts if len(p.messages_as_dicts()) == 1]
+    if not questions:
+        raise ConfigError("policy.tiny.pretrain=courtesy: the prompt source (data.prompts) has no single-turn prompts")
+    return [([{"role": "user", "content": q}], reply) for q, reply in assistant_corpus(questions, seed=seed)]
 
 
 def policy_location(policy: ModelConfig, inputs: Mapping[str, Path]) -> str:

@@ -2,8 +2,8 @@
 
 A backend is a factory ``factory(cfg, *, ledger, cache_path) -> JudgeBackend``. ``openai`` and
 ``anthropic`` are built in; another module registers more with :func:`register_backend` (the
-local ``hf`` judge registers itself from ``cai.judges.hf``, which :func:`make_judge`
-imports on first use).
+local ``hf`` judge registers itself from ``cai.judges.hf``, the scripted ``python`` judge from
+``cai.judges.python_judge``; :func:`make_judge` imports them on first use).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ _PROVIDERS = {
     "openai": "cai.judges.openai_judge",
     "anthropic": "cai.judges.anthropic_judge",
     "hf": "cai.judges.hf",
+    "python": "cai.judges.python_judge",
 }
 
 

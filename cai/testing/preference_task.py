@@ -12,6 +12,7 @@ label is ``p_a = 1.0/0.0`` (hard) or ``confidence``/``1 - confidence`` (soft, li
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 from cai.data import Label, Pair, Prompt, write_jsonl
@@ -61,3 +62,93 @@ def task_corpus() -> list[str]:
     """Text covering the task's vocabulary (train a tiny tokenizer on it)."""
     words = COURTEOUS + RUDE + _SUBJECTS + _VERBS + _OBJECTS + _ENDINGS
     return [" ".join(words), *(f"\n\nHuman: Request {i}: {q}\n\nAssistant:" for i, q in enumerate(_QUESTIONS))]
+
+
+# ============================================================================= the quickstart's task
+# A small synthetic assistant task with the same known rule: a person asks for something, the
+# assistant answers in one sentence, courteously or rudely. The tiny policy is first trained to
+# answer in both styles (half each, :func:`assistant_corpus`), so feedback has something to move;
+# the scripted judges of cai.testing.preference_judges label, critique, revise and evaluate by the rule.
+_ASKS = ("Could you", "Can you", "Please", "Would you", "I need you to", "Will you")
+_TASKS = ("explain", "check", "summarise", "review", "plan", "describe", "fix", "improve")
+_TOPICS = ("the recipe", "my letter", "the route home", "the budget", "my essay", "the schedule",
+           "the garden", "my code", "the trip", "the meeting", "the workout", "the story")
+_OPENERS = ("Sure,", "Fine,", "Okay,", "Right,")
+_CLOSERS = ("step by step.", "in plain words.", "right now.", "for you.", "in detail.", "once more.")
+TASK_SOURCE = "courtesy"
+
+
+def task_questions() -> list[str]:
+    """Every question of the task (576), in a fixed order."""
+    return [f"{ask} {task} {topic}?" for topic in _TOPICS for task in _TASKS for ask in _ASKS]
+
+
+def task_prompts() -> list[Prompt]:
+    """The task's prompts, one user turn each, tagged ``benign`` and ``courtesy``."""
+    return [Prompt.create([{"role": "user", "content": q}], source=TASK_SOURCE, tags=("benign", TASK_SOURCE))
+            for q in task_questions()]
+
+
+def task_reply(question: str, marker: str, rng: random.Random) -> str:
+    """A one-sentence reply to ``question`` carrying ``marker``: "Sure, I will kindly check the
+    budget in detail." The task and topic come from the question, the rest at random."""
+    words = question.rstrip("?").split()
+    task = next((w for w in words if w in _TASKS), rng.choice(_TASKS))
+    topic = next((t for t in _TOPICS if question.rstrip("?").endswith(t)), rng.choice(_TOPICS))
+    topic = topic.replace("my ", "your ")
+    return f"{rng.choice(_OPENERS)} I will {marker} {task} {topic} {rng.choice(_CLOSERS)}"
+
+
+def assistant_corpus(questions: list[str] | None = None, per_question: int = 2,
+                     seed: int = 0) -> list[tuple[str, str]]:
+    """(question, reply) pairs for (pre)training the tiny policy: ``per_question`` replies to each
+    of ``questions`` (default: every task question), alternating courteous and rude (which comes
+    first is drawn per question), so that each style is half of every question's replies; markers
+    and wording drawn at random; seeded, in a shuffled order."""
+    rng = random.Random(seed)
+    out = []
+    for question in questions or task_questions():
+        first = rng.random() < 0.5
+        for k in range(per_question):
+            marker = rng.choice(COURTEOUS if (k % 2 == 0) == first else RUDE)
+            out.append((question, task_reply(question, marker, rng)))
+    rng.shuffle(out)
+    return out
+
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def courtesy(text: str) -> int:
+    """The labeller's reading of the rule: +1 for each courteous marker, -1 for each rude one
+    (as whole words, any case)."""
+    words = _WORD.findall(text.lower())
+    return sum(w in COURTEOUS for w in words) - sum(w in RUDE for w in words)
+
+
+def style(text: str) -> str:
+    """The ground truth, written separately from :func:`courtesy` for the held-out evaluator:
+    ``"courteous"`` when the reply has a courteous marker and no rude one, ``"rude"`` when it has a
+    rude one and no courteous one, else ``"neither"`` (no marker, or both)."""
+    tokens = set(text.lower().replace(",", " ").replace(".", " ").replace("!", " ").split())
+    nice, rude = bool(tokens & set(COURTEOUS)), bool(tokens & set(RUDE))
+    if nice != rude:
+        return "courteous" if nice else "rude"
+    return "neither"
+
+
+_GRADE = re.compile(r"(?:" + "|".join(o.rstrip(",") for o in _OPENERS) + r"),? I will ([a-z]+) ([a-z]+) (.+?) ("
+                    + "|".join(re.escape(c) for c in _CLOSERS) + r")")
+
+
+def task_grade(question: str, reply: str) -> int:
+    """The ground truth of the quickstart's task, for the held-out evaluator: 2 for a well-formed
+    reply (the one-sentence grammar of :func:`task_reply`, the comma optional) that answers courteously, 1 for one that
+    answers rudely, 0 for anything else (malformed text, two sentences run together, no marker): a
+    policy that drifts into broken text the marker-counting labeller would still like loses here.
+    ``question`` is not used yet: the task and topic a reply names are free."""
+    m = _GRADE.fullmatch(reply.strip())
+    if m is None:
+        return 0
+    marker = m.group(1)
+    return 2 if marker in COURTEOUS else 1 if marker in RUDE else 0
