@@ -81,13 +81,16 @@ def test_truth_agreement_counts_decided_labels_against_the_rule(tmp_path):
     rows = synthetic_pairs(8, seed=1)
     pairs = [p for p, _ in rows]
     labels = [lb for _, lb in rows]  # the ground truth itself: full agreement
-    assert truth_agreement(f"{name}:grade", pairs, labels) == \
+    got = truth_agreement(f"{name}:grade", pairs, labels)
+    assert {k: got[k] for k in ("label/truth_agreement", "label/truth_n", "label/truth_ties")} == \
         {"label/truth_agreement": 1.0, "label/truth_n": 8, "label/truth_ties": 0}
+    assert got["label/truth_agreement_ci_high"] == 1.0 and 0.67 < got["label/truth_agreement_ci_low"] < 0.68  # Wilson
     labels[0] = Label(pairs[0].id, 1.0 - labels[0].p_a, "flipped")
     labels[1] = Label(pairs[1].id, 0.5, "tie")  # undecided: not counted
     labels[2] = Label(pairs[2].id, None, "failed", status="failed", failure_reason="refusal")
     got = truth_agreement(f"{name}:grade", pairs, labels)
-    assert got == {"label/truth_agreement": 5 / 6, "label/truth_n": 6, "label/truth_ties": 0}
+    assert {k: got[k] for k in ("label/truth_agreement", "label/truth_n", "label/truth_ties")} == \
+        {"label/truth_agreement": 5 / 6, "label/truth_n": 6, "label/truth_ties": 0}
     # the quickstart's ground truth grades these replies (another grammar) as broken: all ties
     assert truth_agreement("cai.testing.preference_task:task_grade", pairs, labels)["label/truth_ties"] == 6
 
@@ -148,8 +151,8 @@ def test_editing_the_rule_changes_the_artifact_keys(tmp_path):
     after = keyed()
     assert source_digest(f"{name}:rule") != digest
     assert after["ai_labels"] != before["ai_labels"] and after["prompts"] == before["prompts"]
-    evaluator_digest = before["evaluate"]["contents"]["eval.judge.model"]  # another callable, another file
-    assert after["evaluate"]["contents"]["eval.judge.model"] == evaluator_digest != digest
+    evaluator_digest = before["evaluate_ppo"]["contents"]["eval.judge.model"]  # another callable, another file
+    assert after["evaluate_ppo"]["contents"]["eval.judge.model"] == evaluator_digest != digest
 
 
 def test_task_judges_follow_the_rule(rule_judge):

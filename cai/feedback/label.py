@@ -269,8 +269,10 @@ def truth_agreement(truth: str, pairs: list[Pair], labels: list[Label]) -> dict[
     """``labels.truth``: how the labels agree with a known rule ``truth(question, reply) -> number``
     (the last user turn and each reply). Of the decided labels (ok, p_a != 0.5): ``truth_agreement``
     is the share whose winner the rule grades strictly higher (a pair it grades equal counts as a
-    disagreement, and is also counted in ``truth_ties``); ``truth_n`` how many were decided."""
+    disagreement, and is also counted in ``truth_ties``), with its Wilson 95% interval
+    (``_ci_low``/``_ci_high``); ``truth_n`` how many were decided."""
     from cai.judges.python_judge import load_callable
+    from cai.stats import wilson_ci
 
     grade = load_callable(truth, "labels.truth")
     agree = ties = n = 0
@@ -282,7 +284,9 @@ def truth_agreement(truth: str, pairs: list[Pair], labels: list[Label]) -> dict[
         n += 1
         ties += a == b
         agree += a != b and (a > b) == (label.p_a > 0.5)
-    return {"label/truth_agreement": agree / n if n else None, "label/truth_n": n, "label/truth_ties": ties}
+    low, high = wilson_ci(agree, n) if n else (None, None)
+    return {"label/truth_agreement": agree / n if n else None, "label/truth_agreement_ci_low": low,
+            "label/truth_agreement_ci_high": high, "label/truth_n": n, "label/truth_ties": ties}
 
 
 def label_pairs(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:

@@ -160,8 +160,27 @@ def answer_section(data: ReportData) -> Section:
     else:
         s.notes.append("No reward-vs-KL plot: no arm trained PPO (its train log holds ppo/objective/kl and "
                        "ppo/objective/scores).")
+    s.paragraphs += _feedback_lines(data)
     s.details.append(_win_rate_counts(data))
     return s
+
+
+# What the feedback itself got right, before any policy trained on it: the labels against a known
+# rule (labels.truth) or against human labels, and the reward model on its held-out pairs.
+FEEDBACK = (("labels agree with the known rule", "label/truth_agreement"),
+            ("labels agree with humans", "quality/agreement"),
+            ("reward model's held-out accuracy", "rm/eval/accuracy"),
+            ("held-out reward model's accuracy", "eval_rm/eval/accuracy"))
+
+
+def _feedback_lines(data: ReportData) -> list[str]:
+    """One line per arm: how good its labels and reward model are, where measured."""
+    lines = []
+    for arm in data.arms:
+        parts = [f"{what} {cell.text()}" for what, key in FEEDBACK if (cell := arm_cell(arm, key))]
+        if parts:
+            lines.append(f"Feedback{f' ({arm.name})' if len(data.arms) > 1 else ''}: " + "; ".join(parts) + ".")
+    return lines
 
 
 KL_X, SCORE_Y = "ppo/objective/kl", "ppo/objective/scores"
