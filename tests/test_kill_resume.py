@@ -36,7 +36,7 @@ def _cmd(port: int, store: Path, run: Path) -> list[str]:
     return [sys.executable, "-m", "cai.cli", "run", "judge=openai_gpt4_1_mini",
             f"judge.base_url=http://127.0.0.1:{port}/v1", "judge.api_key_env=null", "judge.timeout_s=0.5",
             "judge.backoff_base_s=0.05", "judge.backoff_max_s=0.5", "judge.max_retries=10",
-            "judge.malformed_retries=8", "judge.max_concurrency=2",
+            "judge.malformed_retries=8", "judge.max_concurrency=2", "critique.generator=policy",  # labels only
             "experiment.stages=[responses,revisions,sft,policy_pairs,ai_labels]", "data.max_prompts=12",
             "sampling.max_new_tokens=6", "critique.max_new_tokens=6", "labels.batch_pairs=3",
             f"store.root={store}", f"hydra.run.dir={run}"]
@@ -121,6 +121,8 @@ def test_faults_an_outage_and_a_kill_leave_the_labels_of_a_fault_free_run(tmp_pa
     metrics = json.loads((tmp_path / "run2" / "metrics.json").read_text())
     total_paid = sum(usd for _, usd in spent)
     assert metrics["label/cost_usd"] == pytest.approx(total_paid, rel=1e-9, abs=1e-12)
+    stage = json.loads((tmp_path / "run2" / "stages" / "ai_labels.json").read_text())
+    assert stage["cost"]["dollars"] == pytest.approx(total_paid, rel=1e-9, abs=1e-12)  # the whole cost, resume or not
     assert metrics["label/resumed"] == killed_at
     print(json.dumps({"requests_sent": len(records), "faults": dict(faults), "distinct_paid": len(paid),
                       "paid_twice": len(twice), "in_flight_at_kill": len(in_flight),

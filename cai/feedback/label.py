@@ -334,7 +334,6 @@ def label_pairs(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
         record = {"judge": scrub_secrets(asdict(judge_cfg)), "source": source, "template_version": tpl.TEMPLATE_VERSION,
                   "ledger": totals, "hf_stats": dict(getattr(judge, "stats", {}) or {})}
         (ctx.dir / "judge.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    ctx.add_cost(totals["total"]["tokens_in"], totals["total"]["tokens_out"], totals["total"]["cost_usd"])
     labels = [Label.from_dict(done[p.id]) for p in pairs]
     run = {"label/pairs_beyond_limit": len(all_pairs) - len(pairs), "label/duplicate_pairs": len(pairs) - len(unique),
            "label/resumed": len(unique) - len(todo), "label/api_calls": totals["total"]["api_calls"],
@@ -342,6 +341,9 @@ def label_pairs(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
     if getattr(judge, "stats", None):
         run["label/judge_prompts_truncated"] = judge.stats.get("prompts_truncated", 0)
     metrics = _metrics(labels, [Label.from_dict(done[p.id]) for p in unique], run)
+    # the artifact's whole cost, attempts before a resume included (each label's meta carries what it
+    # was paid), not only this process's ledger
+    ctx.add_cost(metrics["label/tokens_in"], metrics["label/tokens_out"], metrics["label/cost_usd"])
     if lc.truth:
         metrics.update(truth_agreement(lc.truth, pairs, labels))
     ctx.set_metrics(metrics)
