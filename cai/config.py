@@ -57,7 +57,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 CHAT_FORMATS = ("auto", "template", "hh")
-JUDGE_BACKENDS = ("openai", "anthropic", "hf")
+JUDGE_BACKENDS = ("openai", "anthropic", "hf", "embedding")
 # which policy a stage starts from or an arm is evaluated on
 START_POLICIES = ("initial", "sft")
 EVALUATED_POLICIES = ("initial", "sft", "dpo", "ppo")
@@ -555,6 +555,15 @@ class JudgeConfig(Schema):
     so a value other than auto is part of the artifact keys"""
     batch_size: Optional[int] = setting(None, ge=1, runtime=True)
     """hf only: rows per forward pass; None: the asking stage's own (labels.hf_batch_size, ...)"""
+    gguf_file: Optional[str] = setting(None, keyed_unless_default=True)
+    """hf only: a .gguf file inside the model directory (or an absolute path) to load; it is
+    dequantised once into the artifact store and the copy is reused (cai.models)"""
+    embedding_sim_weight: float = setting(20.0, keyed_unless_default=True)
+    """embedding only: weight of cos(A, principle) - cos(B, principle) in the logit of p(A)
+    (cai.judges.embedding)"""
+    embedding_length_weight: float = setting(0.0, keyed_unless_default=True)
+    """embedding only: weight of log(chars of A / chars of B) in the logit of p(A); fitted on
+    human pairs by experiments/label_agreement/embedding_baseline.py (0: similarity alone)"""
 
     def check(self) -> None:
         import re
@@ -575,9 +584,12 @@ class JudgeConfig(Schema):
             except FieldError as e:
                 self.fail(f"prices.{model}.{e.name}", e.problem)
         self.prices = prices
-        local = {"device": "auto", "dtype": "auto", "batch_size": None}
+        if self.backend == "embedding" and self.gguf_file is not None:
+            self.fail("gguf_file", "is for backend hf (a causal LM from a GGUF file); the embedding judge loads "
+                      "an encoder folder or hub name")
+        local = {"device": "auto", "dtype": "auto", "batch_size": None, "gguf_file": None}
         changed = [f"{k}={getattr(self, k)!r}" for k, default in local.items() if getattr(self, k) != default]
-        if changed and self.backend != "hf":
+        if changed and self.backend not in ("hf", "embedding"):
             self.fail(changed[0].split("=")[0], f"{', '.join(changed)}: these fields place a local model (backend "
                       f"hf); backend {self.backend!r} runs its model on the server (set them there)")
 
@@ -630,6 +642,10 @@ class LabelConfig(Schema):
     """longest chain-of-thought reasoning, tokens"""
     cot_temperature: Optional[float] = setting(None, ge=0.0)
     """reasoning temperature; None: 0 for one sample, 1.0 for self-consistency"""
+    calibrate: bool = setting(False, keyed_unless_default=True)
+    """contextual calibration (Zhao et al. 2021): also ask each pair's comparison with both replies
+    replaced by "N/A" and divide the judge's choice probabilities by that content-free answer
+    (pairwise, no cot; meant for log-prob judges such as a local hf base model)"""
     batch_pairs: int = setting(64, ge=1, runtime=True)
     """pairs per judge call and per journal flush"""
     hf_batch_size: int = setting(16, ge=1, runtime=True)
@@ -650,6 +666,9 @@ class LabelConfig(Schema):
             c = self.clamp
             if len(c) != 2 or not 0.0 <= c[0] <= 0.5 <= c[1] <= 1.0:
                 self.fail("clamp", f"expected [lo, hi] with 0 <= lo <= 0.5 <= hi <= 1, got {c!r}")
+        if self.calibrate and (self.cot or self.method != "pairwise"):
+            self.fail("calibrate", "contextual calibration divides out the A/B slot prior of a pairwise answer: it "
+                      f"needs method: pairwise without cot (got method={self.method!r}, cot={self.cot})")
         if self.method == "direct_score" and (self.cot or self.few_shot):
             self.fail("method", "'direct_score' rates one reply at a time: it takes neither cot nor few_shot "
                       "(the constitution's examples are pairwise)")
