@@ -26,6 +26,7 @@ _PROVIDERS = {
     "openai": "cai.judges.openai_judge",
     "anthropic": "cai.judges.anthropic_judge",
     "hf": "cai.judges.hf",
+    "embedding": "cai.judges.embedding",
 }
 
 
