@@ -597,6 +597,13 @@ class JudgeConfig(Schema):
         """What a stage that asks this judge needs beyond valid fields (checked when the run is planned)."""
         if not self.model.strip():
             raise FieldError(where, "model", f"must name the judge model, got {self.model!r}")
+        local = Path(self.model).expanduser()
+        if self.backend == "hf" and local.is_file() and local.suffix.lower() == ".gguf":
+            raise FieldError(where, "model", f"{self.model!r} is a GGUF file: set model to its folder "
+                             f"{str(local.parent)!r} and gguf_file: {local.name!r}")
+        if self.backend == "hf" and (local / "__init__.py").is_file():
+            raise FieldError(where, "model", f"{self.model!r} is a Python package folder, not a model; for the "
+                             "Gemma GGUF package use judge=gemma3_270m_gguf (see conf/judge/gemma3_270m_gguf.yaml)")
         if self.max_dollars is not None and self.backend != "hf" and self.model not in self.prices:
             raise FieldError(where, "max_dollars", f"is set but 'prices' has no entry for model {self.model!r}; "
                              "add prices: {<model>: {input_per_mtok: ..., output_per_mtok: ...}}")

@@ -89,3 +89,19 @@ def test_gemma_gguf_as_hf_judge(tmp_path, monkeypatch):
     (res,) = judge.choose([ChoiceRequest(msgs, ("A", "B"))])
     assert res.ok and abs(sum(res.probs.values()) - 1) < 1e-6
     assert list((tmp_path / "store" / "dequantized").glob("*/model/config.json"))
+
+
+def test_a_judge_pointed_at_a_gguf_file_or_a_package_fails_when_planned(fake_gguf, tmp_path):
+    from cai.errors import ConfigError
+    from cai.judges.config import ready_judge
+
+    folder, reads = fake_gguf
+    with pytest.raises(ConfigError, match=r"judge\.model: .* is a GGUF file: set model to its folder .*gguf_file"):
+        ready_judge({"backend": "hf", "model": str(folder / "tiny.gguf")})
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    with pytest.raises(ConfigError, match="Python package folder.*judge=gemma3_270m_gguf"):
+        ready_judge({"backend": "hf", "model": str(package)})
+    assert ready_judge({"backend": "hf", "model": str(folder), "gguf_file": "tiny.gguf"}).gguf_file == "tiny.gguf"
+    assert reads == []  # planning loads nothing
