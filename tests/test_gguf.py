@@ -105,3 +105,13 @@ def test_a_judge_pointed_at_a_gguf_file_or_a_package_fails_when_planned(fake_ggu
         ready_judge({"backend": "hf", "model": str(package)})
     assert ready_judge({"backend": "hf", "model": str(folder), "gguf_file": "tiny.gguf"}).gguf_file == "tiny.gguf"
     assert reads == []  # planning loads nothing
+
+
+def test_a_trained_artifact_of_a_gguf_policy_loads_as_a_saved_folder(tmp_path):
+    from cai.config import ModelConfig
+    from cai.config import build as build_schema
+    from cai.generation.stages import model_spec
+
+    policy = build_schema(ModelConfig, {"name_or_path": str(tmp_path), "gguf_file": "m.gguf"})
+    assert model_spec(policy, str(tmp_path)).gguf_file == "m.gguf"  # the initial policy: the GGUF
+    assert model_spec(policy, str(tmp_path / "sft" / "model")).gguf_file is None  # sft/dpo/ppo output
