@@ -492,14 +492,16 @@ class JudgeConfig(Schema):
     """One AI judge: which model, where, how fast, how much it may cost.
 
     Only the fields that change its answers (backend, model, base_url, sampling, max_tokens,
-    top_logprobs, n_samples; dtype when not auto) enter artifact keys; the rest are run-time.
+    top_logprobs, n_samples; dtype, gguf_file and the embedding weights when not at their
+    defaults) enter artifact keys; the rest are run-time.
     API keys never live in config: ``api_key_env`` names the environment variable.
     """
 
     GROUP: ClassVar[str] = "judge"
 
     backend: str = setting("openai", choices=JUDGE_BACKENDS)
-    """openai (any OpenAI-compatible base_url: vLLM, llama.cpp, Ollama) | anthropic | hf (local)"""
+    """openai (any OpenAI-compatible base_url: vLLM, llama.cpp, Ollama) | anthropic | hf (local) |
+    embedding (a local sentence encoder comparing replies with the principle; A/B only)"""
     model: str = setting("", local_path=True)
     """model name as the API knows it (hf: hub name or local path; tiny: the tiny policy)"""
     base_url: Optional[str] = None
