@@ -57,7 +57,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 CHAT_FORMATS = ("auto", "template", "hh")
-JUDGE_BACKENDS = ("openai", "anthropic", "hf", "python")
+JUDGE_BACKENDS = ("openai", "anthropic", "hf", "python", "embedding")
 # which policy a stage starts from or an arm is evaluated on
 START_POLICIES = ("initial", "sft")
 EVALUATED_POLICIES = ("initial", "sft", "dpo", "ppo")
@@ -523,7 +523,8 @@ class JudgeConfig(Schema):
     """One AI judge: which model, where, how fast, how much it may cost.
 
     Only the fields that change its answers (backend, model, base_url, sampling, max_tokens,
-    top_logprobs, n_samples; dtype when not auto) enter artifact keys; the rest are run-time.
+    top_logprobs, n_samples; dtype, gguf_file and the embedding weights when not at their
+    defaults) enter artifact keys; the rest are run-time.
     API keys never live in config: ``api_key_env`` names the environment variable.
     """
 
@@ -531,7 +532,8 @@ class JudgeConfig(Schema):
 
     backend: str = setting("openai", choices=JUDGE_BACKENDS)
     """openai (any OpenAI-compatible base_url: vLLM, llama.cpp, Ollama) | anthropic | hf (local) |
-    python (a scripted judge: a Python callable answers, see cai.judges.python_judge)"""
+    python (a scripted judge: a Python callable answers, see cai.judges.python_judge) |
+    embedding (a local sentence encoder comparing replies with the principle; A/B only)"""
     model: str = setting("", local_path=True)
     """model name as the API knows it (hf: hub name or local path; tiny: the tiny policy; python:
     'module:function', e.g. cai.testing.preference_judges:judge, keyed with its module's source hash)"""
@@ -589,6 +591,15 @@ class JudgeConfig(Schema):
     so a value other than auto is part of the artifact keys"""
     batch_size: Optional[int] = setting(None, ge=1, runtime=True)
     """hf only: rows per forward pass; None: the asking stage's own (labels.hf_batch_size, ...)"""
+    gguf_file: Optional[str] = setting(None, keyed_unless_default=True)
+    """hf only: a .gguf file inside the model directory (or an absolute path) to load; it is
+    dequantised once into the artifact store and the copy is reused (cai.models)"""
+    embedding_sim_weight: float = setting(20.0, keyed_unless_default=True)
+    """embedding only: weight of cos(A, principle) - cos(B, principle) in the logit of p(A)
+    (cai.judges.embedding)"""
+    embedding_length_weight: float = setting(0.0, keyed_unless_default=True)
+    """embedding only: weight of log(chars of A / chars of B) in the logit of p(A); fitted on
+    human pairs by experiments/label_agreement/embedding_baseline.py (0: similarity alone)"""
 
     def check(self) -> None:
         import re
@@ -609,9 +620,12 @@ class JudgeConfig(Schema):
             except FieldError as e:
                 self.fail(f"prices.{model}.{e.name}", e.problem)
         self.prices = prices
-        local = {"device": "auto", "dtype": "auto", "batch_size": None}
+        if self.backend == "embedding" and self.gguf_file is not None:
+            self.fail("gguf_file", "is for backend hf (a causal LM from a GGUF file); the embedding judge loads "
+                      "an encoder folder or hub name")
+        local = {"device": "auto", "dtype": "auto", "batch_size": None, "gguf_file": None}
         changed = [f"{k}={getattr(self, k)!r}" for k, default in local.items() if getattr(self, k) != default]
-        if changed and self.backend != "hf":
+        if changed and self.backend not in ("hf", "embedding"):
             self.fail(changed[0].split("=")[0], f"{', '.join(changed)}: these fields place a local model (backend "
                       f"hf); backend {self.backend!r} runs its model on the server (set them there)")
 
@@ -619,7 +633,15 @@ class JudgeConfig(Schema):
         """What a stage that asks this judge needs beyond valid fields (checked when the run is planned)."""
         if not self.model.strip():
             raise FieldError(where, "model", f"must name the judge model, got {self.model!r}")
-        if self.max_dollars is not None and self.backend not in ("hf", "python") and self.model not in self.prices:
+        local = Path(self.model).expanduser()
+        if self.backend == "hf" and local.is_file() and local.suffix.lower() == ".gguf":
+            raise FieldError(where, "model", f"{self.model!r} is a GGUF file: set model to its folder "
+                             f"{str(local.parent)!r} and gguf_file: {local.name!r}")
+        if self.backend == "hf" and (local / "__init__.py").is_file():
+            raise FieldError(where, "model", f"{self.model!r} is a Python package folder, not a model; for the "
+                             "Gemma GGUF package use judge=gemma3_270m_gguf (see conf/judge/gemma3_270m_gguf.yaml)")
+        if self.max_dollars is not None and self.backend not in ("hf", "python", "embedding") \
+                and self.model not in self.prices:
             raise FieldError(where, "max_dollars", f"is set but 'prices' has no entry for model {self.model!r}; "
                              "add prices: {<model>: {input_per_mtok: ..., output_per_mtok: ...}}")
 
@@ -668,6 +690,10 @@ class LabelConfig(Schema):
     """longest chain-of-thought reasoning, tokens"""
     cot_temperature: Optional[float] = setting(None, ge=0.0)
     """reasoning temperature; None: 0 for one sample, 1.0 for self-consistency"""
+    calibrate: bool = setting(False, keyed_unless_default=True)
+    """contextual calibration (Zhao et al. 2021): also ask each pair's comparison with both replies
+    replaced by "N/A" and divide the judge's choice probabilities by that content-free answer
+    (pairwise, no cot; meant for log-prob judges such as a local hf base model)"""
     batch_pairs: int = setting(64, ge=1, runtime=True)
     """pairs per judge call and per journal flush"""
     hf_batch_size: int = setting(16, ge=1, runtime=True)
@@ -688,6 +714,9 @@ class LabelConfig(Schema):
             c = self.clamp
             if len(c) != 2 or not 0.0 <= c[0] <= 0.5 <= c[1] <= 1.0:
                 self.fail("clamp", f"expected [lo, hi] with 0 <= lo <= 0.5 <= hi <= 1, got {c!r}")
+        if self.calibrate and (self.cot or self.method != "pairwise"):
+            self.fail("calibrate", "contextual calibration divides out the A/B slot prior of a pairwise answer: it "
+                      f"needs method: pairwise without cot (got method={self.method!r}, cot={self.cot})")
         if self.method == "direct_score" and (self.cot or self.few_shot):
             self.fail("method", "'direct_score' rates one reply at a time: it takes neither cot nor few_shot "
                       "(the constitution's examples are pairwise)")

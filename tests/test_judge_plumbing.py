@@ -378,12 +378,16 @@ def test_judge_key_keeps_old_keys_and_adds_a_non_default_dtype():
     plain = {b: dataclasses.asdict(ready_judge({"backend": b, "model": "m"})) for b in ("hf", "openai")}
     for cfg in plain.values():
         assert judge_key(cfg) == {k: cfg[k] for k in before}
-        assert set(judge_key(cfg)) | set(runtime_fields(JudgeConfig)) == set(cfg) - {"dtype"}
+        unless_default = {f.name for f in dataclasses.fields(JudgeConfig) if f.metadata.get("keyed_unless_default")}
+        assert {"dtype", "gguf_file", "embedding_sim_weight", "embedding_length_weight"} <= unless_default
+        assert set(judge_key(cfg)) | set(runtime_fields(JudgeConfig)) == set(cfg) - unless_default
     local = dataclasses.asdict(ready_judge({"backend": "hf", "model": "m", "device": "cpu", "batch_size": 2}))
     assert judge_key(local) == judge_key(plain["hf"])
     assert {"device", "batch_size"} <= set(runtime_fields(JudgeConfig))
     half = dataclasses.asdict(ready_judge({"backend": "hf", "model": "m", "dtype": "bfloat16"}))
     assert judge_key(half) == {**judge_key(local), "dtype": "bfloat16"} and "dtype" not in runtime_fields(JudgeConfig)
+    gguf = dataclasses.asdict(ready_judge({"backend": "hf", "model": "m", "gguf_file": "m.gguf"}))
+    assert judge_key(gguf) == {**judge_key(local), "gguf_file": "m.gguf"}
 
 
 def test_missing_api_key_names_the_variable(monkeypatch):

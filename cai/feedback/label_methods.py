@@ -28,6 +28,17 @@ slot 1 wins). In order ``"ab"`` slot 1 shows ``response_a``, so ``p_a = p_first`
   labels to [0.4, 0.6] because sampled reasoning makes over-confident answers), then, for hard
   labels, round to 1.0 / 0.0. An exact tie stays 0.5: a hard label never flips a coin.
 
+Contextual calibration (``labels.calibrate``, Zhao et al. 2021, "Calibrate before use"). A base
+model asked "A or B?" answers mostly from a prior over the letters that has little to do with the
+replies; asking both orders cancels it only when the prior is mild (when it is saturated both
+orders say "A" and average to 0.5: no signal, no warning). So per pair and principle the method
+also asks the same comparison with both replies replaced by :data:`CONTENT_FREE` -- the judge's
+choice distribution ``q`` on an input without content -- and divides it out of every answer of
+that pair and principle: ``p'(c) = (p(c) / q(c)) / sum_k p(k) / q(k)`` (:func:`calibrate`). A
+judge with no prior (``q`` uniform) is left unchanged. ``meta`` keeps the uncalibrated
+``p_first_raw`` per order and the content-free ``content_free_p_first`` per principle, so one
+run shows the position metrics before and after.
+
 Direct scores. The judge rates each reply 1..10 alone: ``score = sum(k * P(k))`` and
 ``p_a = P(S_a > S_b) + P(S_a = S_b) / 2`` for independent draws from the two rating
 distributions (:func:`p_a_from_scores`), averaged over principles.
@@ -158,6 +169,27 @@ def finish(p_a: float, clamp: Sequence[float] | None, soft: bool) -> float:
     if not soft and p_a != 0.5:
         p_a = 1.0 if p_a > 0.5 else 0.0
     return p_a
+
+
+CONTENT_FREE = "N/A"
+"""The reply text of a content-free comparison (contextual calibration)."""
+CALIBRATION_FLOOR = 1e-6
+"""Content-free probabilities below this are treated as a failed calibration, not divided by."""
+
+
+def calibrate(probs: Mapping[str, float], content_free: Mapping[str, float]) -> dict[str, float]:
+    """Contextual calibration: ``probs`` divided by the content-free distribution, renormalised.
+
+    ``p'(c) = (p(c) / q(c)) / sum_k p(k) / q(k)``. Raises ValueError when ``content_free`` lacks a
+    choice or gives one less than :data:`CALIBRATION_FLOOR` (a prior that certain cannot be
+    divided out: the judge would have to be infinitely sure the other way)."""
+    low = [c for c in probs if float(content_free.get(c, 0.0)) < CALIBRATION_FLOOR]
+    if low:
+        raise ValueError(f"the content-free answer gives {', '.join(map(repr, low))} probability "
+                         f"< {CALIBRATION_FLOOR:g}: the slot prior cannot be divided out")
+    scaled = {c: float(p) / float(content_free[c]) for c, p in probs.items()}
+    total = sum(scaled.values())
+    return {c: v / total for c, v in scaled.items()}
 
 
 def expected_score(probs: Mapping[str, float]) -> float:
@@ -356,25 +388,69 @@ class Pairwise(LabelMethod):
         return pair.prompt.messages_as_dicts(), first, second, self.constitution.preference_by_id(principle_id).question
 
     def requests(self, pair: Pair, principles: Sequence[PreferencePrinciple]) -> list[tuple[Key, Request]]:
-        """Which reply is better, A or B? -- once per principle and order."""
-        return [(key, ChoiceRequest(tpl.comparison_messages(*self.slots(pair, key), few_shot=self.examples),
-                                    tpl.PAIR_CHOICES, tag=self.tag(pair, key, "answer")))
-                for key in self.keys(principles)]
+        """Which reply is better, A or B? -- once per principle and order; with
+        ``labels.calibrate`` also once per principle with both replies :data:`CONTENT_FREE`
+        (key order ``"cf"``)."""
+        out: list[tuple[Key, Request]] = [
+            (key, ChoiceRequest(tpl.comparison_messages(*self.slots(pair, key), few_shot=self.examples),
+                                tpl.PAIR_CHOICES, tag=self.tag(pair, key, "answer")))
+            for key in self.keys(principles)]
+        if self.lc.calibrate:
+            for p in principles:
+                key = (p.id, "cf", 0)
+                msgs = tpl.comparison_messages(pair.prompt.messages_as_dicts(), CONTENT_FREE, CONTENT_FREE, p.question,
+                                               few_shot=self.examples)
+                out.append((key, ChoiceRequest(msgs, tpl.PAIR_CHOICES, tag=self.tag(pair, key, "content_free"))))
+        return out
 
     def combine(self, pair: Pair, principles: Sequence[PreferencePrinciple], answers: Mapping[Key, Answer]) -> Verdict:
         """Each (principle, order) judgement averages its samples (:func:`average_samples`); the
-        judgements combine by :func:`combine_pairwise`."""
+        judgements combine by :func:`combine_pairwise`. With ``labels.calibrate`` every answer is
+        first calibrated by its principle's content-free answer (:func:`calibrate`); a failed
+        content-free answer fails that principle's judgements."""
+        content_free = {pid: a for (pid, order, _), a in answers.items() if order == "cf"}
+        calibrating = self.lc.calibrate
         samples: dict[tuple[str, str], list[Answer]] = {}
         for (principle_id, order, _), answer in answers.items():
-            samples.setdefault((principle_id, order), []).append(answer)
-        judgements = []
+            if order != "cf":
+                samples.setdefault((principle_id, order), []).append(answer)
+        judgements, raw = [], []
         for (principle_id, order), got in samples.items():
             probs = [a.probs[tpl.PAIR_CHOICES[0]] if answered(a) else None for a in got]
-            p_first, failure = average_samples(probs, [None if answered(a) else why(a) for a in got])
+            failures = [None if answered(a) else why(a) for a in got]
+            p_raw, _ = average_samples(probs, failures)
+            raw.append(Judgement(principle_id, order, p_raw))
+            if calibrating:
+                probs, failures = self._calibrated(got, content_free.get(principle_id), probs, failures)
+            p_first, failure = average_samples(probs, failures)
             judgements.append(Judgement(principle_id, order, p_first, failure))
         c = combine_pairwise(judgements, self.orders, self.lc.allow_single_order)
-        meta = {"p_first": c.p_first, "p_a_by_order": c.p_a_by_order, "per_principle": c.per_principle}
+        meta: dict[str, Any] = {"p_first": c.p_first, "p_a_by_order": c.p_a_by_order, "per_principle": c.per_principle}
+        if calibrating:
+            meta["p_first_raw"] = combine_pairwise(raw, self.orders, allow_single_order=True).p_first
+            meta["content_free_p_first"] = {pid: a.probs[tpl.PAIR_CHOICES[0]] if answered(a) else None
+                                            for pid, a in content_free.items()}
         return Verdict(c.p_a, c.order, meta, c.failure, first_failure(judgements))
+
+    @staticmethod
+    def _calibrated(got: Sequence[Answer], cf: Answer, probs: list[float | None],
+                    failures: list[str | None]) -> tuple[list[float | None], list[str | None]]:
+        """The samples' P(A) calibrated by the content-free answer ``cf`` (failed without one)."""
+        if not answered(cf):
+            reason = f"calibration: content-free answer failed: {why(cf)}"
+            return [None] * len(got), [f if f else reason for f in failures]
+        out_p: list[float | None] = []
+        out_f: list[str | None] = list(failures)
+        for i, a in enumerate(got):
+            if not answered(a):
+                out_p.append(None)
+                continue
+            try:
+                out_p.append(calibrate(a.probs, cf.probs)[tpl.PAIR_CHOICES[0]])
+            except ValueError as e:
+                out_p.append(None)
+                out_f[i] = f"calibration: {e}"
+        return out_p, out_f
 
 
 class ChainOfThought(Pairwise):

@@ -139,7 +139,8 @@ def model_spec(policy: ModelConfig, location: str, **overrides: Any) -> ModelSpe
     fields: dict[str, Any] = {
         "name_or_path": location,
         "revision": policy.revision,
-        "gguf_file": policy.gguf_file,
+        # a GGUF file belongs to policy.name_or_path; a trained artifact (sft, dpo, ppo) is a saved folder
+        "gguf_file": policy.gguf_file if location == policy.name_or_path else None,
         "dtype": policy.dtype,
         "device": policy.device,
         "trust_remote_code": policy.trust_remote_code,

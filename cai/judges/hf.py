@@ -43,6 +43,9 @@ Answers are cached in the same :class:`~cai.judges.cache.JudgeCache` as the API 
 (the same key scheme; ``backend="hf"``), tokens are counted, the cost is 0. The model is loaded
 on first use, so a run answered entirely from the cache never loads it. ``model: tiny`` is
 resolved by the pipeline to the tiny policy artifact; outside the pipeline pass a directory.
+A GGUF checkpoint is ``model: <its folder>`` plus ``gguf_file: <file name>`` (the
+``judge=gemma3_270m_gguf`` preset); it is dequantised once into the artifact store and the copy
+is what later loads read (:func:`cai.models.dequantized_spec`).
 """
 
 from __future__ import annotations
@@ -167,7 +170,8 @@ class HFJudge(SyncJudgeMixin):
             )
         self.cfg = cfg
         self.model = cfg.model
-        self.spec = ModelSpec(cfg.model, dtype=dtype or cfg.dtype, device=device or cfg.device, chat_format=chat_format)
+        self.spec = ModelSpec(cfg.model, gguf_file=cfg.gguf_file, dtype=dtype or cfg.dtype, device=device or cfg.device,
+                              chat_format=chat_format)
         self.batch_size = batch_size or cfg.batch_size or DEFAULT_BATCH_SIZE
         self.ledger = ledger if ledger is not None else CostLedger(cfg.prices, cfg.max_dollars)
         path = cfg.cache_path or cache_path or default_cache_path()
@@ -204,6 +208,8 @@ class HFJudge(SyncJudgeMixin):
 
             self._key_params = {"scoring": SCORING, "spellings": list(SPELLINGS), "chat_format": self.spec.chat_format,
                                 "dtype": str(resolve_dtype(self.spec)).replace("torch.", "")}
+            if self.spec.gguf_file:  # two GGUF files of one folder answer differently
+                self._key_params["gguf_file"] = self.spec.gguf_file
         return self._key_params
 
     def _template_version(self, tag: dict) -> str:

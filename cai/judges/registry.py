@@ -27,6 +27,7 @@ _PROVIDERS = {
     "anthropic": "cai.judges.anthropic_judge",
     "hf": "cai.judges.hf",
     "python": "cai.judges.python_judge",
+    "embedding": "cai.judges.embedding",
 }
 
 
