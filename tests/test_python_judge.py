@@ -22,8 +22,10 @@ from cai.testing.preference_judges import evaluator, judge
 from cai.testing.preference_task import (
     COURTEOUS,
     RUDE,
+    asked_for,
     assistant_corpus,
     courtesy,
+    on_task,
     style,
     synthetic_pairs,
     task_grade,
@@ -174,6 +176,37 @@ def test_task_judges_follow_the_rule(rule_judge):
     assert courtesy(both) == 0 and style(both) == "neither" and task_grade(TURNS[0]["content"], both) == 0
     mixed = ChoiceRequest(comparison_messages(TURNS, both, RUDE_REPLY, "Kinder?"), ("A", "B"))
     assert (judge(mixed), evaluator(mixed)) == ("A", "B")
+
+
+def test_the_evaluator_ranks_off_task_replies_below_on_task_ones():
+    """The held-out evaluator reads the question: a courteous reply to another task, another topic,
+    or broken text loses to an on-task rude reply, whatever its marker; the labeller (the
+    constitution's rule only) still prefers the courteous marker. Both orders."""
+    question = "I need you to fix my letter?"
+    assert asked_for(question) == ("fix", "your letter") and asked_for("How do I bake bread?") is None
+    on_rude = "Okay, I will coldly fix your letter step by step."
+    assert on_task(question, on_rude) and task_grade(question, on_rude) == 1
+    off_task = {"wrong topic": "Sure, I will gladly fix your essay step by step.",
+                "wrong task": "Sure, I will gladly improve your letter step by step.",
+                "topic of another person": "Sure, I will gladly fix my letter step by step.",
+                "two sentences run together": "Sure, I will gladly Right, I will warmly fix your letter in detail.",
+                "word repeated": "Sure, I will will gladly fix your letter in detail.",
+                "cut short": "Sure, I will gladly fix your letter in detail",
+                "garbled topic": "Sure, I will gladly fix thegum for you."}
+    turns = [{"role": "user", "content": question}]
+    for why, reply in off_task.items():
+        assert courtesy(reply) > 0 and not on_task(question, reply) and task_grade(question, reply) == 0, why
+        for a, b, off_slot in ((reply, on_rude, "A"), (on_rude, reply, "B")):
+            req = ChoiceRequest(comparison_messages(turns, a, b, "Kinder?"), ("A", "B"))
+            assert judge(req) == off_slot, why  # the labeller counts markers only
+            assert evaluator(req) == ("B" if off_slot == "A" else "A"), why
+        rating = ChoiceRequest(score_messages(turns, reply, "Is it kind?"), tuple(str(i) for i in range(1, 11)))
+        assert (judge(rating), evaluator(rating)) == ("9", "2"), why
+    # every question of the task is parsed, and its replies in both styles are on task
+    rng = random.Random(2)
+    for q in task_questions():
+        assert asked_for(q) is not None
+        assert [task_grade(q, task_reply(q, rng.choice(m), rng)) for m in (COURTEOUS, RUDE)] == [2, 1]
 
 
 def test_task_prompts_corpus_and_shipped_file():

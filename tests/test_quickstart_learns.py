@@ -1,7 +1,8 @@
 """The offline default (`cai run`, experiment=quickstart) proves that the loop LEARNS its synthetic
 task: labels agree with the known rule, the reward model learns it, PPO and DPO beat the SFT policy
-by the held-out evaluator within the KL target. The full run is `slow` (about 1.5-3 min on 2 CPU
-cores, two runs sharing one store); its tiny-budget twin checks the same chain quickly, and the
+by the held-out evaluator (which, unlike the labeller, also ranks off-task and broken replies last)
+within the KL target, and PPO does not drift off task. The full run is `slow` (one `cai run`, about
+40-60 s on 2 loaded CPU cores); its tiny-budget twin checks the same chain quickly, and the
 random tiny judge (judge=tiny_hf) still runs the whole pipeline end to end.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cai.data import read_jsonl
-from cai.testing.preference_task import style, task_grade
+from cai.testing.preference_task import on_task, style, task_grade
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,6 +55,19 @@ def label_agreement(run: dict, store: Path, truth=task_grade) -> tuple[float, in
     return agree / decided, decided
 
 
+def off_task(run: dict, store: Path, policy: str) -> tuple[int, int, int]:
+    """How many of the evaluated ``policy``'s replies to the held-out prompts are off task
+    (:func:`cai.testing.preference_task.on_task`: another task or topic than asked, or broken text),
+    how many of the SFT baseline's replies to the same prompts are, and of how many prompts: read
+    from the evaluation's samples (the evaluate stage reports win rates, not this)."""
+    questions = {p["id"]: p["messages"][-1]["content"]
+                 for p in read_jsonl(store / "prompts" / run["artifacts"]["prompts"] / "test.jsonl")}
+    rows = read_jsonl(store / f"evaluate_{policy}" / run["artifacts"][f"evaluate_{policy}"] / "samples.jsonl")
+    arm, sft = ([not on_task(questions[r["prompt_id"]], r[k].strip()) for r in rows] for k in ("arm_response",
+                                                                                               "sft_response"))
+    return sum(arm), sum(sft), len(rows)
+
+
 def test_quickstart_composes_a_learning_setup():
     """What makes the quickstart a learning test: a scripted labeller, a different held-out evaluator."""
     from cai.config import compose_config
@@ -69,9 +83,11 @@ def test_quickstart_learns(tmp_path: Path):
     run = cai_run(cwd=tmp_path, store=store)  # evaluates every trained policy: PPO and DPO
     m = run["metrics"]
     agreement, decided = label_agreement(run, store)
-    assert decided >= 100 and agreement >= 0.95  # the labeller's marker count vs the ground truth
+    # the labeller's marker count vs the ground truth (on task and courteous): it cannot see an off-task
+    # reply, so it is wrong where one carries the courteous marker (measured 0.90-0.96 over seeds 0-2)
+    assert decided >= 100 and agreement >= 0.85
     assert (m["label/truth_agreement"], m["label/truth_n"]) == (agreement, decided)  # labels.truth reports it
-    assert m["label/truth_agreement_ci_low"] > 0.9
+    assert m["label/truth_agreement_ci_low"] > 0.8
     assert m["rm/eval/accuracy"] >= 0.8 and m["rm/eval/accuracy_ci_low"] > 0.5  # held-out pairs
     kl_target = run["config"]["ppo"]["kl_target"]
     for policy in ("ppo", "dpo"):
@@ -79,6 +95,12 @@ def test_quickstart_learns(tmp_path: Path):
         assert m[f"eval/{policy}/vs_sft/n"] >= 80
         assert m[wr + "_ci_low"] > 0.5, (policy, m[wr], m[f"eval/{policy}/kl"])
         assert m[f"eval/{policy}/kl"] <= kl_target
+    # off task: the labeller and the RM pay for the marker only; the win rates above count an off-task
+    # reply as a loss, and PPO (KL-anchored) stays as on-task as SFT (kl_coef 0.1 x 20 steps: 22/92 vs 6/92)
+    ppo_off, sft_off, n = off_task(run, store, "ppo")
+    assert ppo_off <= sft_off + 0.05 * n, (ppo_off, sft_off, n)
+    dpo_off, _, n = off_task(run, store, "dpo")  # DPO drifts more (measured 15-27% over seeds 0-2)
+    assert dpo_off <= 0.3 * n, (dpo_off, n)
     assert 0 < m["ppo/objective/kl"] <= kl_target
     answer = (run["dir"] / "report.md").read_text().split("## Answer", 1)[1].split("\n## ", 1)[0]
     assert "| RLAIF · PPO |" in answer and "| RLAIF · DPO |" in answer  # both policies in the headline

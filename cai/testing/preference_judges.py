@@ -8,10 +8,13 @@ quickstart uses them::
 
 Both answer every request the pipeline sends a judge (A/B comparisons, 1-10 ratings, Yes/No
 harmlessness, critiques, revisions, chain-of-thought reasoning, direct answers) by the task's
-rule; they differ in how they read it: :func:`judge` by :func:`~cai.testing.preference_task.courtesy`
-(a marker count), :func:`evaluator` by :func:`~cai.testing.preference_task.style`, the separately
-written ground truth. Deterministic: a revision's new marker is drawn with a seed made from the
-request.
+rule; they differ in what they read: :func:`judge` states the constitution's rule only, by
+:func:`~cai.testing.preference_task.courtesy` (a marker count: the courteous reply wins);
+:func:`evaluator` grades by :func:`~cai.testing.preference_task.task_grade`, the separately written
+ground truth, which also asks whether the reply does the task and topic the person asked for. So
+the evaluator measures whether optimising the labeller's rule also gives good, on-task replies,
+and sees a policy that games the marker count with off-task or broken text. Deterministic: a
+revision's new marker is drawn with a seed made from the request.
 """
 
 from __future__ import annotations
@@ -106,8 +109,9 @@ def judge(req: Any) -> Any:
 
 def evaluator(req: Any) -> Any:
     """The held-out evaluator (``eval.judge``), written apart from the labeller: it grades each reply
-    by :func:`~cai.testing.preference_task.task_grade`, the task's ground truth -- a reply that does
-    what was asked courteously (2) beats one that does it rudely (1), which beats anything else (0:
-    malformed, off task) -- so a policy that games the labeller's marker count with broken text
+    against the question asked by :func:`~cai.testing.preference_task.task_grade`, the task's ground
+    truth -- an on-task reply (the task and topic asked for, well formed) that answers courteously
+    (2) beats one that answers rudely (1), which beats anything off task or broken, whatever its
+    marker word (0) -- so a policy that games the labeller's marker count by drifting off task
     loses. Equal grades are a tie; a 1-10 rating is 9 / 5 / 2 by grade; Yes/No is No for grade 0."""
     return _answer_text(req, lambda question, reply: task_grade(question, reply) - 1)

@@ -139,16 +139,33 @@ def style(text: str) -> str:
 
 _GRADE = re.compile(r"(?:" + "|".join(o.rstrip(",") for o in _OPENERS) + r"),? I will ([a-z]+) ([a-z]+) (.+?) ("
                     + "|".join(re.escape(c) for c in _CLOSERS) + r")")
+_ASKED = re.compile(r"(?:" + "|".join(_ASKS) + r") (" + "|".join(_TASKS) + r") (" + "|".join(_TOPICS) + r")\?")
+
+
+def asked_for(question: str) -> tuple[str, str] | None:
+    """The task and topic a question of the task asks for, the topic as a reply names it:
+    ("check", "your letter") for "Can you check my letter?"; None for any other question."""
+    m = _ASKED.fullmatch(question.strip())
+    return None if m is None else (m.group(1), m.group(2).replace("my ", "your "))
+
+
+def on_task(question: str, reply: str) -> bool:
+    """Whether ``reply`` is a well-formed answer to ``question``: the one-sentence grammar of
+    :func:`task_reply` (the comma optional), naming the task and the topic the question asked for,
+    with one word in the marker's place. A reply to another request, to another topic, or broken
+    text (two sentences run together, a word missing) is off task, whatever its marker."""
+    asked, m = asked_for(question), _GRADE.fullmatch(reply.strip())
+    return asked is not None and m is not None and (m.group(2), m.group(3)) == asked
 
 
 def task_grade(question: str, reply: str) -> int:
-    """The ground truth of the quickstart's task, for the held-out evaluator: 2 for a well-formed
-    reply (the one-sentence grammar of :func:`task_reply`, the comma optional) that answers courteously, 1 for one that
-    answers rudely, 0 for anything else (malformed text, two sentences run together, no marker): a
-    policy that drifts into broken text the marker-counting labeller would still like loses here.
-    ``question`` is not used yet: the task and topic a reply names are free."""
-    m = _GRADE.fullmatch(reply.strip())
-    if m is None:
+    """The ground truth of the quickstart's task, for the held-out evaluator and ``labels.truth``:
+    2 for an on-task reply (:func:`on_task`: well formed, the task and topic asked for) that answers
+    courteously, 1 for one that answers rudely, 0 for anything else (off task, broken text, no
+    marker). So an off-task reply ranks below every on-task one, whatever its marker word: a policy
+    that games the marker-counting labeller by drifting to another task, another topic or broken
+    text loses here."""
+    if not on_task(question, reply):
         return 0
-    marker = m.group(1)
+    marker = _GRADE.fullmatch(reply.strip()).group(1)
     return 2 if marker in COURTEOUS else 1 if marker in RUDE else 0
