@@ -326,7 +326,9 @@ def test_pipeline_plans_the_revisions_stage_and_keys_what_matters(tmp_path, monk
 
     def stage(*overrides):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=["experiment.stages=[revisions]", *overrides])
+            # the policy critiques and revises unless an override says otherwise (the quickstart's critic is its judge)
+            cfg = compose(config_name="config",
+                          overrides=["experiment.stages=[revisions]", "critique.generator=policy", *overrides])
         stages = plan(cfg)
         s = stages[-1]
         return [x.name for x in stages], s, Store("/nonexistent").key(s.name, s.config, {}, "c", s.version)
@@ -385,7 +387,9 @@ def test_run_experiment_builds_then_reuses_the_revisions_stage(tmp_path, tiny_mo
     register_configs()
     overrides = ["experiment.stages=[revisions]", f"store.root={tmp_path / 'store'}", "data.max_prompts=6",
                  "sampling.max_new_tokens=6", "sampling.batch_size=4", "critique.max_new_tokens=8",
-                 "critique.batch_size=4", "critique.few_shot=1", f"policy.name_or_path={tiny_model_dir}"]
+                 "critique.batch_size=4", "critique.few_shot=1", f"policy.name_or_path={tiny_model_dir}",
+                 # the former offline setup: the policy critiques under the harmless constitution, own prompts
+                 "critique=default", "data=builtin", "constitution=harmless", "policy=tiny"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     first = run_experiment(cfg, tmp_path / "run1")

@@ -28,7 +28,9 @@ from cai.testing.preference_task import synthetic_pairs
 TINY = ["data.max_prompts=6", "sampling.max_new_tokens=6", "sampling.batch_size=4", "policy.tiny.n_layer=1",
         "policy.tiny.n_embd=32", "policy.tiny.n_head=2", "policy.tiny.vocab_size=512", "critique.max_new_tokens=6",
         "experiment.stages=[reward,dpo]", "dpo.lora.enabled=true", "reward.lora.enabled=true", "dpo.lr=1e-2",
-        "reward.lr=1e-2", "hydra.callbacks={}"]
+        "reward.lr=1e-2", "hydra.callbacks={}",
+        # the former offline setup (the tiny local judge on the project's prompts): the cards name judge hf:tiny
+        "judge=tiny_hf", "eval=default", "data=builtin", "constitution=harmless", "policy=tiny", "critique=default"]
 
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
@@ -310,7 +312,9 @@ def test_export_labels_round_trip_through_datasets_and_trl(finished, tmp_path):
 
     run, _, _ = finished
     out = export_labels(run, tmp_path / "labels")
-    ds = datasets.load_dataset(str(out), split="train")
+    # datasets caches a local folder's dataset by its path; pytest reuses tmp paths across sessions
+    cache = str(tmp_path / "hf_datasets_cache")
+    ds = datasets.load_dataset(str(out), split="train", cache_dir=cache)
     art = run / "artifacts" / "ai_labels"
     want = to_preference_records(read_jsonl(art / "pairs.jsonl"), read_jsonl(art / "labels.jsonl"))
     assert len(ds) == len(want) > 0 and ds.to_list() == list(want)
@@ -323,7 +327,8 @@ def test_export_labels_round_trip_through_datasets_and_trl(finished, tmp_path):
     tok = AutoTokenizer.from_pretrained(policy)
     tok.chat_template = CHAT_TEMPLATE  # the tiny tokenizer has none; conversational data needs one
     for folder in (out, plain):
-        trainer = DPOTrainer(model=policy, train_dataset=datasets.load_dataset(str(folder), split="train"),
+        train = datasets.load_dataset(str(folder), split="train", cache_dir=cache)
+        trainer = DPOTrainer(model=policy, train_dataset=train,
                              processing_class=tok,
                              args=DPOConfig(output_dir=str(tmp_path / "trl"), max_steps=1, report_to=[],
                                             per_device_train_batch_size=2, use_cpu=True, save_strategy="no",

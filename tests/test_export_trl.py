@@ -108,7 +108,8 @@ def test_jsonl_and_dataset_agree(tmp_path):
     rows = read_jsonl(tmp_path / "prefs.jsonl")
     ds = to_hf_dataset(pairs, labels)
     assert ds.to_list() == rows
-    loaded = datasets.load_dataset("json", data_files=str(tmp_path / "prefs.jsonl"), split="train")
+    loaded = datasets.load_dataset("json", data_files=str(tmp_path / "prefs.jsonl"), split="train",
+                                   cache_dir=str(tmp_path / "hf_datasets_cache"))
     assert loaded.to_list() == rows
     empty = to_hf_dataset(pairs[:1], [Label(pairs[0].id, 0.5, JUDGE)], conversational=False)
     assert len(empty) == 0 and set(empty.column_names) == set(rows[0])

@@ -60,10 +60,11 @@ def cfg_for(backend: str, srv, tmp_path, **over) -> dict:
     return cfg
 
 
-def settle(srv, timeout: float = 3.0) -> None:
-    """Wait until every request the server received has been answered and recorded."""
+def settle(srv, timeout: float = 3.0, sent: int = 0) -> None:
+    """Wait until every request the server received has been answered and recorded, and until it has
+    received ``sent`` requests (a loaded machine reads an attempt the client already gave up on late)."""
     end = time.monotonic() + timeout
-    while len(srv.records) < srv.n_received and time.monotonic() < end:
+    while (len(srv.records) < srv.n_received or srv.n_received < sent) and time.monotonic() < end:
         time.sleep(0.01)
 
 
@@ -127,7 +128,7 @@ def test_faults_every_request_ends_and_counts_reconcile(tmp_path, backend):
         judge = make_judge(cfg_for(backend, srv, tmp_path, timeout_s=0.25, max_retries=3, malformed_retries=1))
         reqs = [choice_req(i) for i in range(40)]
         res = judge.choose(reqs)
-        settle(srv)
+        settle(srv, sent=sum(r.attempts for r in res))
         assert len(res) == 40 and [r.tag for r in res] == [q.tag for q in reqs]
         ok = [r for r in res if r.ok]
         failed = [r for r in res if r.status == "failed"]
