@@ -37,6 +37,7 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime
 import errno
 import inspect
@@ -69,7 +70,7 @@ from cai.secrets import (  # re-exported (see __all__)
     scrub_secrets,
 )
 
-__all__ = ["SCRUBBED", "ArtifactError", "ArtifactStore", "BuildContext", "BuildResult", "Journal",
+__all__ = ["SCRUBBED", "ArtifactError", "ArtifactStore", "BuildContext", "BuildResult", "Journal", "current_store",
            "STAGE_FILE", "is_secret_name", "package_versions", "scrub_secrets"]
 
 log = logging.getLogger(__name__)
@@ -134,10 +135,28 @@ def _lock_kwargs() -> dict[str, Any]:
     return {"fallback_to_soft": False} if "fallback_to_soft" in params else {}
 
 
+_current: contextvars.ContextVar[tuple[ArtifactStore, list[str]] | None] = contextvars.ContextVar(
+    "cai_artifact_build", default=None)  # (store, keys used) of the build whose fn runs now
 _building = threading.local()  # keys being built by this thread (to catch recursion)
 
 
 # --------------------------------------------------------------------------- the store
+def current_store() -> ArtifactStore | None:
+    """The store whose :meth:`ArtifactStore.build` is running its stage function in this context
+    (a pipeline stage: the run's configured store), or ``None`` outside any build. Threads started
+    with :func:`asyncio.to_thread` see it (they copy the context); a bare ``threading.Thread`` does
+    not."""
+    frame = _current.get()
+    return frame[0] if frame else None
+
+
+def _note_use(store: ArtifactStore, key: str) -> None:
+    """Record ``key`` in the enclosing build's ``uses`` when that build writes to the same store."""
+    frame = _current.get()
+    if frame and frame[0].root == store.root and key not in frame[1]:
+        frame[1].append(key)
+
+
 class ArtifactStore:
     """Content-addressed, lock-protected, resumable store of stage outputs."""
 
@@ -308,6 +327,7 @@ class ArtifactStore:
         spec = self._resolve_spec(key, meta)
         if self._reusable(key):
             log.info("reusing artifact %s", key)
+            _note_use(self, key)
             return BuildResult(key, self.path(key), True, self.load_stage_info(key))
         active = getattr(_building, "keys", set())
         if key in active:
@@ -321,12 +341,15 @@ class ArtifactStore:
                 if self._reusable(key):  # another process finished it while we waited
                     log.info("reusing artifact %s (built by another process)", key)
                     shutil.rmtree(self._partial(key), ignore_errors=True)
+                    _note_use(self, key)
                     return BuildResult(key, self.path(key), True, self.load_stage_info(key))
                 if spec is None:
                     raise ValueError(
                         f"build({key!r}): the key's parts are unknown; make it with this "
                         "store's key() or pass stage/config/inputs/constitution/version in meta")
-                return self._build_locked(key, spec, meta, fn, lock_wait)
+                result = self._build_locked(key, spec, meta, fn, lock_wait)
+                _note_use(self, key)
+                return result
         finally:
             _building.keys = active
 
@@ -391,6 +414,8 @@ class ArtifactStore:
         if resumed:
             log.info("resuming artifact %s (attempt %d)", key, attempt)
         t0 = time.perf_counter()
+        uses: list[str] = []
+        token = _current.set((self, uses))
         try:
             returned = fn(ctx)
         except BaseException:
@@ -398,6 +423,8 @@ class ArtifactStore:
             log.warning("building %s failed; partial state kept in %s for the next attempt",
                         key, work)
             raise
+        finally:
+            _current.reset(token)
         ctx.close()
         if returned is not None:
             if not isinstance(returned, Mapping):
@@ -408,6 +435,7 @@ class ArtifactStore:
             raise ValueError(f"stage function of {key} wrote {STAGE_FILE}; that name is "
                              "reserved for the store's provenance record")
         info = self._stage_info(key, spec, meta, ctx, time.perf_counter() - t0, lock_wait)
+        info["uses"] = list(uses)  # this store's artifacts the stage built or reused (a dequantised GGUF)
         info["files"] = {str(f.relative_to(out)).replace(os.sep, "/"): _file_record(f)
                          for f in sorted(out.rglob("*")) if f.is_file()}
         (out / STAGE_FILE).write_text(

@@ -6,10 +6,11 @@ loaded here, so that one place decides devices, dtypes, padding and error messag
 - ``load_tokenizer`` / ``load_causal_lm`` / ``load_sequence_classifier`` accept a hub name
   (``"google/gemma-3-270m"``) or a local directory, and an optional ``gguf_file`` inside it.
   A GGUF checkpoint is dequantised **once** into the artifact store (stage ``dequantized``,
-  keyed by the file's SHA-256, the dtype and the transformers version; :func:`dequantized_spec`)
-  and every later load -- policy, reference, reward backbone or hf judge -- reads that
-  ``save_pretrained`` copy: transformers' GGUF path converts the weights and rebuilds the
-  tokenizer on every load (85 s for Gemma-3-270M on 2 CPU cores), the copy loads in seconds.
+  keyed by the file's SHA-256, the dtype and the transformers version; :func:`dequantized_spec`;
+  in a pipeline stage the run's ``store.root``, listed in ``run.json``) and every later load --
+  policy, reference, reward backbone or hf judge -- reads that ``save_pretrained`` copy:
+  transformers' GGUF path converts the weights and rebuilds the tokenizer on every load (85 s
+  for Gemma-3-270M on 2 CPU cores), the copy loads in seconds.
   A path to a ``.gguf`` file, or a folder holding only GGUF files or a Python package, gets a
   message saying what to set instead.
 - A tokenizer without a pad token pads with its EOS token (logged as a note); one with neither
@@ -89,8 +90,9 @@ class ModelSpec:
     lora: attach fresh LoRA adapters after loading (policies trained with PEFT).
     chat_format: ``auto`` (chat template if the tokenizer has one, else HH), ``template``, ``hh``.
     max_length: longest sequence (prompt + response) the stages feed this model.
-    store_root: the artifact store a GGUF checkpoint is dequantised into (``None``:
-    :meth:`cai.artifacts.ArtifactStore.default_root`, i.e. ``$CAI_STORE``).
+    store_root: the artifact store a GGUF checkpoint is dequantised into (``None``: the store of
+    the build in progress, :func:`cai.artifacts.current_store` -- in a pipeline stage the run's
+    ``store.root``; outside any build :meth:`cai.artifacts.ArtifactStore.default_root`).
     """
 
     name_or_path: str
@@ -324,7 +326,9 @@ def _load_gguf(gguf: Path, dtype: torch.dtype):
 
 def dequantized_spec(spec: ModelSpec) -> ModelSpec:
     """``spec`` pointed at the store's dequantised copy of its GGUF checkpoint (``gguf_file`` None),
-    built on first use: an artifact of stage ``dequantized`` under ``spec.store_root`` holding
+    built on first use: an artifact of stage ``dequantized`` in ``spec.store_root``, else the store
+    building the current stage (the run's ``store.root``, which then lists the copy in the
+    stage's ``stage.json`` ``uses`` and in ``run.json``), else the default store; it holds
     ``model/`` (``save_pretrained`` of model and tokenizer in the resolved dtype). The key is the
     GGUF file's SHA-256 (cached by size and mtime), the dtype and the transformers version, so a
     changed file or another dequantiser makes a new copy; a spec without ``gguf_file`` is returned
@@ -335,12 +339,12 @@ def dequantized_spec(spec: ModelSpec) -> ModelSpec:
 
     import transformers
 
-    from cai.artifacts import ArtifactStore
+    from cai.artifacts import ArtifactStore, current_store
     from cai.hashing import Fingerprints
 
     gguf = _gguf_path(spec)
     dtype = resolve_dtype(spec)
-    store = ArtifactStore(spec.store_root)
+    store = ArtifactStore(spec.store_root) if spec.store_root else current_store() or ArtifactStore()
     fingerprints = Fingerprints(store.root / "fingerprints.json")
     config = {"gguf_sha256": fingerprints.of(gguf), "dtype": str(dtype).replace("torch.", ""),
               "transformers": transformers.__version__}

@@ -644,11 +644,14 @@ def link_artifacts(run_dir: Path, dirs: dict[str, str]) -> None:
 def _build_stages(cfg: Config, stages: Sequence[Stage], store: ArtifactStore, constitution: str | None,
                   run_dir: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """Ask the store for each planned stage in order (building what is missing); write each
-    stage's ``stages/<stage>.json``; return the run's metrics and the stages' keys."""
+    stage's ``stages/<stage>.json``; return the run's metrics and the stages' keys, followed by
+    the store artifacts the stages used besides their inputs (their stage.json ``uses``: a
+    dequantised GGUF checkpoint), named by their stage (``dequantized``, ``dequantized_2``...)."""
     from cai import progress
 
     keys: dict[str, str] = {}
     metrics: dict[str, Any] = {}
+    used: list[str] = []
     for stage in stages:
         inputs = {name: keys[upstream] for name, upstream in stage.inputs.items()}
         key = store.key(
@@ -672,6 +675,13 @@ def _build_stages(cfg: Config, stages: Sequence[Stage], store: ArtifactStore, co
         metrics[f"pipeline/{stage.name}/reused"] = int(result.reused)
         metrics[f"time/{stage.name}_s"] = round(elapsed, 3)
         log.info("%-14s %s  %s (%.1fs)", stage.name, "reused" if result.reused else "built ", key, elapsed)
+        used += [k for k in info.get("uses") or () if k not in used]
+    for k in used:
+        if k not in keys.values():
+            name, n = ArtifactStore.stage_of(k), 2
+            while name in keys:
+                name, n = f"{ArtifactStore.stage_of(k)}_{n}", n + 1
+            keys[name] = k
     return metrics, keys
 
 

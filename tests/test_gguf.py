@@ -4,6 +4,8 @@ hf judge (slow; skipped without the package)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from cai import models
@@ -48,6 +50,61 @@ def test_dequantised_once_then_reused_and_rebuilt_when_the_file_changes(fake_ggu
     load_causal_lm(spec)
     assert reads == [b"GGUF v1 stand-in", b"GGUF v2 stand-in"]
     assert len(list((tmp_path / "store" / "dequantized").iterdir())) == 2
+
+
+def test_a_stage_dequantises_into_its_own_store_not_cai_store(fake_gguf, tmp_path, monkeypatch):
+    """A loader called inside a stage's build (no store_root in the spec) writes the copy into the
+    store building the stage, lists it in the stage.json ``uses``, and the next stage reuses it."""
+    import json
+
+    from cai.artifacts import ArtifactStore
+
+    folder, reads = fake_gguf
+    monkeypatch.setenv("CAI_STORE", str(tmp_path / "elsewhere"))
+    store = ArtifactStore(tmp_path / "run_store")
+    spec = ModelSpec(str(folder), gguf_file="tiny.gguf", device="cpu")
+
+    def stage(ctx):
+        load_causal_lm(spec)
+        load_tokenizer(spec)
+        (ctx.dir / "out.txt").write_text("done")
+
+    first = store.build(store.key("sft", {"n": 1}), stage)
+    second = store.build(store.key("dpo", {"n": 1}), stage)
+    assert len(reads) == 1  # dequantised once, reused by the second stage
+    (copy,) = store.list("dequantized")
+    assert first.stage_info["uses"] == second.stage_info["uses"] == [copy]
+    assert json.loads((store.path(first.key) / "stage.json").read_text())["uses"] == [copy]
+    assert not store.verify(copy)  # published with a manifest like any artifact
+    assert (store.path(copy) / "model" / "config.json").is_file()
+    assert not (tmp_path / "elsewhere").exists()
+    # an explicit store_root still wins over the store of the build in progress
+    store.build(store.key("ppo", {"n": 1}),
+                lambda ctx: load_causal_lm(dataclasses.replace(spec, store_root=str(tmp_path / "explicit"))) and None)
+    assert len(list((tmp_path / "explicit" / "dequantized").iterdir())) == 1
+    assert store.load_stage_info(store.key("ppo", {"n": 1}))["uses"] == []
+    assert models.dequantized_spec(spec).name_or_path.startswith(str(tmp_path / "elsewhere"))  # outside a build
+
+
+def test_an_hf_judge_in_a_stage_reads_the_copy_of_the_stage_store(fake_gguf, tmp_path, monkeypatch):
+    """The hf judge loads its model in a worker thread (asyncio.to_thread): it still finds the
+    store of the stage building it."""
+    from cai.artifacts import ArtifactStore
+    from cai.judges import ChoiceRequest, make_judge
+
+    folder, reads = fake_gguf
+    monkeypatch.setenv("CAI_STORE", str(tmp_path / "elsewhere"))
+    store = ArtifactStore(tmp_path / "run_store")
+
+    def labels(ctx):
+        judge = make_judge({"backend": "hf", "model": str(folder), "gguf_file": "tiny.gguf", "device": "cpu",
+                            "cache": False})
+        (res,) = judge.choose([ChoiceRequest([{"role": "user", "content": "A or B?"}], ("A", "B"))])
+        assert res.ok
+
+    built = store.build(store.key("labels", {"n": 1}), labels)
+    assert len(reads) == 1 and built.stage_info["uses"] == store.list("dequantized") != []
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_hf_judge_reads_gguf_file_from_its_config(fake_gguf, tmp_path, monkeypatch):
@@ -115,3 +172,35 @@ def test_a_trained_artifact_of_a_gguf_policy_loads_as_a_saved_folder(tmp_path):
     policy = build_schema(ModelConfig, {"name_or_path": str(tmp_path), "gguf_file": "m.gguf"})
     assert model_spec(policy, str(tmp_path)).gguf_file == "m.gguf"  # the initial policy: the GGUF
     assert model_spec(policy, str(tmp_path / "sft" / "model")).gguf_file is None  # sft/dpo/ppo output
+
+
+def test_a_run_lists_the_dequantised_copy_in_its_store_and_run_json(fake_gguf, tmp_path, monkeypatch):
+    """`cai run` with a GGUF model: the copy lands under store.root (not $CAI_STORE) and run.json
+    lists it like a stage's artifact (artifacts, artifact_dirs, <run>/artifacts/dequantized), also
+    when the stage that made it is reused by a later run."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from cai import pipeline
+    from cai.config import Config
+
+    folder, reads = fake_gguf
+    monkeypatch.setenv("CAI_STORE", str(tmp_path / "elsewhere"))
+
+    def sft(cfg, inputs, ctx):
+        load_causal_lm(ModelSpec(str(folder), gguf_file="tiny.gguf", device="cpu"))
+        ctx.set_metrics({"sft/loaded": 1})
+
+    monkeypatch.setitem(pipeline.STAGES, "sft", pipeline.StageSpec(sft, reads=lambda c: ["seed"]))
+    cfg = OmegaConf.structured(Config)
+    cfg.store.root = str(tmp_path / "store")
+    cfg.experiment.stages = ["sft"]
+    for run in ("a", "b"):
+        pipeline.run_experiment(cfg, tmp_path / run)
+        info = json.loads((tmp_path / run / "run.json").read_text())
+        assert sorted(info["artifacts"]) == ["dequantized", "sft"]
+        folder_of_copy = info["artifact_dirs"]["dequantized"]
+        assert folder_of_copy.startswith(str(tmp_path / "store" / "dequantized"))
+        assert (tmp_path / run / "artifacts" / "dequantized" / "model" / "config.json").is_file()
+    assert len(reads) == 1 and not (tmp_path / "elsewhere").exists()
