@@ -448,3 +448,23 @@ def test_run_sync_works_inside_a_running_loop():
         return run_sync(inner())  # a notebook calling the blocking wrapper
 
     assert asyncio.run(outer()) == 7
+
+
+def test_run_sync_inside_a_running_loop_keeps_the_callers_context():
+    """A notebook's running loop: the helper thread sees the caller's context variables (the store a
+    stage builds in reaches a judge's model loader)."""
+    import asyncio
+    import contextvars
+
+    from cai.judges.types import run_sync
+
+    var: contextvars.ContextVar[str | None] = contextvars.ContextVar("cai_test_var", default=None)
+
+    async def read() -> str | None:
+        return var.get()
+
+    async def notebook() -> str | None:
+        var.set("the stage's store")
+        return run_sync(read())
+
+    assert asyncio.run(notebook()) == "the stage's store"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import dataclasses
 import re
 from collections.abc import Coroutine, Sequence
@@ -227,13 +228,14 @@ class JudgeBackend(Protocol):
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` to completion from blocking code, also when an event loop already runs
-    in this thread (a notebook): then it runs on a fresh loop in a helper thread."""
+    in this thread (a notebook): then it runs on a fresh loop in a helper thread, in a copy of this
+    thread's context (so the store a stage builds in, :func:`cai.artifacts.current_store`, follows)."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coro)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, coro).result()
+        return pool.submit(contextvars.copy_context().run, asyncio.run, coro).result()
 
 
 class SyncJudgeMixin:
