@@ -177,7 +177,8 @@ def test_the_quickstart_raises_no_deprecation_from_cai(tmp_path, deprecation_log
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         metrics = run_experiment(compose_config(*tiny), tmp_path / "run")
-    assert "eval/vs_sft/win_rate" in metrics  # every stage ran, evaluation included
+    # every stage ran, the evaluation of both trained policies included
+    assert "eval/ppo/vs_sft/win_rate" in metrics and "eval/dpo/vs_sft/win_rate" in metrics
     ours = [f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in seen
             if issubclass(w.category, (FutureWarning, DeprecationWarning)) and w.filename.startswith(cai_dir)]
     assert not ours, ours
