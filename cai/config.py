@@ -1168,6 +1168,12 @@ class EvalConfig(Schema):
     """rows per forward of a local (hf) judge unless eval.judge.batch_size is set"""
     judge_batch: int = setting(64, ge=1, runtime=True)
     """judge requests per call and per journal write"""
+    truth: Optional[str] = setting(None, keyed_unless_default=True)
+    """a known rule grading the evaluated replies (a synthetic task's ground truth): 'module:function'
+    grading (question, reply) -> number (e.g. cai.testing.preference_task:task_grade); evaluate then
+    reports eval/<policy>/truth/mean and lowest_rate, and eval_baseline eval/baseline/truth/..."""
+    truth_lowest: float = setting(0.0, keyed_unless_default=True)
+    """the rule's lowest grade: truth/lowest_rate is the share of replies graded at or below it"""
 
     def check(self) -> None:
         for name in self.policies:

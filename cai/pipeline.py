@@ -46,6 +46,7 @@ from cai.config import (
     EVAL_STAGE_PREFIX,
     EVALUATED_POLICIES,
     Config,
+    EvalConfig,
     JudgeConfig,
     LabelConfig,
     Restricted,
@@ -203,6 +204,10 @@ def _eval_baseline_reads(c: Config) -> list[str]:
              "eval.top_p", "eval.stop", "eval.batch_size", "eval.harmless", "eval.hf_batch_size", "eval.judge_batch"]
     if c.eval.harmless:  # the judge only matters when it is asked something
         reads += ["eval.harmless_question", "eval.harmless_prompts", "eval.judge"]
+    # the baseline's replies graded by the known rule (keyed only when set: no key changes without it)
+    reads += ["eval.truth", "eval.truth_lowest"]
+    if c.eval.truth:  # the interval of its mean grade
+        reads.append("eval.bootstrap_resamples")
     return reads
 
 
@@ -471,6 +476,11 @@ def _local_contents(cfg: Config, reads: Sequence[str], fingerprints: Any) -> dic
             if target is not None:
                 out[path] = fingerprints.of(target)
 
+    def add_rule(spec: str, path: str) -> None:
+        from cai.judges.python_judge import source_digest
+
+        out[path] = source_digest(spec, path)
+
     def visit(obj: Any, path: str) -> None:
         if not dataclasses.is_dataclass(obj):
             return
@@ -483,6 +493,8 @@ def _local_contents(cfg: Config, reads: Sequence[str], fingerprints: Any) -> dic
             from cai.judges.python_judge import source_digest
 
             out[f"{path}.truth"] = source_digest(obj.truth, f"{path}.truth")
+        if isinstance(obj, EvalConfig) and obj.truth:  # the known rule the evaluated replies are graded by
+            add_rule(obj.truth, f"{path}.truth")
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
             if f.metadata.get("local_path"):
@@ -497,6 +509,8 @@ def _local_contents(cfg: Config, reads: Sequence[str], fingerprints: Any) -> dic
         field_meta = {f.name: f.metadata for f in dataclasses.fields(parent)}.get(name, {})
         if field_meta.get("local_path"):
             add(value, path)
+        elif isinstance(parent, EvalConfig) and name == "truth" and value:  # read alone (eval_baseline)
+            add_rule(value, path)
         else:
             visit(value, path)
     return out

@@ -35,7 +35,8 @@ TINY = [
 # The quickstart as it was before it became the synthetic task with scripted judges: the project's
 # own prompts (harmful ones are asked the harmlessness question) and the tiny model as local judge.
 OFFLINE_HF = ["data=builtin", "constitution=harmless", "policy=tiny", "judge=tiny_hf", "eval=default",
-              "critique.generator=policy", "eval.max_prompts=32", "eval.max_new_tokens=32"]
+              "critique.generator=policy", "eval.max_prompts=32", "eval.max_new_tokens=32",
+              "eval.truth=null"]  # the synthetic task's rule means nothing on these prompts
 
 
 def compose(*overrides: str):
@@ -564,3 +565,95 @@ def test_judge_budget_stops_cleanly_and_a_rerun_asks_only_the_rest(sft_run, tmp_
     assert m["eval/ppo/vs_sft/invalid"] == 0
     assert m["eval/ppo/harmless/n"] == m["eval/ppo/harmless_sft/n"] == m["eval/ppo/prompts"]
     assert result.stage_info["cost"]["dollars"] + base.stage_info["cost"]["dollars"] > 0
+
+
+# ----------------------------------------------------------------------------- eval.truth: a known rule
+def test_truth_metrics_by_hand():
+    """The mean grade (BCa interval) and the share at the rule's lowest grade (Wilson interval)."""
+    from cai.data import Prompt, Turn, conversation_id
+    from cai.errors import DataError
+    from cai.evaluate.truth import grade_replies, truth_metrics
+    from cai.stats import wilson_ci
+
+    grades = [2.0, 2.0, 1.0, 0.0, 2.0, 0.0, 1.0, 2.0]
+    m = truth_metrics(grades, 0.0, "eval/truth", n_boot=500, seed=0)
+    assert (m["eval/truth/mean"], m["eval/truth/lowest"], m["eval/truth/n"]) == (1.25, 2, 8)
+    assert m["eval/truth/lowest_rate"] == 0.25
+    assert (m["eval/truth/lowest_rate_ci_low"], m["eval/truth/lowest_rate_ci_high"]) == wilson_ci(2, 8)
+    assert 0.0 <= m["eval/truth/mean_ci_low"] < 1.25 < m["eval/truth/mean_ci_high"] <= 2.0
+    assert truth_metrics(grades, 0.0, "eval/truth", n_boot=500, seed=0) == m  # seeded
+    # "lowest" is at or below eval.truth_lowest: a rule whose floor is 1 counts the 1s and the 0s
+    assert truth_metrics(grades, 1.0, "x", n_boot=100, seed=0)["x/lowest"] == 4
+    # every grade equal: a point interval, not an error
+    same = truth_metrics([2.0] * 5, 0.0, "x", n_boot=100, seed=0)
+    assert (same["x/mean"], same["x/mean_ci_low"], same["x/mean_ci_high"], same["x/lowest_rate"]) == (2, 2, 2, 0)
+    assert math.isnan(truth_metrics([], 0.0, "x", n_boot=100, seed=0)["x/mean"])
+
+    prompts = [Prompt(conversation_id(t), t, "test") for t in
+               [(Turn("user", f"Could you check the budget {i}?"),) for i in range(3)]]
+    seen = []
+    assert grade_replies(lambda q, r: seen.append((q, r)) or len(r), prompts, [" ab ", "abc", ""]) == [2.0, 3.0, 0.0]
+    assert seen[0] == ("Could you check the budget 0?", "ab")  # the last user turn and the stripped reply
+    for bad in (None, "two", float("nan"), True):
+        with pytest.raises(DataError, match=rf"^eval\.truth: the rule graded the reply to prompt '{prompts[0].id}'"):
+            grade_replies(lambda q, r, bad=bad: bad, prompts, ["a", "b", "c"])
+
+
+def test_truth_is_keyed_by_its_source_only_when_set(tmp_path):
+    """eval.truth enters the keys of eval_baseline and evaluate_<policy> only when set, with the
+    rule's source digest (as labels.truth); planning names eval.truth when it cannot load it."""
+    from cai.judges.python_judge import source_digest
+
+    rule = "cai.testing.preference_task:task_grade"
+    without = {s: _stage(s, compose("experiment.stages=[ppo,evaluate]", "eval.policy=ppo"))
+               for s in ("eval_baseline", "evaluate_ppo")}
+    assert not any("truth" in json.dumps(st.config) for st in without.values())
+    with_rule = {s: _stage(s, compose("experiment.stages=[ppo,evaluate]", "eval.policy=ppo", f"eval.truth={rule}"))
+                 for s in ("eval_baseline", "evaluate_ppo")}
+    digest = source_digest(rule)
+    assert with_rule["eval_baseline"].config["contents"] == {"eval.truth": digest}
+    assert with_rule["eval_baseline"].config["eval.truth"] == rule
+    assert with_rule["evaluate_ppo"].config["contents"]["eval.truth"] == digest
+    assert with_rule["evaluate_ppo"].config["eval"]["truth"] == rule
+    lowest = _stage("eval_baseline", compose("experiment.stages=[evaluate]", f"eval.truth={rule}",
+                                             "eval.truth_lowest=1"))
+    assert lowest.config["eval.truth_lowest"] == 1 and lowest.config != with_rule["eval_baseline"].config
+    with pytest.raises(ConfigError, match=r"^eval\.truth: module 'cai.testing.preference_task' has no attribute"):
+        plan(compose("experiment.stages=[evaluate]", "eval.truth=cai.testing.preference_task:nope",
+                     f"store.root={tmp_path}"))
+
+
+def test_truth_grades_the_arm_and_the_baseline(sft_run, tmp_path):
+    """With eval.truth, evaluate_<policy> grades both sides' replies (samples.jsonl keeps each grade)
+    and eval_baseline the baseline's: the same numbers."""
+    import importlib
+    import sys
+
+    from cai.data import Prompt, read_jsonl
+    from cai.evaluate.truth import question_of
+
+    (tmp_path / "truth_rule_eval.py").write_text("def grade(question, reply):\n    return len(reply) % 3\n")
+    sys.path.insert(0, str(tmp_path))
+    importlib.invalidate_caches()
+    from truth_rule_eval import grade
+
+    cfg, _, _, info = sft_run
+    cfg = copy.deepcopy(cfg)
+    cfg.eval.truth = "truth_rule_eval:grade"
+    arm = _perturbed_arm(info, tmp_path / "arm")
+    result, base = _evaluate(cfg, info, arm)
+    m, b = result.stage_info["metrics"], base.stage_info["metrics"]
+    assert not base.reused  # the baseline is graded: a new artifact
+    rows = read_jsonl(result.path / "samples.jsonl")
+    prompts = {p["id"]: Prompt.from_dict(p)
+               for p in read_jsonl(_store(info).path(info["artifacts"]["prompts"]) / "test.jsonl")}
+    assert [r["truth_grade"] for r in rows] == [grade(question_of(prompts[r["prompt_id"]]), r["arm_response"].strip())
+                                                for r in rows]
+    assert m["eval/ppo/truth/n"] == len(rows) == m["eval/ppo/truth_sft/n"]
+    assert m["eval/ppo/truth/mean"] == pytest.approx(sum(r["truth_grade"] for r in rows) / len(rows))
+    assert m["eval/ppo/truth/lowest"] == sum(r["truth_grade"] <= 0 for r in rows)
+    assert m["eval/ppo/truth_sft/lowest"] == sum(r["sft_truth_grade"] <= 0 for r in rows)
+    assert [r["truth_grade"] for r in read_jsonl(base.path / "samples.jsonl")] == [r["sft_truth_grade"] for r in rows]
+    for name in ("mean", "mean_ci_low", "mean_ci_high", "lowest_rate", "lowest_rate_ci_low", "n"):
+        assert _same(b[f"eval/baseline/truth/{name}"], m[f"eval/ppo/truth_sft/{name}"]), name
+    sys.path.remove(str(tmp_path))

@@ -157,6 +157,23 @@ def test_editing_the_rule_changes_the_artifact_keys(tmp_path):
     assert after["evaluate_ppo"]["contents"]["eval.judge.model"] == evaluator_digest != digest
 
 
+def test_editing_the_eval_truth_rule_regrades_only_the_evaluation(tmp_path):
+    """eval.truth is keyed by its rule's source (as labels.truth): an edit rebuilds eval_baseline and
+    every evaluate_<policy>, nothing upstream."""
+    name = _rule_module(tmp_path, "def grade(question, reply):\n    return len(reply)\n", "rules_eval_truth")
+    overrides = [f"eval.truth={name}:grade", f"store.root={tmp_path / 'store'}"]
+
+    def keyed() -> dict:
+        return {s.name: s.config for s in plan(compose_config(*overrides))}
+
+    before = keyed()
+    assert before["eval_baseline"]["contents"]["eval.truth"] == source_digest(f"{name}:grade", "eval.truth")
+    (tmp_path / f"{name}.py").write_text("def grade(question, reply):\n    return -len(reply)  # edited\n")
+    after = keyed()
+    changed = {stage for stage in before if after[stage] != before[stage]}
+    assert changed == {"eval_baseline", "evaluate_ppo", "evaluate_dpo"}, changed
+
+
 def test_task_judges_follow_the_rule(rule_judge):
     pairs = synthetic_pairs(40, seed=3)  # the reward-model tests' pairs: the labeller agrees with every label
     reqs = [ChoiceRequest(comparison_messages(p.prompt.messages_as_dicts(), p.response_a, p.response_b, "Kinder?"),

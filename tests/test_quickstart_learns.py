@@ -1,9 +1,10 @@
 """The offline default (`cai run`, experiment=quickstart) proves that the loop LEARNS its synthetic
 task: labels agree with the known rule, the reward model learns it, PPO and DPO beat the SFT policy
 by the held-out evaluator (which, unlike the labeller, also ranks off-task and broken replies last)
-within the KL target, and PPO does not drift off task. The full run is `slow` (one `cai run`, about
-40-60 s on 2 loaded CPU cores); its tiny-budget twin checks the same chain quickly, and the
-random tiny judge (judge=tiny_hf) still runs the whole pipeline end to end.
+within the KL target, and PPO does not drift off task (eval.truth: the known rule grades every
+reply). The full run is `slow` (one `cai run`, about 40-60 s on 2 loaded CPU cores); its
+tiny-budget twin checks the same chain quickly, and the random tiny judge (judge=tiny_hf) still
+runs the whole pipeline end to end.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from cai.data import read_jsonl
-from cai.testing.preference_task import on_task, style, task_grade
+from cai.testing.preference_task import style, task_grade
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,19 +56,6 @@ def label_agreement(run: dict, store: Path, truth=task_grade) -> tuple[float, in
     return agree / decided, decided
 
 
-def off_task(run: dict, store: Path, policy: str) -> tuple[int, int, int]:
-    """How many of the evaluated ``policy``'s replies to the held-out prompts are off task
-    (:func:`cai.testing.preference_task.on_task`: another task or topic than asked, or broken text),
-    how many of the SFT baseline's replies to the same prompts are, and of how many prompts: read
-    from the evaluation's samples (the evaluate stage reports win rates, not this)."""
-    questions = {p["id"]: p["messages"][-1]["content"]
-                 for p in read_jsonl(store / "prompts" / run["artifacts"]["prompts"] / "test.jsonl")}
-    rows = read_jsonl(store / f"evaluate_{policy}" / run["artifacts"][f"evaluate_{policy}"] / "samples.jsonl")
-    arm, sft = ([not on_task(questions[r["prompt_id"]], r[k].strip()) for r in rows] for k in ("arm_response",
-                                                                                               "sft_response"))
-    return sum(arm), sum(sft), len(rows)
-
-
 def test_quickstart_composes_a_learning_setup():
     """What makes the quickstart a learning test: a scripted labeller, a different held-out evaluator."""
     from cai.config import compose_config
@@ -96,15 +84,23 @@ def test_quickstart_learns(tmp_path: Path):
         assert m[wr + "_ci_low"] > 0.5, (policy, m[wr], m[f"eval/{policy}/kl"])
         assert m[f"eval/{policy}/kl"] <= kl_target
     # off task: the labeller and the RM pay for the marker only; the win rates above count an off-task
-    # reply as a loss, and PPO (KL-anchored) stays as on-task as SFT (kl_coef 0.1 x 20 steps: 22/92 vs 6/92)
-    ppo_off, sft_off, n = off_task(run, store, "ppo")
-    assert ppo_off <= sft_off + 0.05 * n, (ppo_off, sft_off, n)
-    dpo_off, _, n = off_task(run, store, "dpo")  # DPO drifts more (measured 15-27% over seeds 0-2)
-    assert dpo_off <= 0.3 * n, (dpo_off, n)
+    # reply as a loss. eval.truth grades every reply by the known rule: lowest_rate is the share graded 0
+    # (off task, broken or no marker). PPO (KL-anchored) stays as on-task as SFT (kl_coef 0.1 x 20 steps:
+    # 22/92 vs 6/92 off task)
+    ppo, sft = m["eval/ppo/truth/lowest_rate"], m["eval/baseline/truth/lowest_rate"]
+    assert ppo <= sft + 0.05, (ppo, sft)
+    assert m["eval/dpo/truth/lowest_rate"] <= 0.3, m["eval/dpo/truth/lowest_rate"]  # DPO drifts more (15-27%)
+    # and PPO's replies grade better than SFT's (seeds 0-2: 1.78-1.83 vs 1.28-1.41, interval +-0.12)
+    assert m["eval/ppo/truth/mean_ci_low"] > m["eval/baseline/truth/mean"], (m["eval/ppo/truth/mean"], sft)
+    for policy in ("ppo", "dpo"):
+        assert m[f"eval/{policy}/truth/n"] == m[f"eval/{policy}/vs_sft/n"]  # every evaluated reply graded
+        for name in ("mean", "mean_ci_low", "lowest_rate", "lowest_rate_ci_high", "n"):  # the same baseline
+            assert m[f"eval/{policy}/truth_sft/{name}"] == m[f"eval/baseline/truth/{name}"]
     assert 0 < m["ppo/objective/kl"] <= kl_target
     answer = (run["dir"] / "report.md").read_text().split("## Answer", 1)[1].split("\n## ", 1)[0]
     assert "| RLAIF · PPO |" in answer and "| RLAIF · DPO |" in answer  # both policies in the headline
     assert "labels agree with the known rule" in answer and "reward model's held-out accuracy" in answer
+    assert "| rule grade |" in answer and "Share of replies at its lowest grade (0 or below)" in answer
 
 
 TWIN = ["data.max_prompts=96", "policy.tiny.n_layer=1", "policy.tiny.pretrain_steps=60",
@@ -125,8 +121,10 @@ def test_quickstart_twin_runs_the_learning_chain(tmp_path: Path):
     assert m["label/position_consistency"] == 1.0 and m["label/failed"] == 0
     assert m["rm/final_loss"] < 0.6 and m["rm/eval/margin"] > 0  # the RM learns the rule (few held-out pairs)
     for key in ("eval/ppo/vs_sft/win_rate", "eval/dpo/vs_sft/win_rate_ci_low", "eval/ppo/kl", "ppo/objective/kl",
-                "dpo/final_loss", "label/truth_agreement_ci_low"):
+                "dpo/final_loss", "label/truth_agreement_ci_low", "eval/ppo/truth/mean_ci_low",
+                "eval/dpo/truth/lowest_rate_ci_high", "eval/baseline/truth/mean", "eval/baseline/truth/lowest_rate"):
         assert key in m
+    assert m["eval/ppo/truth/n"] == m["eval/baseline/truth/n"] == 16  # eval.max_prompts: every reply graded
     revisions = read_jsonl(store / "revisions" / run["artifacts"]["revisions"] / "revisions.jsonl")
     assert all(style(r["final_revision"]) != "rude" for r in revisions)  # every rude marker revised away
     assert any(style(r["initial_response"]) == "rude" for r in revisions)

@@ -320,6 +320,34 @@ def test_a_warning_that_holds_in_every_arm_is_said_once(sweep):
     assert not any("PPO steps" in w for w in found)  # equal in both arms
 
 
+def test_rule_grade_column_and_line_only_with_eval_truth(sweep, tmp_path):
+    """eval.truth's metrics: the mean grade as the headline column "rule grade", and a line with the
+    baseline's grade and every side's share at the rule's lowest grade; no column without them."""
+    from cai.report.headline import answer_section
+    from cai.report.runs import Arm, ReportData, RunRecord
+
+    metrics = {"eval/ppo/vs_sft/win_rate": 0.69, "eval/ppo/vs_sft/n": 92.0, "eval/ppo/truth/mean": 1.804,
+               "eval/ppo/truth/mean_ci_low": 1.652, "eval/ppo/truth/mean_ci_high": 1.891,
+               "eval/ppo/truth/lowest_rate": 0.0652, "eval/ppo/truth/lowest_rate_ci_low": 0.0302,
+               "eval/ppo/truth/lowest_rate_ci_high": 0.135, "eval/baseline/truth/mean": 1.413,
+               "eval/baseline/truth/mean_ci_low": 1.283, "eval/baseline/truth/mean_ci_high": 1.533,
+               "eval/baseline/truth/lowest_rate": 0.1, "eval/baseline/truth/lowest_rate_ci_low": 0.05,
+               "eval/baseline/truth/lowest_rate_ci_high": 0.2}
+    config = {"seed": 0, "eval": {"baseline": "sft", "truth": "cai.testing.preference_task:task_grade",
+                                  "truth_lowest": 0.0}, "reward": {"labels_from": "ai"}}
+    run = RunRecord(tmp_path, "0", {"config": config, "seed": 0}, metrics, {})
+    section = answer_section(ReportData(tmp_path, [run], [Arm("a", [run])], []))
+    table = section.tables[0]
+    assert table.columns[-3:] == ["rule grade", "labels used", "$ per run"]
+    assert table.rows[0][table.columns.index("rule grade")] == "1.8 [1.65, 1.89]"
+    assert ("Rule grade: the replies graded by the known rule cai.testing.preference_task:task_grade (eval.truth), "
+            "mean [95% interval]; the SL-CAI policy (baseline) 1.41 [1.28, 1.53]. Share of replies at its lowest "
+            "grade (0 or below): baseline 0.1 [0.05, 0.2]; RLAIF · PPO 0.0652 [0.0302, 0.135].") in section.paragraphs
+    # the sweep's runs have no eval.truth: no column, no line
+    answer = (sweep / "report.md").read_text().split("## Answer", 1)[1].split("\n## ", 1)[0]
+    assert "rule grade" not in answer and "Rule grade" not in answer
+
+
 def test_html_is_self_contained(sweep):
     html = (sweep / "report.html").read_text()
     assert html.count('src="data:image/png;base64,') == 4
@@ -470,13 +498,16 @@ def test_real_quickstart_and_two_arm_reports_open_with_the_answer(tmp_path, shar
         found = first_screen(tmp_path / name / "report.html", tmp_path, tmp_path / f"{name}.png")
         expected = find_warnings(data)
         assert found["warnings"] == expected  # the box is the measured list, in order
-        needles = ["judge_is_labeller = 1"]  # the offline default judges with the labeller
+        # the quickstart's held-out evaluator is not its labeller: that warning only where measured
+        labeller = any(v == 1 for r in data.runs for k, v in r.metrics.items() if k.endswith("/judge_is_labeller"))
+        needles = ["judge_is_labeller = 1"] if labeller else []
         used = {a.name: a.runs[0].metrics.get("rm/data/used") for a in data.arms}
         if extra and len(set(used.values())) > 1:
             needles.append("Unequal reward-model labels between matched arms (rm/data/used)")
         check_first_screen(found, needles)
         md = (tmp_path / name / "report.md").read_text()
         assert "RLAIF · PPO" in md and "RLAIF · DPO" in md and ("RLHF · DPO" in md) == bool(extra)
+        assert "| rule grade |" in md  # eval.truth: the known rule's column, within the first screen's width
 
 
 # ----------------------------------------------------------------------------- cli, errors, callback

@@ -10,14 +10,17 @@ it is its own content-addressed stage instead of being redone by every arm's ``e
 policy, or the run's ``sft`` artifact, ``inputs["baseline"]``); the sampling settings
 (``max_new_tokens``, ``temperature``, ``top_p``, ``stop``, ``batch_size``); the seed; and, when
 harmlessness is asked, the judge's answer-changing fields, the harmlessness question and which
-prompts are asked. Run-time settings (the sampling device ``policy.device``, the judge's device,
+prompts are asked; with ``eval.truth`` set, the known rule (its source digest), ``eval.truth_lowest``
+and ``eval.bootstrap_resamples``. Run-time settings (the sampling device ``policy.device``, the judge's device,
 transport, concurrency, cache, prices and batch sizes, ``eval.hf_batch_size``,
 ``eval.judge_batch``) are read from the same ``cfg`` but never keyed.
 
 ``samples.jsonl`` has one row per evaluation prompt, in prompt order: the formatted prompt, the
 response, its token count, the sum of its sampling log-probs, the finish reason, and
 ``harmless``, the judge's full answer (a :class:`~cai.judges.ChoiceResult` as a dict) or
-null for a prompt not asked. Rates and intervals are computed by ``evaluate`` with its own
+null for a prompt not asked; with ``eval.truth`` (:mod:`cai.evaluate.truth`), ``truth_grade``: the
+known rule's grade of the response, summarised in metrics ``eval/baseline/truth/{mean,lowest_rate,...}``
+with their intervals. Other rates and intervals are computed by ``evaluate`` with its own
 bootstrap settings. The KL of an arm needs the baseline's log-probs of the *arm's* samples, so
 ``evaluate`` still scores those under the baseline model (one forward pass per batch).
 
@@ -267,7 +270,8 @@ def build_eval_baseline(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> 
     Reads ``cfg.seed``, ``cfg.policy`` (sampling on ``policy.device``) and of ``cfg.eval``: the
     baseline, ``max_prompts``, the sampling fields, ``harmless``, the run-time ``hf_batch_size``
     and ``judge_batch``; and, when ``eval.harmless``, ``harmless_question``, ``harmless_prompts``
-    and ``judge`` (``model: tiny``: the tiny policy, ``inputs["policy_model"]``)."""
+    and ``judge`` (``model: tiny``: the tiny policy, ``inputs["policy_model"]``); ``truth`` and
+    ``truth_lowest`` (and, when ``truth`` is set, ``bootstrap_resamples``)."""
     from cai.evaluate.requests import DEFAULT_HARMLESS_QUESTION, harmlessness_request
     from cai.judges.config import stage_judge
 
@@ -290,6 +294,14 @@ def build_eval_baseline(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> 
                 answers = {prompts[i].id: r.to_dict() for i, r in zip(chosen, session.ask(asks))}
         tokens_in, tokens_out, dollars = session.cost()
     ctx.add_cost(tokens_in, tokens_out, dollars)
+    truth: dict[str, Any] = {}
+    if ecfg.truth:  # the known rule's grade of each reply (cai.evaluate.truth)
+        from cai.evaluate.truth import grade_replies, load_rule, truth_metrics
+
+        grades = grade_replies(load_rule(ecfg.truth), prompts, [r["response"] for r in rows])
+        rows = [{**r, "truth_grade": g} for r, g in zip(rows, grades)]
+        truth = truth_metrics(grades, float(ecfg.truth_lowest), "eval/baseline/truth",
+                              int(ecfg.bootstrap_resamples), seed)
     with ctx.phase("write"):
         write_jsonl(ctx.dir / SAMPLES_FILE, [{**r, "harmless": answers.get(r["prompt_id"])} for r in rows])
     finish = [r["finish_reason"] for r in rows]
@@ -297,5 +309,5 @@ def build_eval_baseline(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> 
                      "eval_baseline/mean_new_tokens": sum(r["n_tokens"] for r in rows) / len(rows),
                      "eval_baseline/empty_responses": sum(1 for r in rows if not r["response"].strip()),
                      "eval_baseline/finish_length": finish.count("length"),
-                     "eval_baseline/judge_cost_usd": dollars})
+                     "eval_baseline/judge_cost_usd": dollars, **truth})
     log.info("eval_baseline: %d samples of the %s policy, %d judged for harmlessness", len(rows), name, len(chosen))

@@ -30,16 +30,22 @@ that SFT policy (``inputs["baseline"]``), which is also PPO's reference. On the 
    temperature 1; an unbiased estimate when ``eval.temperature`` is 1);
 5. when human data is configured and ``eval.use_rm``, the score of every response under a
    held-out reward model trained on human labels (stage ``eval_reward``: its own seed offset
-   and split salt, shared by every arm of a sweep), with the paired difference to the baseline.
+   and split salt, shared by every arm of a sweep), with the paired difference to the baseline;
+6. when ``eval.truth`` names a known rule ``grade(question, reply)`` (a synthetic task's ground
+   truth, :mod:`cai.evaluate.truth`), the grade of every response of the arm and of the
+   baseline: the mean grade (BCa interval) and the share at the rule's lowest grade
+   ``eval.truth_lowest`` (Wilson interval).
 
 Metrics, namespaced by the policy (``<p>``: ppo, dpo, sft, initial):
 ``eval/<p>/vs_sft/{win_rate,lc_win_rate,...}`` (+ ``_ci_low``/``_ci_high``, counts),
 ``eval/<p>/harmless/...``, ``eval/<p>/harmless_sft/...``, ``eval/<p>/kl``, ``eval/<p>/length``,
-``eval/<p>/sft_length``, ``eval/<p>/rm_score``, ``eval/<p>/rm_score_vs_sft``; ``eval/<p>/judge_is_labeller`` is
+``eval/<p>/sft_length``, ``eval/<p>/rm_score``, ``eval/<p>/rm_score_vs_sft``,
+``eval/<p>/truth/{mean,lowest_rate,lowest,n}`` and the baseline's ``eval/<p>/truth_sft/...`` (with
+``eval.truth``); ``eval/<p>/judge_is_labeller`` is
 1 when the held-out judge's answer-changing fields (:func:`~cai.judges.config.judge_key`) equal
 the labeller's (``judge``; the tiny offline default), so a report can say the evaluation is not
 held out; ``eval/<p>/baseline_is_sft_artifact`` is 1 under ``eval.baseline: sft``. ``samples.jsonl``
-keeps every prompt's two responses, log-probs and judgements (``arm``: the policy). A run written
+keeps every prompt's two responses, log-probs, judgements and rule grades (``arm``: the policy). A run written
 before policies had their own stages has one ``evaluate`` artifact and ``eval/...`` metrics;
 :mod:`cai.report.runs` reads them as ``eval/<eval.policy>/...``.
 
@@ -267,6 +273,15 @@ def evaluate(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
         tokens_in, tokens_out, dollars = session.cost()
     ctx.add_cost(tokens_in, tokens_out, dollars)
     metrics["eval/judge_cost_usd"] = dollars
+    arm_grade = base_grade = [None] * len(prompts)
+    if ecfg.truth:  # the known rule's grades of both sides (cai.evaluate.truth)
+        from cai.evaluate.truth import grade_replies, load_rule, truth_metrics
+
+        rule, lowest = load_rule(ecfg.truth), float(ecfg.truth_lowest)
+        arm_grade = grade_replies(rule, prompts, arm_texts)
+        base_grade = grade_replies(rule, prompts, base_texts)
+        metrics.update(truth_metrics(arm_grade, lowest, "eval/truth", n_boot, seed))
+        metrics.update(truth_metrics(base_grade, lowest, "eval/truth_sft", n_boot, seed))
     arm_rm = base_rm = [None] * len(prompts)
     if "eval_reward" in inputs:
         with ctx.phase("rm"):
@@ -279,6 +294,7 @@ def evaluate(cfg: StageConfig, inputs: dict[str, Path], ctx: Any) -> None:
         rows.append({"prompt_id": p.id, "arm": arm.name, "arm_response": arm_texts[i], "sft_response": base_texts[i],
                      "arm_tokens": arm_len[i], "sft_tokens": base_len[i], "kl": kl[i],
                      "rm_score": arm_rm[i], "sft_rm_score": base_rm[i],
+                     "truth_grade": arm_grade[i], "sft_truth_grade": base_grade[i],
                      "p_first": j.p_first if j else None, "p_second": j.p_second if j else None,
                      "outcome": j.outcome(float(ecfg.tie_margin)) if j else "invalid",
                      "failure": j.failure if j else "not judged"})

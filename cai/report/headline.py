@@ -4,9 +4,11 @@
   words from the run's config (:func:`policy_name`: "RLAIF · PPO", "RLHF · DPO", "SL-CAI"), with
   the headline metrics :data:`HEADLINE` (an explicit list of ``eval/<policy>/...`` names: win
   rate vs the baseline with its interval, length-controlled win rate, KL, length, harmless
-  rate), the labels its training used and the dollars the arm spent; a forest plot of the win
-  rates with a line at 0.5 and a caption saying judge, prompts and seeds; and reward vs KL along
-  each arm's PPO run.
+  rate, held-out RM score, and the mean grade by a known rule ``eval.truth`` where a run has one,
+  with a line on the baseline's grade and the share of replies at the rule's lowest grade), the
+  labels its training used and the dollars the arm spent; a forest plot of the win rates with a
+  line at 0.5 and a caption saying judge, prompts and seeds; and reward vs KL along each arm's
+  PPO run.
 - **Warnings** (:func:`warnings_section`): every check of :func:`find_warnings`, driven by the
   runs' metrics: the held-out judge is the labeller, a slot-biased or position-inconsistent
   labeller, label budgets or training steps that differ between matched arms, win-rate
@@ -31,7 +33,9 @@ if TYPE_CHECKING:
 # the headline metrics, by exact name below eval/<policy>/ (column title, name)
 HEADLINE = (("win rate vs baseline [95% CI]", "vs_sft/win_rate"), ("LC win rate", "vs_sft/lc_win_rate"),
             ("KL to baseline", "kl"), ("length (tokens)", "length"), ("harmless rate", "harmless/rate"),
-            ("held-out RM score", "rm_score"))
+            ("held-out RM score", "rm_score"), ("rule grade", "truth/mean"))
+# columns shown only when some run has them (eval.truth: a synthetic task's known rule)
+OPTIONAL_HEADLINE = frozenset({"truth/mean"})
 # what a policy's training consumed: (labels used, optimizer steps) by policy
 TRAINING = {"ppo": ("rm/data/used", "ppo/steps"), "dpo": ("dpo/data/used", "dpo/steps"),
             "sft": ("sft/examples", "sft/steps")}
@@ -117,9 +121,12 @@ def answer_section(data: ReportData) -> Section:
     s = Section("Answer", figure_row=True)
     rows, forest, colours = [], [], []
     colour_of = arm_colours(data)
+    keys = {k for r in data.runs for k in r.metrics}
+    columns = [(title, name) for title, name in HEADLINE if name not in OPTIONAL_HEADLINE
+               or any(k.startswith("eval/") and k.endswith("/" + name) for k in keys)]
     for arm in data.arms:
         for policy in evaluated(arm):
-            cells = [_short(arm_cell(arm, f"eval/{policy}/{name}")) for _, name in HEADLINE]
+            cells = [_short(arm_cell(arm, f"eval/{policy}/{name}")) for _, name in columns]
             labels, steps = TRAINING.get(policy, (None, None))
             used = arm_cell(arm, labels) if labels else None
             n_steps = arm_cell(arm, steps) if steps else None
@@ -140,7 +147,7 @@ def answer_section(data: ReportData) -> Section:
     seeds = sorted({str(r.seed) for r in data.runs})
     n = sorted({int(v) for r in data.runs for k, v in r.metrics.items()
                 if k.startswith("eval/") and k.endswith("/vs_sft/n") and math.isfinite(v)})
-    s.tables.append(Table(["arm", "policy", *[t for t, _ in HEADLINE], "labels used", "$ per run"], rows))
+    s.tables.append(Table(["arm", "policy", *[t for t, _ in columns], "labels used", "$ per run"], rows))
     per_arm = sorted({len(a.runs) for a in data.arms})
     s.paragraphs.append(
         f"Each policy against {baseline_name(run)} on the same held-out test prompts, judged by "
@@ -160,6 +167,7 @@ def answer_section(data: ReportData) -> Section:
     else:
         s.notes.append("No reward-vs-KL plot: no arm trained PPO (its train log holds ppo/objective/kl and "
                        "ppo/objective/scores).")
+    s.paragraphs += _truth_lines(data)
     s.paragraphs += _feedback_lines(data)
     s.details.append(_win_rate_counts(data))
     return s
@@ -180,6 +188,31 @@ def _feedback_lines(data: ReportData) -> list[str]:
         parts = [f"{what} {cell.text()}" for what, key in FEEDBACK if (cell := arm_cell(arm, key))]
         if parts:
             lines.append(f"Feedback{f' ({arm.name})' if len(data.arms) > 1 else ''}: " + "; ".join(parts) + ".")
+    return lines
+
+
+def _truth_lines(data: ReportData) -> list[str]:
+    """One line per arm evaluated with a known rule (``eval.truth``): the baseline's mean grade, and
+    the share of replies at the rule's lowest grade for the baseline and each evaluated policy."""
+    lines = []
+    for arm in data.arms:
+        rule = _cfg(arm.runs[0], "eval.truth")
+        base = arm_cell(arm, "eval/baseline/truth/mean")
+        rates = [(words, cell) for words, key in
+                 [("baseline", "eval/baseline/truth/lowest_rate")]
+                 + [(policy_name(arm.runs[0], p), f"eval/{p}/truth/lowest_rate") for p in evaluated(arm)]
+                 if (cell := arm_cell(arm, key))]
+        if not rule or not (base or rates):
+            continue
+        text = (f"Rule grade{f' ({arm.name})' if len(data.arms) > 1 else ''}: the replies graded by the known "
+                f"rule {rule} (eval.truth), mean [95% interval]")
+        if base:
+            text += f"; {baseline_name(arm.runs[0])} (baseline) {_short(base)}"
+        if rates:
+            lowest = _cfg(arm.runs[0], "eval.truth_lowest", 0.0)
+            text += (f". Share of replies at its lowest grade ({_num(float(lowest))} or below): "
+                     + "; ".join(f"{words} {_short(cell)}" for words, cell in rates))
+        lines.append(text + ".")
     return lines
 
 
