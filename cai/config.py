@@ -68,13 +68,15 @@ EVAL_STAGE_PREFIX = "evaluate_"  # the stage evaluating policy p is evaluate_<p>
 def setting(default: Any = MISSING, *, factory: Any = MISSING, runtime: bool = False,
             choices: Sequence[Any] | None = None, ge: float | None = None, gt: float | None = None,
             le: float | None = None, lt: float | None = None, keyed_unless_default: bool = False,
-            local_path: bool = False) -> Any:
+            local_path: bool = False, python_rule: bool = False) -> Any:
     """A schema field with its metadata: what :func:`check_fields` checks, what :func:`key_fields` keys.
 
     ``local_path``: the value may name a local file or directory (a prompts file, a model
-    directory); when it does, its *contents* enter the artifact key of every stage reading it."""
+    directory); when it does, its *contents* enter the artifact key of every stage reading it.
+    ``python_rule``: the value, when set, names a Python function ``'module:function'`` (a known
+    rule); the *source* of its module enters the artifact key of every stage reading it."""
     meta: dict[str, Any] = {"runtime": runtime, "keyed_unless_default": keyed_unless_default,
-                            "local_path": local_path}
+                            "local_path": local_path, "python_rule": python_rule}
     for name, value in (("choices", choices), ("ge", ge), ("gt", gt), ("le", le), ("lt", lt)):
         if value is not None:
             meta[name] = tuple(value) if name == "choices" else value
@@ -682,7 +684,7 @@ class LabelConfig(Schema):
     measure_agreement: bool = True
     """when the judge labels the human-labelled pairs (source: human_pairs), also build stage
     label_quality: the AI labels' agreement with the human labels, calibration, position bias"""
-    truth: Optional[str] = setting(None, keyed_unless_default=True)
+    truth: Optional[str] = setting(None, keyed_unless_default=True, python_rule=True)
     """a known rule to measure the labels against (a synthetic task's ground truth): 'module:function'
     grading (question, reply) -> number; ai_labels then reports label/truth_agreement, the share of
     decided labels whose winner it grades higher (e.g. cai.testing.preference_task:task_grade)"""
@@ -1168,7 +1170,7 @@ class EvalConfig(Schema):
     """rows per forward of a local (hf) judge unless eval.judge.batch_size is set"""
     judge_batch: int = setting(64, ge=1, runtime=True)
     """judge requests per call and per journal write"""
-    truth: Optional[str] = setting(None, keyed_unless_default=True)
+    truth: Optional[str] = setting(None, keyed_unless_default=True, python_rule=True)
     """a known rule grading the evaluated replies (a synthetic task's ground truth): 'module:function'
     grading (question, reply) -> number (e.g. cai.testing.preference_task:task_grade); evaluate then
     reports eval/<policy>/truth/mean and lowest_rate, and eval_baseline eval/baseline/truth/..."""

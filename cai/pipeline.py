@@ -17,7 +17,8 @@ Each row of :data:`STAGES` says, for one stage, everything the pipeline needs to
 Every local file or directory a stage's read fields name (fields marked ``local_path`` in
 :mod:`cai.config`: a prompts file, human data, a local policy, judge or reward backbone) enters its
 key by *contents* (SHA-256, cached by size and mtime), so a file edited in place is a new key; a
-scripted judge (``backend: python``) enters it by the source of the module defining its callable.
+Python rule (fields marked ``python_rule``: ``labels.truth``, ``eval.truth``) and a scripted judge
+(``backend: python``) enter it by the source of the module defining the function.
 
 ``plan(cfg)`` turns the composed config into the ordered stages (upstream first, each once);
 ``run_experiment(cfg, run_dir)`` asks the store for each, building only what is missing, and
@@ -36,7 +37,7 @@ import importlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,9 +47,7 @@ from cai.config import (
     EVAL_STAGE_PREFIX,
     EVALUATED_POLICIES,
     Config,
-    EvalConfig,
     JudgeConfig,
-    LabelConfig,
     Restricted,
     StageConfig,
     field_keyed,
@@ -463,7 +462,8 @@ def _local_target(value: str) -> str | None:
 
 def _local_contents(cfg: Config, reads: Sequence[str], fingerprints: Any) -> dict[str, str]:
     """``{field path: contents hash}`` of every local file or directory the read fields name, and of
-    the source of every scripted (``backend: python``) judge they hold."""
+    the source of every Python rule they name: ``python_rule`` fields and scripted (``backend:
+    python``) judges."""
     out: dict[str, str] = {}
 
     def add(value: Any, path: str) -> None:
@@ -481,25 +481,26 @@ def _local_contents(cfg: Config, reads: Sequence[str], fingerprints: Any) -> dic
 
         out[path] = source_digest(spec, path)
 
+    def add_field(meta: Mapping[str, Any], value: Any, path: str) -> bool:
+        """Hash what a field with ``meta`` names; False for a field that names nothing to hash."""
+        if meta.get("local_path"):
+            add(value, path)
+        elif meta.get("python_rule"):
+            if value:
+                add_rule(value, path)
+        else:
+            return False
+        return True
+
     def visit(obj: Any, path: str) -> None:
         if not dataclasses.is_dataclass(obj):
             return
         if isinstance(obj, JudgeConfig) and obj.backend == "python":  # a scripted judge: its rule's source
-            from cai.judges.python_judge import source_digest
-
-            out[f"{path}.model"] = source_digest(obj.model, f"{path}.model")
+            add_rule(obj.model, f"{path}.model")
             return
-        if isinstance(obj, LabelConfig) and obj.truth:  # the known rule the labels are measured against
-            from cai.judges.python_judge import source_digest
-
-            out[f"{path}.truth"] = source_digest(obj.truth, f"{path}.truth")
-        if isinstance(obj, EvalConfig) and obj.truth:  # the known rule the evaluated replies are graded by
-            add_rule(obj.truth, f"{path}.truth")
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
-            if f.metadata.get("local_path"):
-                add(value, f"{path}.{f.name}")
-            else:
+            if not add_field(f.metadata, value, f"{path}.{f.name}"):
                 visit(value, f"{path}.{f.name}")
 
     for path in reads:
@@ -507,11 +508,7 @@ def _local_contents(cfg: Config, reads: Sequence[str], fingerprints: Any) -> dic
         parent = _select(cfg, parent_path) if parent_path else cfg
         value = getattr(parent, name)
         field_meta = {f.name: f.metadata for f in dataclasses.fields(parent)}.get(name, {})
-        if field_meta.get("local_path"):
-            add(value, path)
-        elif isinstance(parent, EvalConfig) and name == "truth" and value:  # read alone (eval_baseline)
-            add_rule(value, path)
-        else:
+        if not add_field(field_meta, value, path):
             visit(value, path)
     return out
 
