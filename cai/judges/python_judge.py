@@ -196,7 +196,24 @@ class PythonJudge(SyncJudgeMixin):
             return self.fn(req)
         except Exception as exc:  # a bug in the rule: stop the stage, saying whose and where
             raise DataError(f"judge {self.model!r} (backend python) raised {type(exc).__name__}: {exc} "
-                            f"on the request tagged {json.dumps(req.tag, sort_keys=True, default=str)}") from exc
+                            f"on the request tagged {_tag_text(req)}") from exc
+
+    def _answer(self, key: str, req: ChoiceRequest | GenerateRequest, field: str,
+                produce: Callable[[], Any]) -> tuple[Any, int, bool]:
+        """The cached ``field`` under ``key``, else ``produce()`` (cached unless None), with the
+        ledger told either way; returns (answer or None, estimated tokens in, whether cached)."""
+        tokens_in = estimate_tokens(req.messages)
+        hit = self.cache.get(key) if self.cache is not None else None
+        if hit is not None:
+            self.ledger.record_cache_hit(req.tag, tokens_in, 0)
+            answer = hit[field]
+        else:
+            answer = produce()
+            if answer is not None and self.cache is not None:
+                self.cache.put(key, {field: answer})
+            self.ledger.record_call(req.tag, tokens_in, 0, 0.0)
+        self.ledger.record_result(req.tag, answer is not None)
+        return answer, tokens_in, hit is not None
 
     # ---- choices ----------------------------------------------------------------------------
     async def choose_many(self, reqs: list[ChoiceRequest], progress: bool = False) -> list[ChoiceResult]:
@@ -204,32 +221,24 @@ class PythonJudge(SyncJudgeMixin):
 
     def _choose(self, req: ChoiceRequest) -> ChoiceResult:
         t0 = time.monotonic()
-        key = self._key("choice", req, {})
-        tokens_in = estimate_tokens(req.messages)
-        hit = self.cache.get(key) if self.cache is not None else None
-        if hit is not None:
-            self.ledger.record_cache_hit(req.tag, tokens_in, 0)
-            probs = hit["probs"]
-        else:
+
+        def produce() -> dict[str, float] | None:
             answer = self._call(req)
             if answer is None:
-                probs = None
-            else:
-                try:
-                    probs = _probs(answer, req.choices)
-                except ValueError as exc:
-                    raise DataError(f"judge {self.model!r} (backend python) {exc} (request tagged "
-                                    f"{json.dumps(req.tag, sort_keys=True, default=str)})") from None
-                if self.cache is not None:
-                    self.cache.put(key, {"probs": probs})
-            self.ledger.record_call(req.tag, tokens_in, 0, 0.0)
+                return None
+            try:
+                return _probs(answer, req.choices)
+            except ValueError as exc:
+                raise DataError(f"judge {self.model!r} (backend python) {exc} (request tagged "
+                                f"{_tag_text(req)})") from None
+
+        probs, tokens_in, cached = self._answer(self._key("choice", req, {}), req, "probs", produce)
         ok = probs is not None
-        self.ledger.record_result(req.tag, ok)
         return ChoiceResult(
             probs=dict(probs) if ok else None, method="rule" if ok else "", status=OK if ok else FAILED,
             failure_reason=None if ok else NO_ANSWER, raw_output=json.dumps(probs, sort_keys=True) if ok else "",
             tokens_in=tokens_in, tokens_out=0, cost_usd=0.0, latency_s=time.monotonic() - t0,
-            cache_hit=hit is not None, attempts=0 if hit is not None else 1, model=self.model, backend=self.name,
+            cache_hit=cached, attempts=0 if cached else 1, model=self.model, backend=self.name,
             tag=dict(req.tag), n_answers=int(ok),
         )
 
@@ -241,29 +250,27 @@ class PythonJudge(SyncJudgeMixin):
         t0 = time.monotonic()
         params = {"max_tokens": req.max_tokens, "temperature": req.temperature, "top_p": req.top_p,
                   "stop": list(req.stop) if req.stop else None, "seed": req.seed}
-        key = self._key("generate", req, params)
-        tokens_in = estimate_tokens(req.messages)
-        hit = self.cache.get(key) if self.cache is not None else None
-        if hit is not None:
-            self.ledger.record_cache_hit(req.tag, tokens_in, 0)
-            text = hit["text"]
-        else:
+
+        def produce() -> str | None:
             text = self._call(req)
             if text is not None and not isinstance(text, str):
                 raise DataError(f"judge {self.model!r} (backend python) answered a generation request with a "
                                 f"{type(text).__name__}, expected a string or None (request tagged "
-                                f"{json.dumps(req.tag, sort_keys=True, default=str)})")
-            if text is not None and self.cache is not None:
-                self.cache.put(key, {"text": text})
-            self.ledger.record_call(req.tag, tokens_in, 0, 0.0)
+                                f"{_tag_text(req)})")
+            return text
+
+        text, tokens_in, cached = self._answer(self._key("generate", req, params), req, "text", produce)
         ok = text is not None
-        self.ledger.record_result(req.tag, ok)
         return GenerateResult(
             text=text, status=OK if ok else FAILED, failure_reason=None if ok else NO_ANSWER,
             finish_reason="stop" if ok else None, tokens_in=tokens_in, tokens_out=0, cost_usd=0.0,
-            latency_s=time.monotonic() - t0, cache_hit=hit is not None, attempts=0 if hit is not None else 1,
+            latency_s=time.monotonic() - t0, cache_hit=cached, attempts=0 if cached else 1,
             model=self.model, backend=self.name, tag=dict(req.tag),
         )
+
+
+def _tag_text(req: ChoiceRequest | GenerateRequest) -> str:
+    return json.dumps(req.tag, sort_keys=True, default=str)
 
 
 def _python_factory(cfg: JudgeConfig, *, ledger: CostLedger, cache_path: str | Path | None) -> PythonJudge:
