@@ -630,7 +630,6 @@ def test_truth_grades_the_arm_and_the_baseline(sft_run, tmp_path):
     import sys
 
     from cai.data import Prompt, read_jsonl
-    from cai.evaluate.truth import question_of
 
     (tmp_path / "truth_rule_eval.py").write_text("def grade(question, reply):\n    return len(reply) % 3\n")
     sys.path.insert(0, str(tmp_path))
@@ -647,7 +646,7 @@ def test_truth_grades_the_arm_and_the_baseline(sft_run, tmp_path):
     rows = read_jsonl(result.path / "samples.jsonl")
     prompts = {p["id"]: Prompt.from_dict(p)
                for p in read_jsonl(_store(info).path(info["artifacts"]["prompts"]) / "test.jsonl")}
-    assert [r["truth_grade"] for r in rows] == [grade(question_of(prompts[r["prompt_id"]]), r["arm_response"].strip())
+    assert [r["truth_grade"] for r in rows] == [grade(prompts[r["prompt_id"]].question, r["arm_response"].strip())
                                                 for r in rows]
     assert m["eval/ppo/truth/n"] == len(rows) == m["eval/ppo/truth_sft/n"]
     assert m["eval/ppo/truth/mean"] == pytest.approx(sum(r["truth_grade"] for r in rows) / len(rows))

@@ -160,6 +160,11 @@ class Prompt:
         return cls(conversation_id(turns), turns, source, _as_seq(tags))
 
     @property
+    def question(self) -> str:
+        """The turn a reply answers: the last user turn (a prompt always ends with one)."""
+        return self.messages[-1].content
+
+    @property
     def hh_text(self) -> str:
         """The prompt as a base model sees it: ``"\\n\\nHuman: ...\\n\\nAssistant:"``."""
         names = {"user": "Human", "assistant": "Assistant"}

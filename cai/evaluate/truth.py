@@ -32,18 +32,13 @@ from cai.data import Prompt
 from cai.errors import DataError
 
 
-def question_of(prompt: Prompt) -> str:
-    """The question a rule grades a reply to: the prompt's last user turn ("" when it has none)."""
-    return next((m.content for m in reversed(prompt.messages) if m.role == "user"), "")
-
-
 def grade_replies(rule: Callable[[str, str], Any], prompts: Sequence[Prompt], replies: Sequence[str],
                   where: str = "eval.truth") -> list[float]:
     """The rule's grade of each reply (stripped) to its prompt's question; a grade that is not a
     finite number stops the stage with a :class:`DataError` naming ``where`` and the prompt."""
     grades = []
     for prompt, reply in zip(prompts, replies, strict=True):
-        value = rule(question_of(prompt), reply.strip())
+        value = rule(prompt.question, reply.strip())
         try:
             number = float(value)
         except (TypeError, ValueError):

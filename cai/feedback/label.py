@@ -279,8 +279,7 @@ def truth_agreement(truth: str, pairs: list[Pair], labels: list[Label]) -> dict[
     for pair, label in zip(pairs, labels):
         if label.p_a is None or label.p_a == 0.5:
             continue
-        question = next((m.content for m in reversed(pair.prompt.messages) if m.role == "user"), "")
-        a, b = grade(question, pair.response_a.strip()), grade(question, pair.response_b.strip())
+        a, b = (grade(pair.prompt.question, r.strip()) for r in (pair.response_a, pair.response_b))
         n += 1
         ties += a == b
         agree += a != b and (a > b) == (label.p_a > 0.5)
